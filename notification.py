@@ -1,0 +1,411 @@
+"""Notification channels (SMTP email, Twilio WhatsApp), message rendering, and the outbox dispatcher."""
+
+from __future__ import annotations
+
+import html
+import logging
+import smtplib
+import socket
+import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any, Protocol, Sequence
+
+import database
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+WHATSAPP_MAX_CHARS = 1600
+EMAIL_MAX_ROWS = 100
+WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the API for every row)"
+MAX_BACKOFF_SECONDS = 6 * 3600
+
+
+class NotificationError(Exception):
+    """A message could not be sent; `permanent` errors are never retried."""
+
+    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class Channel(Protocol):
+    """Sends one message or raises NotificationError; never touches the database."""
+
+    name: str
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+        """Deliver one message and return the provider's message id."""
+
+
+# --- rendering -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The texts of one alert message on every channel."""
+
+    subject: str
+    text: str
+    html: str
+    whatsapp: str
+
+
+def _cell(value: Any) -> str:
+    return "NULL" if value is None else str(value)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def render_alert_message(
+    *, alert_name: str, priority: str, kind: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+    total_rows: int, description: str | None = None,
+) -> Rendered:
+    """Render the email and WhatsApp texts for an initial report (`kind='initial_report'`) or new rows."""
+    if kind == "initial_report":
+        headline = f"initial report, {_plural(total_rows, 'row')}"
+        intro = f"The alert '{alert_name}' was created. Its query currently returns {_plural(total_rows, 'row')}."
+    else:
+        headline = f"{_plural(len(rows), 'new row')}"
+        intro = f"The alert '{alert_name}' found {_plural(len(rows), 'new row')}."
+    subject = f"[{priority}] {alert_name}: {headline}"
+    shown = rows[:EMAIL_MAX_ROWS]
+    hidden = len(rows) - len(shown)
+
+    widths = [max([len(c)] + [len(_cell(r[i])) for r in shown]) for i, c in enumerate(columns)]
+    lines = [intro]
+    if description:
+        lines.append(description)
+    if columns and shown:
+        lines.append("")
+        lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in shown)
+    if hidden:
+        lines.append(f"… and {_plural(hidden, 'more row')} not shown.")
+    text = "\n".join(lines) + "\n"
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body_rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in shown
+    )
+    html_parts = [f"<p>{html.escape(intro)}</p>"]
+    if description:
+        html_parts.append(f"<p>{html.escape(description)}</p>")
+    if columns and shown:
+        html_parts.append(
+            f'<table border="1" cellpadding="4" cellspacing="0"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body_rows}</tbody></table>"
+        )
+    if hidden:
+        html_parts.append(f"<p>… and {_plural(hidden, 'more row')} not shown.</p>")
+    html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
+
+    wa_lines = [f"*{subject}*"]
+    for row in rows:
+        wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
+    whatsapp = "\n".join(wa_lines)
+    if len(whatsapp) > WHATSAPP_MAX_CHARS:
+        whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+    return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+
+
+def outbox_rows(
+    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str
+) -> list[dict]:
+    """One outbox row per recipient of every channel."""
+    rows = []
+    for address in channels.get("email", []):
+        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "email",
+                     "recipient": address, "subject": rendered.subject, "body": rendered.text,
+                     "html": rendered.html})
+    for number in channels.get("whatsapp", []):
+        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "whatsapp",
+                     "recipient": number, "subject": None, "body": rendered.whatsapp, "html": None})
+    return rows
+
+
+def retry_delay(*, attempts: int, base_seconds: float, retry_after: float | None = None) -> float:
+    """Exponential backoff from RETRY_DELAY_MINUTES (base, 2×base, 4×base …), never shorter than Retry-After."""
+    delay = min(base_seconds * (2 ** max(0, attempts - 1)), MAX_BACKOFF_SECONDS)
+    return max(delay, retry_after or 0.0)
+
+
+# --- channels --------------------------------------------------------------------------------------------------
+
+
+class EmailChannel:
+    """Email through SMTP, one fresh connection per message."""
+
+    name = "email"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.settings.smtp_ca_file) if self.settings.smtp_ca_file else None)
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+        """Send one multipart email; SMTP 5xx replies are permanent errors, everything else is retried."""
+        s = self.settings
+        if not s.email_enabled:
+            raise NotificationError(
+                "email is not configured: set SMTP_HOST and SMTP_USERNAME (or SMTP_FROM)", permanent=True
+            )
+        message = EmailMessage()
+        message["Subject"] = subject or "Alert"
+        message["From"] = s.email_sender
+        message["To"] = recipient
+        message["Date"] = formatdate(localtime=True)
+        message_id = make_msgid(domain="alert-service")
+        message["Message-ID"] = message_id
+        message.set_content(body)
+        if html_body:
+            message.add_alternative(html_body, subtype="html")
+        try:
+            if s.smtp_security == "ssl":
+                client = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds,
+                                          context=self._tls_context())
+            else:
+                client = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds)
+            with client:
+                if s.smtp_security == "starttls":
+                    client.starttls(context=self._tls_context())
+                if s.smtp_username:
+                    client.login(s.smtp_username, s.smtp_password.get_secret_value() if s.smtp_password else "")
+                client.send_message(message)
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, reply = next(iter(exc.recipients.values()))
+            raise NotificationError(f"SMTP refused recipient: {code} {_decode(reply)}", permanent=code >= 500) from None
+        except smtplib.SMTPResponseException as exc:
+            raise NotificationError(
+                f"SMTP error {exc.smtp_code}: {_decode(exc.smtp_error)}", permanent=exc.smtp_code >= 500
+            ) from None
+        except (socket.timeout, TimeoutError):
+            raise NotificationError(f"SMTP server did not answer within {s.smtp_timeout_seconds:g}s") from None
+        except (OSError, smtplib.SMTPException) as exc:
+            raise NotificationError(f"SMTP failed: {type(exc).__name__}: {exc}") from None
+        return message_id
+
+
+def _decode(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+class WhatsAppChannel:
+    """WhatsApp through Twilio's Messages API, using the official client pointed at TWILIO_API_BASE_URL."""
+
+    name = "whatsapp"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._local = threading.local()
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from twilio.http.http_client import TwilioHttpClient
+            from twilio.rest import Client
+
+            base_url = self.settings.twilio_api_base_url
+
+            class _BaseUrlHttpClient(TwilioHttpClient):
+                """Sends every request to TWILIO_API_BASE_URL instead of Twilio's public hosts."""
+
+                def request(self, method, url, *args, **kwargs):
+                    for host in ("https://api.twilio.com", "https://messaging.twilio.com"):
+                        if url.startswith(host):
+                            url = base_url + url[len(host):]
+                            break
+                    return super().request(method, url, *args, **kwargs)
+
+            # The requests session of one client is not shared between threads.
+            client = Client(
+                self.settings.twilio_account_sid,
+                self.settings.twilio_auth_token.get_secret_value(),
+                http_client=_BaseUrlHttpClient(timeout=self.settings.smtp_timeout_seconds),
+            )
+            self._local.client = client
+        return client
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+        """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
+        if not self.settings.whatsapp_enabled:
+            raise NotificationError(
+                "WhatsApp is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER",
+                permanent=True,
+            )
+        from twilio.base.exceptions import TwilioException, TwilioRestException
+
+        try:
+            message = self._client().messages.create(
+                from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
+            )
+        except TwilioRestException as exc:
+            status = exc.status or 0
+            text = f"Twilio error {exc.code or status}: {exc.msg}"
+            temporary = status == 429 or status >= 500
+            raise NotificationError(text, permanent=not temporary, retry_after=_retry_after(exc)) from None
+        except TwilioException as exc:
+            raise NotificationError(f"Twilio request failed: {exc}") from None
+        except Exception as exc:  # requests' connection and timeout errors, without importing requests here
+            raise NotificationError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
+        return message.sid
+
+
+def _retry_after(exc: Any) -> float | None:
+    headers = getattr(exc, "headers", None) or {}
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# --- the outbox dispatcher -------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """Claims due outbox rows, sends them on their channel's own threads, and records each outcome."""
+
+    def __init__(
+        self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
+        threads_per_channel: int = 4,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
+        self.capacity = threads_per_channel
+        # A hung SMTP server occupies only the email threads; WhatsApp keeps its own.
+        self._executors = {
+            name: ThreadPoolExecutor(max_workers=threads_per_channel, thread_name_prefix=f"send-{name}")
+            for name in self.channels
+        }
+        self._in_flight = {name: 0 for name in self.channels}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.healthy = True
+
+    def lease_seconds(self, channel: str) -> float:
+        """How long a claim lasts: longer than any send can take, so a live sender is never overtaken."""
+        return self.settings.smtp_timeout_seconds * 4 + 30
+
+    def start(self) -> None:
+        """Start the dispatch loop in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, and wait for sends in progress."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        for executor in self._executors.values():
+            executor.shutdown(wait=True, cancel_futures=False)
+
+    def wake(self) -> None:
+        """Tell the loop that new rows are waiting (called after an evaluation commits)."""
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            wait = 1.0
+            try:
+                self.dispatch_once()
+                with self.pool.transaction() as cur:
+                    due = database.seconds_until_next_due(cur)
+                if due is not None:
+                    wait = min(wait, due)
+                self.healthy = True
+            except database.DatabaseUnavailable as exc:
+                self.healthy = False
+                logger.warning("dispatcher cannot reach the database: %s", exc)
+            except Exception:
+                self.healthy = False
+                logger.exception("dispatcher loop failed; continuing")
+            self._wake.wait(max(wait, 0.01))
+
+    def dispatch_once(self) -> int:
+        """Claim what each channel has room for and hand it to that channel's threads; return how many."""
+        handed = 0
+        for name in self.channels:
+            with self._lock:
+                room = self.capacity - self._in_flight[name]
+            if room <= 0:
+                continue
+            with self.pool.transaction() as cur:
+                claimed = database.claim_due_notifications(
+                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name)
+                )
+            for row in claimed:
+                with self._lock:
+                    self._in_flight[name] += 1
+                self._executors[name].submit(self._deliver, row)
+                handed += 1
+        return handed
+
+    def _deliver(self, row: dict) -> None:
+        channel = self.channels[row["channel"]]
+        try:
+            try:
+                provider_id = channel.send(
+                    recipient=row["recipient"], subject=row["subject"], body=row["body"], html_body=row["html"]
+                )
+            except NotificationError as exc:
+                self._record_failure(row, exc)
+            except Exception as exc:  # a bug in a channel must not kill the sender thread
+                logger.exception("channel %s raised unexpectedly", row["channel"])
+                self._record_failure(row, NotificationError(f"{type(exc).__name__}: {exc}"))
+            else:
+                with self.pool.transaction() as cur:
+                    database.mark_notification_sent(cur, notification_id=row["id"], provider_message_id=provider_id)
+                    if row["incident_id"]:
+                        database.insert_activity(
+                            cur, action="notified", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
+                            details={"channel": row["channel"], "recipient": row["recipient"]},
+                        )
+                logger.info("sent %s notification %s to %s", row["channel"], row["id"], row["recipient"])
+        except database.DatabaseError as exc:
+            # The claim expires after its lease and the row is sent again: a duplicate, never a loss.
+            logger.error("could not record the outcome of notification %s: %s", row["id"], exc)
+        finally:
+            with self._lock:
+                self._in_flight[row["channel"]] -= 1
+            self._wake.set()
+
+    def _record_failure(self, row: dict, exc: NotificationError) -> None:
+        attempts = row["attempts"]
+        final = exc.permanent or attempts > self.settings.max_retries
+        with self.pool.transaction() as cur:
+            if final:
+                reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
+                database.mark_notification_failed(cur, notification_id=row["id"], error=reason)
+                database.insert_activity(
+                    cur, action="notification_failed", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
+                    details={"channel": row["channel"], "recipient": row["recipient"], "error": reason},
+                )
+            else:
+                delay = retry_delay(attempts=attempts, base_seconds=self.settings.retry_delay_seconds,
+                                    retry_after=exc.retry_after)
+                database.mark_notification_retry(cur, notification_id=row["id"], error=str(exc), delay_seconds=delay)
+        if final:
+            logger.error("%s notification %s to %s FAILED: %s", row["channel"], row["id"], row["recipient"], exc)
+        else:
+            logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s",
+                           row["channel"], row["id"], row["recipient"], attempts, exc)

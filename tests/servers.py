@@ -1,0 +1,462 @@
+"""Real loopback servers (SMTP, silent TCP, Twilio API) that tests and benchmarks use instead of mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+logger = logging.getLogger(__name__)
+
+LOCALHOST = "127.0.0.1"
+SMTP_SECURITY_MODES = ("starttls", "ssl", "none")
+_S = TypeVar("_S", bound="_LoopbackServer")
+
+
+def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """Write a self-signed, CA-capable cert for localhost/127.0.0.1 into directory; return (cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    now = datetime.now(timezone.utc)
+    # keyCertSign, SKI and AKI keep the cert acceptable as its own trust anchor under VERIFY_X509_STRICT (3.13+).
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOCALHOST))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _LoopbackServer:
+    """Port bookkeeping and context-manager support shared by the servers."""
+
+    host = LOCALHOST
+
+    def __init__(self) -> None:
+        self._port: int | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def port(self) -> int:
+        """Port on 127.0.0.1, picked free on first use and kept across stop()/start()."""
+        if self._port is None:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((LOCALHOST, 0))
+                self._port = int(probe.getsockname()[1])
+        return self._port
+
+    def start(self) -> None:
+        """Start serving (no-op if already running)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop serving (no-op if not running)."""
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    """One message accepted by SmtpServer, with its envelope and receipt times."""
+
+    message: EmailMessage
+    mail_from: str
+    rcpt_tos: list[str]
+    auth_user: str | None
+    received_at: float  # time.monotonic()
+    received_wall: float  # time.time()
+
+
+class _QuietSession(Session):
+    """Session without the legacy login_data property, which logs a deprecation warning on every AUTH."""
+
+    login_data: Any = None
+
+
+class _QuietSMTP(SMTP):
+    """aiosmtpd SMTP protocol using _QuietSession."""
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
+
+
+class _Controller(Controller):
+    """Controller whose stop() also drops live client connections, like a real server going down."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
+
+    def factory(self) -> SMTP:
+        smtpd = _QuietSMTP(self.handler, **self.SMTP_kwargs)
+        self._protocols.add(smtpd)
+        return smtpd
+
+    def stop(self, no_assert: bool = False) -> None:
+        async def abort_all() -> None:
+            for smtpd in list(self._protocols):
+                if isinstance(smtpd.transport, asyncio.Transport):
+                    smtpd.transport.abort()
+            await asyncio.sleep(0)
+
+        # Plain Controller.stop() leaves accepted sockets open (and leaking) until garbage collection.
+        if self._thread is not None:
+            asyncio.run_coroutine_threadsafe(abort_all(), self.loop).result(timeout=5)
+        super().stop(no_assert)
+
+
+class _SmtpHandler:
+    """aiosmtpd handler hooks recording into the owning SmtpServer."""
+
+    def __init__(self, owner: SmtpServer) -> None:
+        self.owner = owner
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        # aiosmtpd's auth_required only counts STARTTLS as encryption, so implicit TLS would need
+        # auth_require_tls=False (which warns); gating MAIL here works the same for every mode.
+        if self.owner.security != "none" and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        owner, received_at, received_wall = self.owner, time.monotonic(), time.time()
+        with owner._cond:
+            owner._data_attempts += 1
+            if owner._scripted:
+                code, text = owner._scripted.pop(0)
+                return f"{code} {text}"
+        message = cast(EmailMessage, BytesParser(policy=default_policy).parsebytes(envelope.original_content or b""))
+        auth_user = session.auth_data if session.authenticated else None
+        mail = ReceivedMail(message, envelope.mail_from or "", list(envelope.rcpt_tos), auth_user,
+                            received_at, received_wall)
+        with owner._cond:
+            owner._messages.append(mail)
+            owner._cond.notify_all()
+        return "250 OK"
+
+
+class SmtpServer(_LoopbackServer):
+    """aiosmtpd server on 127.0.0.1 (STARTTLS, implicit TLS or plain) with AUTH and scripted DATA replies."""
+
+    def __init__(self, directory: Path, username: str = "alerts", password: str = "smtp-secret",
+                 security: str = "starttls") -> None:
+        super().__init__()
+        if security not in SMTP_SECURITY_MODES:
+            raise ValueError(f"security must be one of {SMTP_SECURITY_MODES}, not {security!r}")
+        self.username, self.password, self.security = username, password, security
+        self._cert, self._key = make_self_signed_cert(Path(directory))
+        self._controller: _Controller | None = None
+        self._messages: list[ReceivedMail] = []
+        self._scripted: list[tuple[int, str]] = []
+        self._data_attempts = 0
+
+    @property
+    def ca_file(self) -> Path:
+        """Self-signed certificate for clients to use as their CA bundle."""
+        return self._cert
+
+    @property
+    def messages(self) -> list[ReceivedMail]:
+        """Snapshot of accepted messages, oldest first."""
+        with self._cond:
+            return list(self._messages)
+
+    @property
+    def data_attempts(self) -> int:
+        """Number of DATA commands seen, including scripted rejections."""
+        with self._cond:
+            return self._data_attempts
+
+    def start(self) -> None:
+        """Listen on the kept port (with a fresh Controller: a stopped one has closed its loop)."""
+        if self._controller is not None:
+            return
+        kwargs: dict[str, Any] = {"authenticator": self._authenticate, "auth_require_tls": False}
+        if self.security != "none":
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self._cert, self._key)
+            if self.security == "starttls":
+                kwargs.update(tls_context=context, require_starttls=True, auth_require_tls=True)
+            else:
+                kwargs["ssl_context"] = context
+        # server_hostname names the banner and avoids a possibly slow socket.getfqdn() per connection.
+        controller = _Controller(_SmtpHandler(self), hostname=LOCALHOST, port=self.port,
+                                 server_hostname="localhost", **kwargs)
+        controller.start()
+        self._controller = controller
+        logger.debug("SMTP server (%s) listening on %s:%d", self.security, LOCALHOST, self.port)
+
+    def stop(self) -> None:
+        """Stop listening and drop open sessions; the port stays reserved for start()."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+            logger.debug("SMTP server on port %d stopped", self.port)
+
+    def clear(self) -> None:
+        """Forget received messages, DATA attempts and pending scripted replies."""
+        with self._cond:
+            self._messages.clear()
+            self._scripted.clear()
+            self._data_attempts = 0
+
+    def reply_code_for_next(self, code: int, text: str, times: int = 1) -> None:
+        """Answer the next `times` DATA commands with `code text` instead of accepting the message."""
+        if not 400 <= code <= 599:
+            raise ValueError(f"scripted SMTP reply must be a 4xx/5xx code, not {code}")
+        with self._cond:
+            self._scripted.extend([(code, text)] * times)
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[ReceivedMail]:
+        """Block until at least count messages were accepted; return all accepted messages."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._messages) >= count, timeout):
+                raise AssertionError(
+                    f"expected at least {count} SMTP message(s) on port {self.port} within {timeout}s, got "
+                    f"{len(self._messages)} (DATA attempts: {self._data_attempts}, "
+                    f"subjects: {[m.message['Subject'] for m in self._messages]})")
+            return list(self._messages)
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        """aiosmtpd authenticator accepting only the configured username/password."""
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode(errors="replace")
+            if user == self.username and auth_data.password.decode(errors="replace") == self.password:
+                return AuthResult(success=True, auth_data=user)
+            logger.debug("SMTP AUTH %s rejected for user %r", mechanism, user)
+        return AuthResult(success=False, handled=False)
+
+
+class HangingServer(_LoopbackServer):
+    """TCP listener on 127.0.0.1 whose connections complete the handshake but never receive a byte."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> None:
+        """Listen on the kept port."""
+        if self._listener is None:
+            # The kernel completes handshakes for the backlog by itself; never calling accept() keeps
+            # those connections open and silent without a thread, and close() resets them all.
+            self._listener = socket.create_server((LOCALHOST, self.port), backlog=128)
+
+    def stop(self) -> None:
+        """Close the listener, resetting every waiting connection."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+
+@dataclass(frozen=True)
+class TwilioRequest:
+    """One request seen by TwilioServer and the HTTP status it was answered with."""
+
+    to: str
+    from_: str
+    body: str
+    path: str
+    answered_status: int
+    received_at: float  # time.monotonic()
+    received_wall: float  # time.time()
+
+
+def _twilio_error(status: int, code: int | None, message: str) -> dict[str, Any]:
+    """Error body in the shape the Twilio REST API uses."""
+    more_info = None if code is None else f"https://www.twilio.com/docs/errors/{code}"
+    return {"code": code, "message": message, "more_info": more_info, "status": status}
+
+
+class _TwilioHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its TwilioServer."""
+
+    daemon_threads = True
+
+    def __init__(self, owner: TwilioServer, port: int) -> None:
+        self.owner = owner
+        super().__init__((LOCALHOST, port), _TwilioHandler)
+
+
+class _TwilioHandler(BaseHTTPRequestHandler):
+    """Request handler delegating to TwilioServer._answer."""
+
+    # HTTP/1.0 closes each connection after its response, so no pooled keep-alive connection
+    # can keep being served after stop().
+    protocol_version = "HTTP/1.0"
+    server: _TwilioHTTPServer
+
+    def do_POST(self) -> None:
+        received = (time.monotonic(), time.time())
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        form = {key: values[0] for key, values in parse_qs(raw, keep_blank_values=True).items()}
+        status, payload, headers = self.server.owner._answer(self.path, self.headers.get("Authorization"), form,
+                                                             received)
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(data)),
+                            **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("twilio server %s - " + format, self.address_string(), *args)
+
+
+class TwilioServer(_LoopbackServer):
+    """Twilio-compatible Messages API over plain HTTP on 127.0.0.1, with scripted error answers."""
+
+    def __init__(self, account_sid: str = "ACtest00000000000000000000000000",
+                 auth_token: str = "twilio-secret") -> None:
+        super().__init__()
+        self.account_sid, self.auth_token = account_sid, auth_token
+        self._httpd: _TwilioHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._requests: list[TwilioRequest] = []
+        self._scripted: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+
+    @property
+    def base_url(self) -> str:
+        """Replacement for https://api.twilio.com."""
+        return f"http://{LOCALHOST}:{self.port}"
+
+    @property
+    def requests(self) -> list[TwilioRequest]:
+        """Snapshot of every request received, oldest first."""
+        with self._cond:
+            return list(self._requests)
+
+    @property
+    def delivered(self) -> list[TwilioRequest]:
+        """Snapshot of requests answered 201 Created."""
+        with self._cond:
+            return [r for r in self._requests if r.answered_status == 201]
+
+    def start(self) -> None:
+        """Serve on the kept port in a daemon thread."""
+        if self._httpd is None:
+            self._httpd = _TwilioHTTPServer(self, self.port)
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name=f"twilio-{self.port}", daemon=True)
+            self._thread.start()
+            logger.debug("Twilio server listening on %s", self.base_url)
+
+    def stop(self) -> None:
+        """Stop serving; the port stays reserved for start()."""
+        if self._httpd is not None and self._thread is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join()
+            self._httpd, self._thread = None, None
+
+    def clear(self) -> None:
+        """Forget recorded requests and pending scripted answers."""
+        with self._cond:
+            self._requests.clear()
+            self._scripted.clear()
+
+    def script(self, status: int, code: int | None = None, message: str = "", times: int = 1,
+               retry_after: str | None = None) -> None:
+        """Answer the next `times` authenticated requests with a Twilio-style error."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        with self._cond:
+            self._scripted.extend([(status, _twilio_error(status, code, message), headers)] * times)
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[TwilioRequest]:
+        """Block until at least count requests were answered 201; return those."""
+        with self._cond:  # a Condition's default lock is an RLock, so self.delivered can re-acquire it
+            if not self._cond.wait_for(lambda: len(self.delivered) >= count, timeout):
+                raise AssertionError(
+                    f"expected at least {count} delivered Twilio message(s) within {timeout}s, got "
+                    f"{len(self.delivered)} (answers so far: {[r.answered_status for r in self._requests]})")
+            return self.delivered
+
+    def _answer(self, path: str, authorization: str | None, form: dict[str, str],
+                received: tuple[float, float]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Decide and record (status, JSON body, extra headers) for one POST."""
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        headers: dict[str, str] = {}
+        with self._cond:
+            if authorization != expected:
+                status, payload = 401, _twilio_error(401, 20003, "Authenticate")
+                headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+            elif path.split("?", 1)[0] != f"/2010-04-01/Accounts/{self.account_sid}/Messages.json":
+                status, payload = 404, _twilio_error(404, 20404, f"The requested resource {path} was not found")
+            elif self._scripted:
+                status, payload, headers = self._scripted.pop(0)
+            else:
+                status, payload = self._create_message(form)
+            self._requests.append(TwilioRequest(form.get("To", ""), form.get("From", ""), form.get("Body", ""),
+                                                path, status, *received))
+            self._cond.notify_all()
+        return status, payload, headers
+
+    def _create_message(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """Twilio's 400 for a missing parameter, or 201 with a freshly queued Message resource."""
+        for field, code, text in (("To", 21604, "A 'To' phone number is required."),
+                                  ("From", 21603, "A 'From' phone number is required."),
+                                  ("Body", 21602, "Message body is required.")):
+            if not form.get(field):
+                return 400, _twilio_error(400, code, text)
+        sid, now = "SM" + uuid.uuid4().hex, format_datetime(datetime.now(timezone.utc))
+        uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
+        return 201, {
+            "sid": sid, "account_sid": self.account_sid, "messaging_service_sid": None,
+            "to": form["To"], "from": form["From"], "body": form["Body"], "status": "queued",
+            "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
+            "num_segments": "1", "num_media": "0", "direction": "outbound-api", "price": None,
+            "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",
+            "subresource_uris": {"media": f"{uri}/Media.json"},
+        }
