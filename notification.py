@@ -219,12 +219,16 @@ class WhatsAppChannel:
             class _BaseUrlHttpClient(TwilioHttpClient):
                 """Sends every request to TWILIO_API_BASE_URL instead of Twilio's public hosts."""
 
+                last_response = None
+
                 def request(self, method, url, *args, **kwargs):
                     for host in ("https://api.twilio.com", "https://messaging.twilio.com"):
                         if url.startswith(host):
                             url = base_url + url[len(host):]
                             break
-                    return super().request(method, url, *args, **kwargs)
+                    # TwilioRestException carries no headers; keep the response to read Retry-After.
+                    self.last_response = super().request(method, url, *args, **kwargs)
+                    return self.last_response
 
             # The requests session of one client is not shared between threads.
             client = Client(
@@ -252,7 +256,8 @@ class WhatsAppChannel:
             status = exc.status or 0
             text = f"Twilio error {exc.code or status}: {exc.msg}"
             temporary = status == 429 or status >= 500
-            raise NotificationError(text, permanent=not temporary, retry_after=_retry_after(exc)) from None
+            response = getattr(self._client().http_client, "last_response", None)
+            raise NotificationError(text, permanent=not temporary, retry_after=_retry_after(response)) from None
         except TwilioException as exc:
             raise NotificationError(f"Twilio request failed: {exc}") from None
         except Exception as exc:  # requests' connection and timeout errors, without importing requests here
@@ -260,11 +265,11 @@ class WhatsAppChannel:
         return message.sid
 
 
-def _retry_after(exc: Any) -> float | None:
-    headers = getattr(exc, "headers", None) or {}
+def _retry_after(response: Any) -> float | None:
+    headers = getattr(response, "headers", None) or {}
     value = headers.get("Retry-After") if hasattr(headers, "get") else None
     try:
-        return float(value) if value is not None else None
+        return min(float(value), MAX_BACKOFF_SECONDS) if value is not None else None
     except ValueError:
         return None
 
