@@ -49,8 +49,16 @@ class Conflict(DatabaseError):
 
 
 def _pg_message(exc: psycopg2.Error) -> str:
-    text = (exc.pgerror or str(exc)).strip()
-    return text.removeprefix("ERROR:").strip()
+    """PostgreSQL's own message with its detail and hint, without the LINE excerpt (it shows our wrapper)."""
+    diag = getattr(exc, "diag", None)
+    if diag is None or not diag.message_primary:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    parts = [diag.message_primary]
+    if diag.message_detail:
+        parts.append(f"DETAIL: {diag.message_detail}")
+    if diag.message_hint:
+        parts.append(f"HINT: {diag.message_hint}")
+    return " ".join(parts)
 
 
 # --- connections -----------------------------------------------------------------------------------------------
