@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench bench-smoke clean
+.PHONY: run test bench inbox clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed") if sys.version_info < (3, 11) else None'
@@ -26,6 +26,10 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench
+
+# A local inbox for trying the service without SMTP or Twilio accounts (prints what it receives).
+inbox: $(VENV)/.dev
+	$(BIN)/python -m tests.servers
 
 clean:
 	rm -rf $(VENV) .pytest_cache

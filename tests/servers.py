@@ -460,3 +460,45 @@ class TwilioServer(_LoopbackServer):
             "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",
             "subresource_uris": {"media": f"{uri}/Media.json"},
         }
+
+
+def _serve_demo_inbox(smtp_port: int, twilio_port: int) -> None:
+    """Run the loopback SMTP and Twilio servers in the foreground and print what they receive (`make inbox`)."""
+    import tempfile
+
+    smtp = SmtpServer(Path(tempfile.mkdtemp(prefix="alert-inbox-")), security="none")
+    twilio = TwilioServer()
+    smtp._port, twilio._port = smtp_port, twilio_port
+    smtp.start()
+    twilio.start()
+    print("Local inbox running. Put these lines in .env and restart the service:\n")
+    print(f"SMTP_HOST=127.0.0.1\nSMTP_PORT={smtp_port}\nSMTP_SECURITY=none\nSMTP_USERNAME={smtp.username}\n"
+          f"SMTP_PASSWORD={smtp.password}\nSMTP_FROM=alerts@example.com\nTWILIO_ACCOUNT_SID={twilio.account_sid}\n"
+          f"TWILIO_AUTH_TOKEN={twilio.auth_token}\nTWILIO_FROM_NUMBER=+14155238886\n"
+          f"TWILIO_API_BASE_URL={twilio.base_url}\n", flush=True)
+    seen_mail = seen_sms = 0
+    try:
+        while True:
+            time.sleep(0.1)
+            for mail in smtp.messages[seen_mail:]:
+                body = mail.message.get_body(("plain",))
+                print(f"--- email to {', '.join(mail.rcpt_tos)}: {mail.message['Subject']}\n"
+                      f"{body.get_content() if body else ''}", flush=True)
+            for sms in twilio.requests[seen_sms:]:
+                print(f"--- WhatsApp to {sms.to} (answered {sms.answered_status}):\n{sms.body}\n", flush=True)
+            seen_mail, seen_sms = len(smtp.messages), len(twilio.requests)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        smtp.stop()
+        twilio.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A local inbox: loopback SMTP and Twilio servers that print messages.")
+    parser.add_argument("--smtp-port", type=int, default=2525)
+    parser.add_argument("--twilio-port", type=int, default=8026)
+    arguments = parser.parse_args()
+    _serve_demo_inbox(arguments.smtp_port, arguments.twilio_port)
