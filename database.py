@@ -64,12 +64,12 @@ def _pg_message(exc: psycopg2.Error) -> str:
 # --- connections -----------------------------------------------------------------------------------------------
 
 
-def connect(dsn: str, **kwargs: Any) -> psycopg2.extensions.connection:
+def connect(dsn: str, *, application_name: str = "alert-service") -> psycopg2.extensions.connection:
     """Open one connection, translating failures into DatabaseUnavailable."""
     try:
         return psycopg2.connect(
             dsn, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            application_name="alert-service", **kwargs,
+            application_name=application_name,
         )
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
@@ -835,23 +835,25 @@ def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> lis
                 oids.append(oid)
         if not oids:
             return []
-        cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
-        has_timescaledb = cur.fetchone() is not None
+        cur.execute("SELECT to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL AS ok")
+        # A continuous aggregate is also woken by writes to the hypertable it aggregates.
         caggs = (
-            "UNION SELECT format('%%I.%%I', ca.hypertable_schema, ca.hypertable_name)::regclass::oid "
-            "FROM rels r JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "JOIN timescaledb_information.continuous_aggregates ca "
-            "ON ca.view_schema = n.nspname AND ca.view_name = c.relname "
-            if has_timescaledb else ""
+            " UNION ALL SELECT format('%%I.%%I', ca.hypertable_schema, ca.hypertable_name)::regclass::oid"
+            " FROM pg_namespace n JOIN timescaledb_information.continuous_aggregates ca"
+            " ON ca.view_schema = n.nspname AND ca.view_name = c.relname WHERE n.oid = c.relnamespace"
+            if cur.fetchone()["ok"] else ""
         )
+        # One recursive term (PostgreSQL allows no more): from each view, the relations its rewrite rule reads.
         cur.execute(
             "WITH RECURSIVE rels(oid) AS ("
             " SELECT unnest(%s::oid[])"
-            " UNION SELECT d.refobjid FROM rels r JOIN pg_class c ON c.oid = r.oid AND c.relkind IN ('v', 'm')"
-            " JOIN pg_rewrite w ON w.ev_class = c.oid"
-            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid"
-            " AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> c.oid "
+            " UNION SELECT deps.oid FROM rels r JOIN pg_class c ON c.oid = r.oid AND c.relkind IN ('v', 'm')"
+            " CROSS JOIN LATERAL ("
+            "  SELECT d.refobjid AS oid FROM pg_rewrite w JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass"
+            "  AND d.objid = w.oid AND d.refclassid = 'pg_class'::regclass WHERE w.ev_class = c.oid"
+            "  AND d.refobjid <> c.oid"
             + caggs +
+            " ) deps"
             ") SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname) AS key FROM rels"
             " JOIN pg_class c ON c.oid = rels.oid JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE '\\_timescaledb%%'"
@@ -916,7 +918,8 @@ def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
             cur.execute(
                 "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
                 "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE t.tgname = %s",
+                # TimescaleDB copies only row-level triggers to chunks, but stay clear of its schemas regardless.
+                "WHERE t.tgname = %s AND NOT t.tgisinternal AND n.nspname NOT LIKE '\\_timescaledb%%'",
                 (TRIGGER_NAME,),
             )
             installed = {row[0] for row in cur.fetchall()}
@@ -983,7 +986,7 @@ def _ensure_trigger_function(cur) -> None:
 
 def open_listener(dsn: str) -> psycopg2.extensions.connection:
     """A dedicated autocommit connection listening on the change channel."""
-    conn = connect(dsn)
+    conn = connect(dsn, application_name="alert-service-listener")
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
