@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import psycopg2.extensions
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
 
 import database
@@ -38,6 +40,7 @@ class Services:
 
     settings: Settings
     pool: database.Pool
+    box: database.SecretBox
     sources: database.SourcePools
     dispatcher: Dispatcher
     scheduler: AlertScheduler
@@ -49,12 +52,16 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     logger.info("service database: %s", database.describe_dsn(dsn))
     pool = database.Pool(dsn, size=settings.workers + 8, name="service database")
     database.migrate(pool)
-    sources = database.SourcePools(pool, size=settings.workers + 1)
+    box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
+    # Fail at start-up, not at the first alert, when the key cannot read what is stored.
+    database.check_stored_secrets(pool, box)
+    sources = database.SourcePools(pool, size=settings.workers + 1, box=box)
     dispatcher = Dispatcher(pool, settings)
     scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     dispatcher.start()
     scheduler.start()
-    return Services(settings=settings, pool=pool, sources=sources, dispatcher=dispatcher, scheduler=scheduler)
+    return Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
+                    scheduler=scheduler)
 
 
 def stop_services(services: Services) -> None:
@@ -95,6 +102,30 @@ def _services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(_services)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in API_KEY")
+_bearer = HTTPBearer(auto_error=False, description="One of the keys in API_KEY, as a bearer token")
+
+
+def require_api_key(
+    request: Request,
+    header_key: Annotated[str | None, Security(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """Accept the request when API_KEY is unset, or when X-API-Key or a bearer token matches one of its keys."""
+    keys = request.app.state.services.settings.api_keys
+    if not keys:
+        return
+    offered = header_key or (bearer.credentials if bearer else None)
+    if offered is None:
+        raise HTTPException(401, "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    # Compare with every key, without stopping early, so timing says nothing about which key is close.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(offered.encode(), key.encode())
+    if not matched:
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -447,6 +478,7 @@ def _alert_out(row: dict) -> AlertConfigOut:
 
 
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
+    router = APIRouter(dependencies=[Depends(require_api_key)])
     def validate_alert(services: Services, body: AlertConfigIn) -> dict:
         """Check everything that needs the database; return the fields to store."""
         with services.pool.transaction() as cur:
@@ -476,7 +508,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         fields["watched_tables"] = tables
         return fields
 
-    @app.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
+    @router.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
     def create_alert(body: AlertConfigIn, services: ServicesDep):
         """Create an alert; its current result is sent once as the initial report."""
         fields = validate_alert(services, body)
@@ -487,7 +519,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         services.scheduler.alert_changed(row["id"])
         return _get_alert(services, row["id"])
 
-    @app.get("/alert-configs/", response_model=list[AlertConfigOut], tags=["alerts"])
+    @router.get("/alert-configs/", response_model=list[AlertConfigOut], tags=["alerts"])
     def list_alerts(services: ServicesDep, status: Literal["ACTIVE", "INACTIVE"] | None = None,
                     priority: Priority | None = None, skip: Skip = 0, limit: Limit = 100):
         """List alerts, optionally by status and priority."""
@@ -503,12 +535,12 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("alert config", alert_id)
         return _alert_out(row)
 
-    @app.get("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
+    @router.get("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
     def get_alert(alert_id: UUID, services: ServicesDep):
         """One alert with its last evaluation."""
         return _get_alert(services, alert_id)
 
-    @app.put("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
+    @router.put("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
     def update_alert(alert_id: UUID, body: AlertConfigIn, services: ServicesDep):
         """Replace an alert's definition; takes effect at once. A new query re-sends an initial report."""
         _get_alert(services, alert_id)
@@ -525,7 +557,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
 
-    @app.put("/alert-configs/{alert_id}/status", response_model=AlertConfigOut, tags=["alerts"])
+    @router.put("/alert-configs/{alert_id}/status", response_model=AlertConfigOut, tags=["alerts"])
     def set_alert_status(alert_id: UUID, services: ServicesDep,
                          status: Annotated[Literal["ACTIVE", "INACTIVE"], Query(description="ACTIVE or INACTIVE")]):
         """Pause (INACTIVE) or resume (ACTIVE) an alert."""
@@ -536,7 +568,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
 
-    @app.delete("/alert-configs/{alert_id}", status_code=204, tags=["alerts"])
+    @router.delete("/alert-configs/{alert_id}", status_code=204, tags=["alerts"])
     def delete_alert(alert_id: UUID, services: ServicesDep):
         """Delete an alert; its incidents and notifications are kept."""
         with services.pool.transaction() as cur:
@@ -545,14 +577,14 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("alert config", alert_id)
         services.scheduler.alert_changed(alert_id)
 
-    @app.get("/alert-configs/{alert_id}/evaluations", response_model=list[EvaluationOut], tags=["alerts"])
+    @router.get("/alert-configs/{alert_id}/evaluations", response_model=list[EvaluationOut], tags=["alerts"])
     def list_evaluations(alert_id: UUID, services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
         """An alert's evaluations, newest first."""
         _get_alert(services, alert_id)
         with services.pool.transaction() as cur:
             return database.list_evaluations(cur, alert_id=alert_id, skip=skip, limit=limit)
 
-    @app.post("/data-sources/", response_model=DataSourceOut, status_code=201, tags=["data sources"])
+    @router.post("/data-sources/", response_model=DataSourceOut, status_code=201, tags=["data sources"])
     def create_data_source(body: DataSourceIn, services: ServicesDep):
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
         params, password = body.connection_params()
@@ -563,16 +595,20 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             probe.close()
         except database.DatabaseUnavailable as exc:
             raise field_error("dsn" if body.dsn else "host", f"cannot connect: {exc}") from None
+        try:
+            sealed = services.box.seal(password) if password else None
+        except database.SecretKeyError as exc:
+            raise field_error("password", str(exc)) from None
         with services.pool.transaction() as cur:
-            return database.insert_data_source(cur, name=body.name, connection_params=params, password=password)
+            return database.insert_data_source(cur, name=body.name, connection_params=params, password=sealed)
 
-    @app.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
+    @router.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
     def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
         """Data sources (passwords are never returned)."""
         with services.pool.transaction() as cur:
             return database.list_data_sources(cur, skip=skip, limit=limit)
 
-    @app.get("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
+    @router.get("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
     def get_data_source(data_source_id: UUID, services: ServicesDep):
         """One data source."""
         with services.pool.transaction() as cur:
@@ -581,19 +617,19 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("data source", data_source_id)
         return row
 
-    @app.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
+    @router.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
     def create_team(body: TeamIn, services: ServicesDep):
         """Create a team."""
         with services.pool.transaction() as cur:
             return database.insert_team(cur, name=body.name, description=body.description)
 
-    @app.get("/teams/", response_model=list[TeamOut], tags=["people"])
+    @router.get("/teams/", response_model=list[TeamOut], tags=["people"])
     def list_teams(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
         """Teams."""
         with services.pool.transaction() as cur:
             return database.list_teams(cur, skip=skip, limit=limit)
 
-    @app.get("/teams/{team_id}", response_model=TeamOut, tags=["people"])
+    @router.get("/teams/{team_id}", response_model=TeamOut, tags=["people"])
     def get_team(team_id: UUID, services: ServicesDep):
         """One team."""
         with services.pool.transaction() as cur:
@@ -602,7 +638,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("team", team_id)
         return row
 
-    @app.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
+    @router.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
     def create_user(body: UserIn, services: ServicesDep):
         """Create a user."""
         with services.pool.transaction() as cur:
@@ -611,13 +647,13 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             return database.insert_user(cur, name=body.name, email=body.email, phone=body.phone,
                                         team_id=body.team_id)
 
-    @app.get("/users/", response_model=list[UserOut], tags=["people"])
+    @router.get("/users/", response_model=list[UserOut], tags=["people"])
     def list_users(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
         """Users."""
         with services.pool.transaction() as cur:
             return database.list_users(cur, skip=skip, limit=limit)
 
-    @app.get("/users/{user_id}", response_model=UserOut, tags=["people"])
+    @router.get("/users/{user_id}", response_model=UserOut, tags=["people"])
     def get_user(user_id: UUID, services: ServicesDep):
         """One user."""
         with services.pool.transaction() as cur:
@@ -626,7 +662,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("user", user_id)
         return row
 
-    @app.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
+    @router.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
     def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,
                        status: Literal["ACTIVE", "ACKNOWLEDGED", "RESOLVED"] | None = None,
                        priority: Priority | None = None, skip: Skip = 0, limit: Limit = 100):
@@ -635,7 +671,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             return database.list_incidents(cur, alert_id=alert_config_id, status=status,
                                            priority=priority.value if priority else None, skip=skip, limit=limit)
 
-    @app.get("/incidents/{incident_id}", response_model=IncidentOut, tags=["incidents"])
+    @router.get("/incidents/{incident_id}", response_model=IncidentOut, tags=["incidents"])
     def get_incident(incident_id: UUID, services: ServicesDep):
         """One incident with the rows that caused it."""
         with services.pool.transaction() as cur:
@@ -644,7 +680,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             raise not_found("incident", incident_id)
         return row
 
-    @app.post("/incidents/{incident_id}/resolve", response_model=IncidentOut, tags=["incidents"])
+    @router.post("/incidents/{incident_id}/resolve", response_model=IncidentOut, tags=["incidents"])
     def resolve_incident(incident_id: UUID, services: ServicesDep, body: ResolveIn | None = None):
         """Resolve an incident."""
         body = body or ResolveIn()
@@ -657,7 +693,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                      details={"comment": body.comment} if body.comment else {})
         return row
 
-    @app.get("/incidents/{incident_id}/activities", response_model=list[ActivityOut], tags=["incidents"])
+    @router.get("/incidents/{incident_id}/activities", response_model=list[ActivityOut], tags=["incidents"])
     def list_activities(incident_id: UUID, services: ServicesDep):
         """Everything that happened to an incident, oldest first."""
         with services.pool.transaction() as cur:
@@ -665,7 +701,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise not_found("incident", incident_id)
             return database.list_activities(cur, incident_id=incident_id)
 
-    @app.get("/notifications/", response_model=list[NotificationOut], tags=["notifications"])
+    @router.get("/notifications/", response_model=list[NotificationOut], tags=["notifications"])
     def list_notifications(services: ServicesDep, incident_id: UUID | None = None,
                            alert_config_id: UUID | None = None,
                            status: Literal["PENDING", "RETRY", "SUCCESS", "FAILED"] | None = None,
@@ -674,6 +710,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         with services.pool.transaction() as cur:
             return database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
                                                status=status, channel=channel, skip=skip, limit=limit)
+
+    app.include_router(router)
 
     @app.get("/health", tags=["health"])
     def health(services: ServicesDep):

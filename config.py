@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
 
+    api_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
     @field_validator(
         "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number", mode="before"
     )
@@ -55,11 +58,39 @@ class Settings(BaseSettings):
             return None
         return value.strip() if isinstance(value, str) else value
 
-    @field_validator("db_connection", "smtp_password", "twilio_auth_token", "smtp_ca_file", mode="before")
+    @field_validator(
+        "db_connection", "smtp_password", "twilio_auth_token", "smtp_ca_file", "api_key", "secret_key", mode="before"
+    )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            keys = [k.strip() for k in value.get_secret_value().split(",") if k.strip()]
+            if not keys:
+                return None
+            if any(len(k) < 16 for k in keys):
+                raise ValueError("each key must be at least 16 characters (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(value.get_secret_value().encode())
+            except (ValueError, TypeError):
+                raise ValueError(
+                    "must be a Fernet key: 32 url-safe base64-encoded bytes "
+                    "(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+                ) from None
         return value
 
     @field_validator("smtp_ca_file")
@@ -100,6 +131,13 @@ class Settings(BaseSettings):
     def whatsapp_enabled(self) -> bool:
         """True when enough Twilio settings are present to send WhatsApp messages."""
         return bool(self.twilio_account_sid and self.twilio_auth_token and self.twilio_from_number)
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The accepted API keys; empty when API_KEY is unset."""
+        if self.api_key is None:
+            return []
+        return [key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip()]
 
     @property
     def retry_delay_seconds(self) -> float:

@@ -48,6 +48,41 @@ class Conflict(DatabaseError):
     """A unique or foreign-key constraint rejected the write."""
 
 
+class SecretKeyError(DatabaseError):
+    """SECRET_KEY is missing or is not the key stored passwords were encrypted with."""
+
+
+class SecretBox:
+    """Encrypts data source passwords at rest with SECRET_KEY (Fernet: AES-128-CBC with HMAC-SHA256)."""
+
+    def __init__(self, key: str | None) -> None:
+        from cryptography.fernet import Fernet
+
+        self._fernet = Fernet(key.encode()) if key else None
+
+    def seal(self, plaintext: str) -> str:
+        """Encrypt a password for storage."""
+        if self._fernet is None:
+            raise SecretKeyError(
+                "SECRET_KEY is not set, so passwords cannot be stored; generate one with "
+                "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+            )
+        return self._fernet.encrypt(plaintext.encode()).decode()
+
+    def open(self, token: str) -> str:
+        """Decrypt a stored password."""
+        from cryptography.fernet import InvalidToken
+
+        if self._fernet is None:
+            raise SecretKeyError("SECRET_KEY is not set but data sources have stored passwords; set the key "
+                                 "they were stored with")
+        try:
+            return self._fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise SecretKeyError("SECRET_KEY does not decrypt the stored data source passwords; set the key "
+                                 "they were stored with") from None
+
+
 def _pg_message(exc: psycopg2.Error) -> str:
     """PostgreSQL's own message with its detail and hint, without the LINE excerpt (it shows our wrapper)."""
     diag = getattr(exc, "diag", None)
@@ -371,7 +406,8 @@ _DATA_SOURCE_COLUMNS = "id, name, type, is_default, connection_params, created_a
 
 
 def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None) -> dict:
-    """Store a data source; the password goes to its own column and is never selected by the read functions."""
+    """Store a data source; the (already encrypted) password goes to its own column and is never selected by the
+    read functions."""
     try:
         cur.execute(
             f"INSERT INTO data_source (name, connection_params, password) VALUES (%s, %s, %s) "
@@ -999,12 +1035,23 @@ def listener_ping(conn: psycopg2.extensions.connection) -> None:
         cur.execute("SELECT 1")
 
 
+def check_stored_secrets(pool: Pool, box: SecretBox) -> int:
+    """Raise SecretKeyError unless every stored data source password decrypts; return how many there are."""
+    with pool.transaction() as cur:
+        cur.execute("SELECT password FROM data_source WHERE password IS NOT NULL")
+        tokens = [row["password"] for row in cur.fetchall()]
+    for token in tokens:
+        box.open(token)
+    return len(tokens)
+
+
 class SourcePools:
     """One connection pool per data source, opened on first use; the default source is the service's database."""
 
-    def __init__(self, service_pool: Pool, *, size: int) -> None:
+    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox) -> None:
         self.service_pool = service_pool
         self.size = size
+        self.box = box
         self._pools: dict[UUID, Pool] = {}
         self._dsns: dict[UUID, str] = {}
         self._lock = threading.Lock()
@@ -1023,7 +1070,7 @@ class SourcePools:
         else:
             params = dict(row["connection_params"])
             if row["password"] is not None:
-                params["password"] = row["password"]
+                params["password"] = self.box.open(row["password"])
             dsn = psycopg2.extensions.make_dsn(**params)
         with self._lock:
             self._dsns[data_source_id] = dsn

@@ -9,6 +9,7 @@ import uvicorn
 
 from config import ConfigError, Settings, load_settings
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 
@@ -33,9 +34,21 @@ def main() -> int:
     configure_logging(settings)
     from api import create_app  # after logging, so start-up messages are formatted
 
+    host = listen_host(settings)
     # uvicorn turns SIGTERM and SIGINT into a graceful shutdown, which runs the lifespan's stop.
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None)
+    uvicorn.run(create_app(settings), host=host, port=settings.api_port, log_config=None)
     return 0
+
+
+def listen_host(settings: Settings) -> str:
+    """API_HOST, except that without API_KEY the API is reachable from this machine only."""
+    if settings.api_keys or settings.api_host in LOOPBACK_HOSTS:
+        return settings.api_host
+    logging.getLogger(__name__).warning(
+        "API_KEY is not set, so the API listens on 127.0.0.1 only (not %s); set API_KEY to allow remote access",
+        settings.api_host,
+    )
+    return "127.0.0.1"
 
 
 if __name__ == "__main__":
