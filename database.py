@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import threading
 import warnings
 from contextlib import contextmanager
@@ -131,10 +132,7 @@ class Pool:
             raise DatabaseUnavailable(f"no free connection to {self.name} after {wait_seconds:.0f}s")
         conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = connect(self.dsn)
+            conn = self._take_idle() or connect(self.dsn)
             try:
                 yield conn
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
@@ -145,6 +143,18 @@ class Pool:
                 self._give_back(conn)
         finally:
             self._slots.release()
+
+    def _take_idle(self) -> psycopg2.extensions.connection | None:
+        """An idle connection that still looks alive: an idle socket with data waiting was closed by the server
+        (a restart or a terminated backend), so it is dropped instead of failing the caller's first statement."""
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if not conn.closed and not select_readable(conn):
+                return conn
+            _close_quietly(conn)
 
     def _give_back(self, conn: psycopg2.extensions.connection) -> None:
         if conn.closed or self._closed:
@@ -179,6 +189,16 @@ class Pool:
                 _close_quietly(self._idle.get_nowait())
             except queue.Empty:
                 return
+
+
+def select_readable(conn: psycopg2.extensions.connection) -> bool:
+    """True when an idle connection has input waiting, which for a session that sent no query means the server
+    closed it (or it is otherwise unusable)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+    except (OSError, ValueError, psycopg2.InterfaceError):
+        return True
+    return bool(readable)
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:
@@ -357,6 +377,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             error text
         );
         CREATE INDEX evaluation_by_alert ON evaluation (alert_config_id, started_at DESC);
+        """,
+    ),
+    (
+        2,
+        "notification claims name the claiming session",
+        """
+        -- A claim whose session is gone (the process died) is released at once instead of after its lease.
+        ALTER TABLE notification ADD COLUMN claimed_by_pid integer;
         """,
     ),
 ]
@@ -742,17 +770,33 @@ def list_notifications(
 # --- the outbox ------------------------------------------------------------------------------------------------
 
 
-def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float) -> list[dict]:
-    """Claim up to `limit` due notifications of one channel; a claim expires after the lease if we die mid-send."""
+def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float, claimant_pid: int) -> list[dict]:
+    """Claim up to `limit` due notifications of one channel for the session `claimant_pid`. A claim ends when its
+    lease expires or when the session that made it no longer exists (its process died mid-send)."""
     cur.execute(
         "WITH due AS (SELECT id FROM notification WHERE channel = %(channel)s AND status IN ('PENDING', 'RETRY') "
-        "AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now()) "
+        "AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now() "
+        "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = notification.claimed_by_pid)) "
         "ORDER BY next_attempt_at, created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
         "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
-        "attempts = n.attempts + 1, updated_at = now() FROM due WHERE n.id = due.id RETURNING n.*",
-        {"channel": channel, "limit": limit, "lease": lease_seconds},
+        "claimed_by_pid = %(pid)s, attempts = n.attempts + 1, updated_at = now() FROM due WHERE n.id = due.id "
+        "RETURNING n.*",
+        {"channel": channel, "limit": limit, "lease": lease_seconds, "pid": claimant_pid},
     )
     return cur.fetchall()
+
+
+def adopt_claims(cur, *, old_pid: int, new_pid: int) -> None:
+    """Move claims from a lost session of ours to its replacement, so they are not taken for a dead process's."""
+    cur.execute("UPDATE notification SET claimed_by_pid = %s WHERE claimed_by_pid = %s AND status IN "
+                "('PENDING', 'RETRY')", (new_pid, old_pid))
+
+
+def backend_pid(conn: psycopg2.extensions.connection) -> int:
+    """The server process id of a connection's session."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return cur.fetchone()[0]
 
 
 def seconds_until_next_due(cur) -> float | None:

@@ -299,6 +299,9 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.healthy = True
+        # Claims carry this session's server pid; while the session lives, no other dispatcher takes them.
+        self._session = None
+        self._session_pid: int | None = None
 
     def lease_seconds(self, channel: str) -> float:
         """How long a claim lasts: longer than any send can take, so a live sender is never overtaken."""
@@ -317,6 +320,8 @@ class Dispatcher:
             self._thread.join(timeout)
         for executor in self._executors.values():
             executor.shutdown(wait=True, cancel_futures=False)
+        if self._session is not None:
+            self._session.close()
 
     def wake(self) -> None:
         """Tell the loop that new rows are waiting (called after an evaluation commits)."""
@@ -346,9 +351,25 @@ class Dispatcher:
                 logger.exception("dispatcher loop failed; continuing")
             self._wake.wait(max(wait, 0.01))
 
+    def _claimant_pid(self) -> int:
+        """The pid of our claim session, reconnecting it (and moving our claims to it) when it was lost."""
+        session = self._session
+        if session is not None and not session.closed and not database.select_readable(session):
+            return self._session_pid
+        if session is not None:
+            session.close()
+        self._session = database.connect(self.pool.dsn, application_name="alert-service-dispatcher")
+        self._session.autocommit = True
+        old_pid, self._session_pid = self._session_pid, database.backend_pid(self._session)
+        if old_pid is not None:
+            with self.pool.transaction() as cur:
+                database.adopt_claims(cur, old_pid=old_pid, new_pid=self._session_pid)
+        return self._session_pid
+
     def dispatch_once(self) -> int:
         """Claim what each channel has room for and hand it to that channel's threads; return how many."""
         handed = 0
+        claimant = self._claimant_pid()
         for name in self.channels:
             with self._lock:
                 room = self.capacity - self._in_flight[name]
@@ -356,7 +377,7 @@ class Dispatcher:
                 continue
             with self.pool.transaction() as cur:
                 claimed = database.claim_due_notifications(
-                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name)
+                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name), claimant_pid=claimant
                 )
             for row in claimed:
                 with self._lock:

@@ -214,6 +214,9 @@ class AlertScheduler:
         while True:
             try:
                 self.evaluate(alert_id, cause)
+            except database.DatabaseUnavailable as exc:
+                # The listener's catch-up after reconnecting evaluates it again; nothing is lost by skipping.
+                logger.warning("alert %s not evaluated: %s", alert_id, exc)
             except Exception:
                 logger.exception("evaluation of alert %s failed", alert_id)
             with self._flight_lock:
