@@ -6,7 +6,7 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -23,6 +23,7 @@ import database
 import query_analysis
 import rules
 from config import Settings, is_e164, load_settings
+import notification
 from notification import Dispatcher
 from scheduler import AlertScheduler
 
@@ -230,7 +231,17 @@ class AlertConfigIn(BaseModel):
     description: str | None = Field(None, max_length=10_000)
     query: str = Field(min_length=1, max_length=100_000)
     data_source_id: UUID | None = None
-    trigger_condition: str | None = Field("New row added", max_length=255)
+    trigger_condition: str | dict[str, Any] | None = Field(
+        "New row added",
+        description="'New row added' (new rows), removed_rows, any_change, empty, not_empty, or an object such as "
+                    "{\"type\": \"threshold\", \"column\": \"qty\", \"operator\": \"<=\", \"value\": 5, "
+                    "\"for\": \"5m\", \"repeat_every\": \"1h\"}; change conditions take \"cooldown\": \"5m\"",
+    )
+    message_template: str | None = Field(
+        None, max_length=20_000,
+        description="Jinja2 template (sandboxed) for the message body; variables: alert, kind, headline, detail, "
+                    "columns, rows, new_rows, counts, incident",
+    )
     key_columns: list[Annotated[str, Field(min_length=1, max_length=63)]] | None = Field(None, max_length=32)
     schedule: str = Field(max_length=255)
     notification_channels: NotificationChannels
@@ -254,12 +265,27 @@ class AlertConfigIn(BaseModel):
 
     @field_validator("trigger_condition")
     @classmethod
-    def _condition(cls, value: str | None) -> str:
+    def _condition(cls, value: str | dict | None) -> str | dict:
+        if isinstance(value, str) and len(value) > 255:
+            raise ValueError("at most 255 characters")
         try:
-            rules.parse_trigger_condition(value)
+            rules.parse_condition(value)
         except rules.RuleError as exc:
             raise ValueError(str(exc)) from None
-        return value if value and value.strip() else "New row added"
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return "New row added"
+        return value
+
+    @field_validator("message_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            notification.check_template(value)
+        except notification.TemplateFailed as exc:
+            raise ValueError(f"the template does not render: {exc}") from None
+        return value
 
     @field_validator("query")
     @classmethod
@@ -299,7 +325,9 @@ class AlertConfigOut(BaseModel):
     description: str | None
     query: str
     data_source_id: UUID
-    trigger_condition: str
+    trigger_condition: str | dict[str, Any]
+    condition: dict[str, Any] = Field(description="The trigger condition in its normalised structured form")
+    message_template: str | None
     key_columns: list[str] | None
     schedule: str
     notification_channels: dict[str, list[str]]
@@ -309,6 +337,10 @@ class AlertConfigOut(BaseModel):
     watched_tables: list[str]
     events_enabled: bool = Field(description="True when committed changes to the watched tables wake this alert")
     events_error: str | None = Field(description="Why events are off, when they are")
+    muted_until: datetime | None = Field(description="While in the future, incidents are recorded but not sent")
+    condition_state: Literal["OK", "PENDING", "FIRING"] | None = Field(
+        None, description="State conditions: OK, PENDING (waiting out 'for') or FIRING; null before the first run")
+    consecutive_errors: int = Field(0, description="Evaluations in a row whose query failed (ERROR when > 0)")
     created_at: datetime
     updated_at: datetime
     last_evaluation: LastEvaluation | None = None
@@ -424,6 +456,8 @@ class IncidentOut(BaseModel):
     status: str
     incident_data: dict[str, Any]
     created_at: datetime
+    acknowledged_at: datetime | None = None
+    acknowledged_by: str | None = None
     resolved_at: datetime | None
     resolved_by: str | None
 
@@ -433,6 +467,67 @@ class ResolveIn(BaseModel):
 
     resolved_by: str | None = Field(None, max_length=255)
     comment: str | None = Field(None, max_length=10_000)
+
+
+class AcknowledgeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"acknowledged_by": "ada",
+                                                                             "comment": "looking into it"}})
+
+    acknowledged_by: str | None = Field(None, max_length=255)
+    comment: str | None = Field(None, max_length=10_000)
+
+
+class MuteIn(BaseModel):
+    """Mute until a time, for a duration, or unmute with both null."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"duration": "2h"}})
+
+    until: datetime | None = Field(None, description="Mute until this time (with a time zone)")
+    duration: str | None = Field(None, max_length=32, description="Or mute for 30m, 2h, 1d …")
+
+    @field_validator("until")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("give a time zone, such as 2030-01-01T08:00:00Z")
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        try:
+            rules.parse_duration(value, name="duration")
+        except rules.RuleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> "MuteIn":
+        if self.until is not None and self.duration is not None:
+            raise ValueError("give until or duration, not both")
+        return self
+
+
+class MessagePreview(BaseModel):
+    kind: str
+    email_subject: str
+    email_text: str
+    whatsapp_text: str
+
+
+class TestResult(BaseModel):
+    """What an evaluation would do now; nothing is stored or sent."""
+
+    outcome: str
+    error: str | None
+    columns: list[str]
+    rows: list[list[Any]] = Field(description="The first 100 rows of the result")
+    row_count: int
+    truncated: bool
+    summary: dict[str, Any] = Field(description="The diff against the stored result, or the condition check")
+    condition_state: str
+    would_notify: bool
+    messages: list[MessagePreview]
 
 
 class ActivityOut(BaseModel):
@@ -474,7 +569,11 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 def _alert_out(row: dict) -> AlertConfigOut:
-    return AlertConfigOut(**{**row, "events_enabled": row["events_error"] is None})
+    return AlertConfigOut(**{
+        **row, "events_enabled": row["events_error"] is None,
+        "trigger_condition": row["trigger_condition"] if row["trigger_condition"] is not None else row["condition"],
+        "consecutive_errors": row.get("consecutive_errors") or 0,
+    })
 
 
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
@@ -503,8 +602,15 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             rules.key_indexes(columns, body.key_columns)
         except rules.RuleError as exc:
             raise field_error("key_columns", str(exc)) from None
+        condition = rules.parse_condition(body.trigger_condition)
+        try:
+            rules.check_condition_columns(condition, columns)
+        except rules.RuleError as exc:
+            raise field_error("trigger_condition", str(exc)) from None
         fields = body.model_dump(mode="json")
-        fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value)
+        fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value,
+                      condition=condition.as_dict(),
+                      trigger_condition=body.trigger_condition if isinstance(body.trigger_condition, str) else None)
         fields["watched_tables"] = tables
         return fields
 
@@ -552,7 +658,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             row = database.update_alert(cur, alert_id=alert_id, fields=fields)
             database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
                                      events_error=None)
-            if any(old[k] != row[k] for k in ("query", "data_source_id", "key_columns")):
+            if any(old[k] != row[k] for k in ("query", "data_source_id", "key_columns", "condition")):
                 database.clear_alert_state(cur, alert_id=alert_id)
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
@@ -576,6 +682,43 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         if row is None:
             raise not_found("alert config", alert_id)
         services.scheduler.alert_changed(alert_id)
+
+    @router.post("/alert-configs/test", response_model=TestResult, tags=["alerts"])
+    def test_new_alert(body: AlertConfigIn, services: ServicesDep):
+        """Dry run of an unsaved definition: the rows, the initial report and messages it would send."""
+        fields = validate_alert(services, body)
+        alert = {**fields, "id": None, "muted_until": None}
+        return services.scheduler.dry_run(alert, None)
+
+    @router.post("/alert-configs/{alert_id}/test", response_model=TestResult, tags=["alerts"])
+    def test_alert(alert_id: UUID, services: ServicesDep):
+        """Dry run against the stored state: the rows, the diff, whether it would fire, and the exact messages."""
+        with services.pool.transaction() as cur:
+            alert = database.get_alert(cur, alert_id=alert_id)
+            if alert is None:
+                raise not_found("alert config", alert_id)
+            state = database.get_alert_state(cur, alert_id=alert_id)
+        return services.scheduler.dry_run(alert, state)
+
+    @router.post("/alert-configs/{alert_id}/run", response_model=AlertConfigOut, tags=["alerts"])
+    def run_alert(alert_id: UUID, services: ServicesDep):
+        """Evaluate now, for real (notifications are sent if it fires); returns the alert with this evaluation."""
+        alert = _get_alert(services, alert_id)
+        if alert.status != "ACTIVE":
+            raise HTTPException(409, "the alert is INACTIVE; resume it with PUT /alert-configs/{id}/status?status=ACTIVE")
+        services.scheduler.run_now(alert_id, timeout=services.settings.query_timeout_seconds + 10)
+        return _get_alert(services, alert_id)
+
+    @router.put("/alert-configs/{alert_id}/mute", response_model=AlertConfigOut, tags=["alerts"])
+    def mute_alert(alert_id: UUID, body: MuteIn, services: ServicesDep):
+        """Mute until a time or for a duration (both null: unmute). Incidents are still recorded, nothing is sent."""
+        until = body.until
+        if body.duration is not None:
+            until = datetime.now(timezone.utc) + timedelta(seconds=rules.parse_duration(body.duration, name="duration"))
+        with services.pool.transaction() as cur:
+            if database.set_alert_mute(cur, alert_id=alert_id, until=until) is None:
+                raise not_found("alert config", alert_id)
+        return _get_alert(services, alert_id)
 
     @router.get("/alert-configs/{alert_id}/evaluations", response_model=list[EvaluationOut], tags=["alerts"])
     def list_evaluations(alert_id: UUID, services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
@@ -690,6 +833,19 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise not_found("incident", incident_id)
             database.insert_activity(cur, action="resolved", incident_id=incident_id,
                                      alert_id=row["alert_config_id"], actor=body.resolved_by,
+                                     details={"comment": body.comment} if body.comment else {})
+        return row
+
+    @router.post("/incidents/{incident_id}/acknowledge", response_model=IncidentOut, tags=["incidents"])
+    def acknowledge_incident(incident_id: UUID, services: ServicesDep, body: AcknowledgeIn | None = None):
+        """Acknowledge an incident: someone is on it."""
+        body = body or AcknowledgeIn()
+        with services.pool.transaction() as cur:
+            row = database.acknowledge_incident(cur, incident_id=incident_id, acknowledged_by=body.acknowledged_by)
+            if row is None:
+                raise not_found("incident", incident_id)
+            database.insert_activity(cur, action="acknowledged", incident_id=incident_id,
+                                     alert_id=row["alert_config_id"], actor=body.acknowledged_by,
                                      details={"comment": body.comment} if body.comment else {})
         return row
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
 
+    error_notify_after: int = Field(3, ge=1, le=1000)
+    evaluation_retention_days: float = Field(30.0, gt=0, le=3650)
+
     api_key: SecretStr | None = None
     secret_key: SecretStr | None = None
 

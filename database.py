@@ -387,6 +387,35 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE notification ADD COLUMN claimed_by_pid integer;
         """,
     ),
+    (
+        3,
+        "trigger conditions with state, incident acknowledgement, mute, message templates",
+        """
+        ALTER TABLE alert_config ADD COLUMN condition jsonb NOT NULL DEFAULT '{"type": "new_rows"}';
+        ALTER TABLE alert_config ALTER COLUMN trigger_condition DROP NOT NULL;
+        ALTER TABLE alert_config ADD COLUMN message_template text;
+        ALTER TABLE alert_config ADD COLUMN muted_until timestamptz;
+
+        ALTER TABLE alert_state
+            ADD COLUMN initialized boolean NOT NULL DEFAULT true,
+            ADD COLUMN snapshot jsonb,
+            ADD COLUMN condition_state text NOT NULL DEFAULT 'OK' CHECK (condition_state IN ('OK', 'PENDING', 'FIRING')),
+            ADD COLUMN pending_since timestamptz,
+            ADD COLUMN firing_incident_id uuid REFERENCES incident (id) ON DELETE SET NULL,
+            ADD COLUMN last_notified_at timestamptz,
+            ADD COLUMN cooldown_until timestamptz,
+            ADD COLUMN digest jsonb,
+            ADD COLUMN consecutive_errors integer NOT NULL DEFAULT 0,
+            ADD COLUMN error_notified boolean NOT NULL DEFAULT false,
+            ADD COLUMN last_error text;
+
+        ALTER TABLE incident ADD COLUMN acknowledged_at timestamptz, ADD COLUMN acknowledged_by text;
+
+        ALTER TABLE notification DROP CONSTRAINT notification_kind_check;
+        ALTER TABLE notification ADD CONSTRAINT notification_kind_check
+            CHECK (kind IN ('initial_report', 'incident', 'digest', 'repeat', 'resolved', 'failing', 'recovered'));
+        """,
+    ),
 ]
 
 
@@ -523,14 +552,14 @@ def get_user(cur, *, user_id: UUID) -> dict | None:
 # --- alerts ----------------------------------------------------------------------------------------------------
 
 _ALERT_FIELDS = (
-    "name", "description", "query", "data_source_id", "trigger_condition", "key_columns", "schedule",
-    "notification_channels", "priority", "created_by",
+    "name", "description", "query", "data_source_id", "trigger_condition", "condition", "key_columns", "schedule",
+    "notification_channels", "priority", "created_by", "message_template",
 )
 
 
 def _alert_values(fields: dict) -> list:
     return [
-        psycopg2.extras.Json(fields[name]) if name == "notification_channels" else fields[name]
+        psycopg2.extras.Json(fields[name]) if name in ("notification_channels", "condition") else fields[name]
         for name in _ALERT_FIELDS
     ]
 
@@ -585,7 +614,9 @@ def delete_alert(cur, *, alert_id: UUID) -> dict | None:
 def get_alert(cur, *, alert_id: UUID) -> dict | None:
     """One alert with its last evaluation."""
     cur.execute(
-        "SELECT a.*, to_jsonb(e) - 'alert_config_id' AS last_evaluation FROM alert_config a "
+        "SELECT a.*, to_jsonb(e) - 'alert_config_id' AS last_evaluation, s.condition_state, "
+        "s.consecutive_errors, s.pending_since FROM alert_config a "
+        "LEFT JOIN alert_state s ON s.alert_config_id = a.id "
         "LEFT JOIN LATERAL (SELECT * FROM evaluation WHERE alert_config_id = a.id "
         "ORDER BY started_at DESC, id DESC LIMIT 1) e ON true WHERE a.id = %s",
         (alert_id,),
@@ -596,9 +627,11 @@ def get_alert(cur, *, alert_id: UUID) -> dict | None:
 def list_alerts(cur, *, status: str | None = None, priority: str | None = None, skip: int = 0, limit: int = 100):
     """Alerts, oldest first, optionally filtered."""
     cur.execute(
-        "SELECT * FROM alert_config WHERE (%(status)s::status_enum IS NULL OR status = %(status)s::status_enum) "
-        "AND (%(priority)s::priority_enum IS NULL OR priority = %(priority)s::priority_enum) "
-        "ORDER BY created_at, id OFFSET %(skip)s LIMIT %(limit)s",
+        "SELECT a.*, s.condition_state, s.consecutive_errors, s.pending_since FROM alert_config a "
+        "LEFT JOIN alert_state s ON s.alert_config_id = a.id "
+        "WHERE (%(status)s::status_enum IS NULL OR a.status = %(status)s::status_enum) "
+        "AND (%(priority)s::priority_enum IS NULL OR a.priority = %(priority)s::priority_enum) "
+        "ORDER BY a.created_at, a.id OFFSET %(skip)s LIMIT %(limit)s",
         {"status": status, "priority": priority, "skip": skip, "limit": limit},
     )
     return cur.fetchall()
@@ -636,14 +669,28 @@ def lock_alert_version(cur, *, alert_id: UUID) -> tuple[int, str] | None:
     return (row["version"], row["status"]) if row else None
 
 
-def save_alert_state(cur, *, alert_id: UUID, config_version: int, fingerprints: bytes, row_count: int) -> None:
-    """Replace an alert's stored result fingerprints."""
+_STATE_FIELDS = (
+    "config_version", "initialized", "fingerprints", "row_count", "snapshot", "condition_state", "pending_since",
+    "firing_incident_id", "last_notified_at", "cooldown_until", "digest", "consecutive_errors", "error_notified",
+    "last_error",
+)
+
+
+def save_alert_state(cur, *, alert_id: UUID, state: dict) -> None:
+    """Replace everything remembered about an alert between evaluations (keys: _STATE_FIELDS)."""
+    values = dict(state)
+    values["fingerprints"] = psycopg2.Binary(values["fingerprints"])
+    for name in ("snapshot", "digest"):
+        values[name] = None if values[name] is None else psycopg2.extras.Json(values[name])
+    columns = sql.SQL(", ").join(map(sql.Identifier, ("alert_config_id", *_STATE_FIELDS, "evaluated_at")))
+    placeholders = sql.SQL(", ").join([sql.Placeholder()] * (len(_STATE_FIELDS) + 1) + [sql.SQL("now()")])
+    updates = sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in (*_STATE_FIELDS, "evaluated_at")
+    )
     cur.execute(
-        "INSERT INTO alert_state (alert_config_id, config_version, fingerprints, row_count, evaluated_at) "
-        "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (alert_config_id) DO UPDATE SET "
-        "config_version = EXCLUDED.config_version, fingerprints = EXCLUDED.fingerprints, "
-        "row_count = EXCLUDED.row_count, evaluated_at = EXCLUDED.evaluated_at",
-        (alert_id, config_version, psycopg2.Binary(fingerprints), row_count),
+        sql.SQL("INSERT INTO alert_state ({}) VALUES ({}) ON CONFLICT (alert_config_id) DO UPDATE SET {}").format(
+            columns, placeholders, updates),
+        [alert_id, *(values[name] for name in _STATE_FIELDS)],
     )
 
 
@@ -671,6 +718,56 @@ def list_evaluations(cur, *, alert_id: UUID, skip: int = 0, limit: int = 100) ->
         (alert_id, skip, limit),
     )
     return cur.fetchall()
+
+
+def set_alert_mute(cur, *, alert_id: UUID, until: datetime | None) -> dict | None:
+    """Mute an alert until a time (None unmutes)."""
+    cur.execute("UPDATE alert_config SET muted_until = %s, updated_at = now() WHERE id = %s RETURNING *",
+                (until, alert_id))
+    return cur.fetchone()
+
+
+def acknowledge_incident(cur, *, incident_id: UUID, acknowledged_by: str | None) -> dict | None:
+    """Mark an open incident acknowledged; a resolved one stays resolved."""
+    cur.execute(
+        "UPDATE incident SET status = CASE WHEN status = 'RESOLVED' THEN status ELSE 'ACKNOWLEDGED' END, "
+        "acknowledged_at = COALESCE(acknowledged_at, now()), acknowledged_by = COALESCE(acknowledged_by, %s) "
+        "WHERE id = %s RETURNING *",
+        (acknowledged_by, incident_id),
+    )
+    return cur.fetchone()
+
+
+def prune_evaluations(cur, *, older_than_days: float) -> int:
+    """Delete evaluation history past its retention (used when it is not a TimescaleDB hypertable)."""
+    cur.execute("DELETE FROM evaluation WHERE started_at < now() - make_interval(secs => %s)",
+                (older_than_days * 86400,))
+    return cur.rowcount
+
+
+def setup_evaluation_retention(pool: Pool, *, days: float) -> bool:
+    """With TimescaleDB, make the evaluation history a hypertable with a retention policy of `days`; return
+    whether that is in place (otherwise the scheduler deletes old rows itself)."""
+    with pool.transaction() as cur:
+        cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
+        if cur.fetchone() is None:
+            return False
+    try:
+        with pool.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            cur.execute("SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_schema = current_schema() "
+                        "AND hypertable_name = 'evaluation'")
+            if cur.fetchone() is None:
+                # A hypertable's unique indexes must include its time column, so the id loses its primary key.
+                cur.execute("ALTER TABLE evaluation DROP CONSTRAINT IF EXISTS evaluation_pkey")
+                cur.execute("SELECT create_hypertable('evaluation', 'started_at', migrate_data => true)")
+            cur.execute("SELECT remove_retention_policy('evaluation', if_exists => true)")
+            cur.execute("SELECT add_retention_policy('evaluation', make_interval(secs => %s))", (days * 86400,))
+        return True
+    except psycopg2.DatabaseError as exc:
+        logger.warning("evaluation history stays a plain table (old rows are deleted by the service): %s",
+                       _pg_message(exc))
+        return False
 
 
 def insert_incident(

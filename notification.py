@@ -15,6 +15,7 @@ from email.utils import formatdate, make_msgid
 from typing import Any, Protocol, Sequence
 
 import database
+import rules
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,57 +65,119 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def render_alert_message(
-    *, alert_name: str, priority: str, kind: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-    total_rows: int, description: str | None = None,
-) -> Rendered:
-    """Render the email and WhatsApp texts for an initial report (`kind='initial_report'`) or new rows."""
-    if kind == "initial_report":
-        headline = f"initial report, {_plural(total_rows, 'row')}"
-        intro = f"The alert '{alert_name}' was created. Its query currently returns {_plural(total_rows, 'row')}."
-    else:
-        headline = f"{_plural(len(rows), 'new row')}"
-        intro = f"The alert '{alert_name}' found {_plural(len(rows), 'new row')}."
-    subject = f"[{priority}] {alert_name}: {headline}"
+_INTROS = {
+    "initial_report": "The alert '{name}' was created. Its query currently returns {total}.",
+    "incident": "The alert '{name}' found {headline}.",
+    "digest": "The alert '{name}' gathered {headline}.",
+    "repeat": "The alert '{name}' is still firing.",
+    "resolved": "The alert '{name}' is resolved.",
+    "failing": "The alert '{name}' is failing: its query did not run.",
+    "recovered": "The alert '{name}' works again: its query runs.",
+}
+
+
+def render_message(*, alert: dict, notice: rules.Notice, incident_id: Any = None) -> Rendered:
+    """Render the email (text and HTML) and WhatsApp texts of one notice, with the alert's template if it has one."""
+    name, priority = alert["name"], alert["priority"]
+    subject = f"[{priority}] {name}: {notice.headline}"
+    columns, rows = notice.columns, notice.rows
+    intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(rows), "row"))
+    paragraphs = [intro] + [p for p in (notice.detail, alert.get("description")) if p]
     shown = rows[:EMAIL_MAX_ROWS]
     hidden = len(rows) - len(shown)
+    more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
 
-    widths = [max([len(c)] + [len(_cell(r[i])) for r in shown]) for i, c in enumerate(columns)]
-    lines = [intro]
-    if description:
-        lines.append(description)
-    if columns and shown:
-        lines.append("")
-        lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
-        lines.append("  ".join("-" * w for w in widths))
-        lines.extend("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in shown)
-    if hidden:
-        lines.append(f"… and {_plural(hidden, 'more row')} not shown.")
-    text = "\n".join(lines) + "\n"
+    template = alert.get("message_template")
+    custom = None
+    if template:
+        try:
+            custom = render_template(template, template_context(alert=alert, notice=notice, incident_id=incident_id))
+        except TemplateFailed as exc:
+            paragraphs.append(f"(The alert's message template failed, so this is the default message: {exc})")
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body_rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in shown
-    )
-    html_parts = [f"<p>{html.escape(intro)}</p>"]
-    if description:
-        html_parts.append(f"<p>{html.escape(description)}</p>")
-    if columns and shown:
-        html_parts.append(
-            f'<table border="1" cellpadding="4" cellspacing="0"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body_rows}</tbody></table>"
-        )
-    if hidden:
-        html_parts.append(f"<p>… and {_plural(hidden, 'more row')} not shown.</p>")
-    html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
-
-    wa_lines = [f"*{subject}*"]
-    for row in rows:
-        wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
-    whatsapp = "\n".join(wa_lines)
+    if custom is not None:
+        text = custom if custom.endswith("\n") else custom + "\n"
+        html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
+        whatsapp = f"*{subject}*\n{custom}"
+    else:
+        text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
+        html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
+        if more:
+            html_parts.append(f"<p>{html.escape(more)}</p>")
+        html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
+        wa_lines = [f"*{subject}*"] + ([notice.detail] if notice.detail else [])
+        wa_lines += ["• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)) for row in rows]
+        whatsapp = "\n".join(wa_lines)
     if len(whatsapp) > WHATSAPP_MAX_CHARS:
         whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
     return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+
+
+def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not columns or not rows:
+        return []
+    widths = [max([len(c)] + [len(_cell(r[i])) for r in rows]) for i, c in enumerate(columns)]
+    return ["", "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+            "  ".join("-" * w for w in widths),
+            *("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)]
+
+
+def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not columns or not rows:
+        return []
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return [f'<table border="1" cellpadding="4" cellspacing="0"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"]
+
+
+class TemplateFailed(Exception):
+    """A message template could not be compiled or rendered."""
+
+
+_TEMPLATE_ENV = None
+
+
+def _environment():
+    global _TEMPLATE_ENV
+    if _TEMPLATE_ENV is None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        # Sandboxed: templates are user input and must not reach Python internals or change anything.
+        _TEMPLATE_ENV = ImmutableSandboxedEnvironment(autoescape=False, trim_blocks=True, lstrip_blocks=True)
+    return _TEMPLATE_ENV
+
+
+def template_context(*, alert: dict, notice: rules.Notice, incident_id: Any = None) -> dict:
+    """The variables a message template sees."""
+    rows = [dict(zip(notice.columns, row)) for row in notice.rows]
+    return {
+        "alert": {"name": alert["name"], "description": alert.get("description"), "priority": alert["priority"]},
+        "kind": notice.kind, "headline": notice.headline, "detail": notice.detail, "columns": notice.columns,
+        "rows": rows, "new_rows": rows if notice.kind in ("incident", "digest", "initial_report") else [],
+        "counts": {"rows": len(rows)},
+        "incident": {"id": str(incident_id) if incident_id else None, "title": notice.headline},
+    }
+
+
+def render_template(template: str, context: dict) -> str:
+    """Render a message template in the sandbox; TemplateFailed says what went wrong."""
+    from jinja2 import TemplateError
+
+    try:
+        return _environment().from_string(template).render(**context)
+    except TemplateError as exc:
+        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # templates can raise anything a filter raises (ZeroDivisionError, …)
+        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
+
+
+def check_template(template: str) -> None:
+    """Render a template once against sample values, raising TemplateFailed if it cannot be used."""
+    sample = rules.Notice("incident", "2 new rows", ["order_number", "qty"], [["ORD1", 3], ["ORD2", 5]],
+                          open_incident=True, detail="Condition met: qty <= 5 in any row.")
+    render_template(template, template_context(alert={"name": "Sample", "description": "", "priority": "HIGH"},
+                                               notice=sample, incident_id="00000000-0000-0000-0000-000000000000"))
 
 
 def outbox_rows(

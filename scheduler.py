@@ -22,6 +22,7 @@ from config import Settings
 
 logger = logging.getLogger(__name__)
 
+DRY_RUN_ROWS = 100
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 CRON_CHECK_SECONDS = 1
@@ -79,6 +80,10 @@ class AlertScheduler:
         self._listener_stops: dict[UUID, threading.Event] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waiters: dict[UUID, list[threading.Event]] = {}
+        # One-off evaluations an alert asked for: the end of a `for`, a `repeat_every` or a cooldown.
+        self._wakeups: dict[UUID, datetime] = {}
+        self._history_hypertable = False
 
     # --- life cycle ------------------------------------------------------------------------------------------
 
@@ -90,12 +95,16 @@ class AlertScheduler:
             self._register(alert)
         for source_id in {a["data_source_id"] for a in alerts}:
             self._sync_source(source_id)
-        self._schedule.every(CRON_CHECK_SECONDS).seconds.do(self._guarded, self._run_due_cron)
+        self._history_hypertable = database.setup_evaluation_retention(
+            self.pool, days=self.settings.evaluation_retention_days)
+        self._prune_history()
+        self._schedule.every(CRON_CHECK_SECONDS).seconds.do(self._guarded, self._run_due_timers)
+        self._schedule.every(1).hours.do(self._guarded, self._prune_history)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
         self._thread.start()
         # Rows written while the service was down are found here; only the difference is sent.
         for alert in alerts:
-            self.submit(alert["id"], "startup")
+            self.submit(alert["id"], "catch_up")
         logger.info("scheduler started with %d active alert(s)", len(alerts))
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -134,7 +143,7 @@ class AlertScheduler:
         for source_id in touched:
             self._sync_source(source_id)
         if alert is not None and alert["status"] == "ACTIVE":
-            self.submit(alert_id, "change")
+            self.submit(alert_id, "manual")
 
     def _register(self, alert: dict) -> None:
         alert_id = alert["id"]
@@ -200,7 +209,7 @@ class AlertScheduler:
             flight = self._flights.setdefault(alert_id, _Flight())
             if flight.running:
                 # An initial report or a config change outranks a plain event as the recorded cause.
-                if flight.pending is None or cause in ("change", "startup"):
+                if flight.pending is None or cause in ("manual", "catch_up"):
                     flight.pending = cause
                 return
             flight.running = True
@@ -212,6 +221,8 @@ class AlertScheduler:
 
     def _fly(self, alert_id: UUID, cause: str) -> None:
         while True:
+            with self._flight_lock:
+                waiting = self._waiters.pop(alert_id, [])
             try:
                 self.evaluate(alert_id, cause)
             except database.DatabaseUnavailable as exc:
@@ -219,6 +230,8 @@ class AlertScheduler:
                 logger.warning("alert %s not evaluated: %s", alert_id, exc)
             except Exception:
                 logger.exception("evaluation of alert %s failed", alert_id)
+            for event in waiting:
+                event.set()
             with self._flight_lock:
                 flight = self._flights[alert_id]
                 if flight.pending is None or self._stop.is_set():
@@ -230,102 +243,152 @@ class AlertScheduler:
     # --- evaluation --------------------------------------------------------------------------------------------
 
     def evaluate(self, alert_id: UUID, cause: str) -> str | None:
-        """Run an alert's query, diff it against the stored result, and write state, incident and outbox rows in
-        one transaction; returns the outcome (None when the alert is gone or paused)."""
+        """Run an alert's query, decide what the result means, and write state, evaluation, incident and outbox
+        rows in one transaction; returns the outcome (None when the alert is gone or paused)."""
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
         with self.pool.transaction() as cur:
             alert = database.get_alert(cur, alert_id=alert_id)
-            state = database.get_alert_state(cur, alert_id=alert_id) if alert else None
+            row = database.get_alert_state(cur, alert_id=alert_id) if alert else None
         if alert is None or alert["status"] != "ACTIVE":
             return None
+        prior = state_from_row(row)
+        if prior is None or not prior.initialized:
+            cause = "initial"
+        result = self.run_alert_query(alert)
+        now = datetime.now(timezone.utc)
+        if isinstance(result, str):
+            decision = rules.decide_error(prior=prior, error=result,
+                                          error_notify_after=self.settings.error_notify_after)
+            columns, rows, truncated, error = [], [], False, result
+            logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, result)
+        else:
+            columns, rows, truncated, keys = result
+            decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
+                                    columns=columns, rows=rows, keys=keys, now=now)
+            error = None
+        duration_ms = (time.perf_counter() - started) * 1000
+        with self.pool.transaction() as cur:
+            locked = database.lock_alert_version(cur, alert_id=alert_id)
+            if locked is None or locked != (alert["version"], "ACTIVE"):
+                return None  # changed, paused or deleted while we ran: the change queued a fresh evaluation
+            current = database.get_alert_state(cur, alert_id=alert_id)
+            if (current is None) != (row is None) or (
+                current is not None and current["evaluated_at"] != row["evaluated_at"]
+            ):
+                self.submit(alert_id, cause)  # someone stored a newer result meanwhile; measure against that
+                return None
+            queued = self._store(cur, alert, decision, prior, now=now, error=error,
+                                 row_count=None if error else len(rows))
+            summary = decision.summary or {}
+            database.insert_evaluation(
+                cur, alert_id=alert_id, cause=cause, started_at=started_at, duration_ms=duration_ms,
+                row_count=None if error else len(rows),
+                new_row_count=summary.get("triggering", summary.get("matching_rows")) if not error else None,
+                truncated=truncated, outcome=decision.outcome, error=error,
+            )
+        self._set_wakeup(alert_id, decision.wake_at)
+        if queued:
+            self.on_outbox()
+        if decision.notices:
+            logger.info("alert %s (%s): %s, %d notification(s) queued", alert["name"], alert_id,
+                        ", ".join(n.headline for n in decision.notices), queued)
+        return decision.outcome
+
+    def run_alert_query(self, alert: dict) -> tuple[list[str], list, bool, list[int] | None] | str:
+        """The alert's result (columns, rows, whether cut, key positions), or the error as text."""
         try:
             columns, rows, truncated = database.run_query(
                 self.sources.get(alert["data_source_id"]), query=alert["query"],
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
             )
-            identities = rules.identities(rows, rules.key_indexes(columns, alert["key_columns"]))
+            rules.check_condition_columns(rules.parse_condition(alert["condition"]), columns)
+            return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
         except (database.DatabaseError, rules.RuleError) as exc:
-            self._record_error(alert, cause, started_at, started, str(exc))
-            return "error"
+            return str(exc)
 
-        initial = state is None
-        if initial:
-            report = rows
-        else:
-            previous = rules.unpack_fingerprints(state["fingerprints"])
-            report = [rows[i] for i in rules.new_row_positions(previous, identities)]
-        outcome = "initial_report" if initial else ("triggered" if report else "no_change")
-
-        with self.pool.transaction() as cur:
-            locked = database.lock_alert_version(cur, alert_id=alert_id)
-            if locked is None or locked != (alert["version"], "ACTIVE"):
-                # Changed, paused or deleted while we ran: the change queued a fresh evaluation.
-                return None
-            current = database.get_alert_state(cur, alert_id=alert_id)
-            if (current is None) != (state is None) or (
-                current is not None and current["evaluated_at"] != state["evaluated_at"]
-            ):
-                # Someone else stored a newer result meanwhile; ours was measured against an old one.
-                self.submit(alert_id, cause)
-                return None
-            database.save_alert_state(
-                cur, alert_id=alert_id, config_version=alert["version"],
-                fingerprints=rules.pack_fingerprints(identities), row_count=len(rows),
-            )
-            queued = 0
-            if initial or report:
-                queued = self._write_alert_messages(cur, alert, columns, report, initial, truncated)
-            database.insert_evaluation(
-                cur, alert_id=alert_id, cause=cause, started_at=started_at,
-                duration_ms=(time.perf_counter() - started) * 1000, row_count=len(rows),
-                new_row_count=None if initial else len(report), truncated=truncated, outcome=outcome, error=None,
-            )
-        if queued:
-            self.on_outbox()
-        if outcome == "triggered":
-            logger.info("alert %s (%s): %d new row(s), %d notification(s) queued",
-                        alert["name"], alert_id, len(report), queued)
-        return outcome
-
-    def _write_alert_messages(self, cur, alert: dict, columns: list[str], report: list, initial: bool,
-                              truncated: bool) -> int:
-        kind = "initial_report" if initial else "incident"
-        rendered = notification.render_alert_message(
-            alert_name=alert["name"], priority=alert["priority"], kind=kind, columns=columns, rows=report,
-            total_rows=len(report), description=alert["description"],
-        )
-        incident_id = None
-        if not initial:
-            data = {
-                "columns": columns,
-                "new_rows": [dict(zip(columns, map(rules.jsonable, row))) for row in report],
-                "new_row_count": len(report),
-                "result_truncated": truncated,
-            }
-            incident = database.insert_incident(
-                cur, alert_id=alert["id"], alert_name=alert["name"], title=rendered.subject,
-                description=rendered.text, priority=alert["priority"], incident_data=data,
-            )
-            incident_id = incident["id"]
-            database.insert_activity(cur, action="created", incident_id=incident_id, alert_id=alert["id"],
-                                     details={"new_row_count": len(report)})
-        return database.insert_notifications(cur, notifications=notification.outbox_rows(
-            rendered=rendered, channels=alert["notification_channels"], alert_id=alert["id"],
-            incident_id=incident_id, kind=kind,
-        ))
-
-    def _record_error(self, alert: dict, cause: str, started_at: datetime, started: float, error: str) -> None:
-        logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert["id"], error)
-        try:
-            with self.pool.transaction() as cur:
-                database.insert_evaluation(
-                    cur, alert_id=alert["id"], cause=cause, started_at=started_at,
-                    duration_ms=(time.perf_counter() - started) * 1000, row_count=None, new_row_count=None,
-                    truncated=False, outcome="error", error=error,
+    def _store(self, cur, alert: dict, decision: rules.Decision, prior: rules.AlertState | None, *,
+               now: datetime, error: str | None, row_count: int | None) -> int:
+        """Write one decision: state, incidents, activity and outbox rows. Returns the notifications queued."""
+        state = decision.state
+        muted = alert["muted_until"] is not None and alert["muted_until"] > now
+        queued = 0
+        firing_id = prior.firing_incident_id if prior else None
+        if decision.resolve_incident and firing_id:
+            database.resolve_incident(cur, incident_id=firing_id, resolved_by=None)
+            database.insert_activity(cur, action="auto_resolved", incident_id=firing_id, alert_id=alert["id"])
+        for notice in decision.notices:
+            incident_id = None
+            if notice.open_incident:
+                rendered = notification.render_message(alert=alert, notice=notice)
+                incident = database.insert_incident(
+                    cur, alert_id=alert["id"], alert_name=alert["name"], title=rendered.subject,
+                    description=rendered.text, priority=alert["priority"],
+                    incident_data={"kind": notice.kind, "columns": notice.columns, "rows": notice.rows,
+                                   "row_count": len(notice.rows), "summary": decision.summary or {},
+                                   # The original design's name for the rows of a "new rows" incident.
+                                   "new_rows": [dict(zip(notice.columns, r)) for r in notice.rows],
+                                   "new_row_count": len(notice.rows)},
                 )
-        except database.DatabaseError as exc:
-            logger.warning("could not record the failed evaluation of %s: %s", alert["id"], exc)
+                incident_id = incident["id"]
+                database.insert_activity(cur, action="created", incident_id=incident_id, alert_id=alert["id"],
+                                         details={"rows": len(notice.rows), "kind": notice.kind})
+                if rules.parse_condition(alert["condition"]).is_state:
+                    state.firing_incident_id = incident_id
+            elif notice.kind in ("repeat", "resolved"):
+                incident_id = firing_id
+            rendered = notification.render_message(alert=alert, notice=notice, incident_id=incident_id)
+            if muted:
+                database.insert_activity(cur, action="muted", incident_id=incident_id, alert_id=alert["id"],
+                                         details={"kind": notice.kind, "muted_until": alert["muted_until"].isoformat()})
+                continue
+            queued += database.insert_notifications(cur, notifications=notification.outbox_rows(
+                rendered=rendered, channels=alert["notification_channels"], alert_id=alert["id"],
+                incident_id=incident_id, kind=notice.kind,
+            ))
+        fields = state_to_row(state, alert["version"], row_count)
+        fields["last_error"] = error
+        database.save_alert_state(cur, alert_id=alert["id"], state=fields)
+        return queued
+
+    def dry_run(self, alert: dict, state_row: dict | None) -> dict:
+        """What an evaluation would do now (rows, diff, condition, messages) without storing or sending."""
+        result = self.run_alert_query(alert)
+        prior = state_from_row(state_row)
+        if isinstance(result, str):
+            decision = rules.decide_error(prior=prior, error=result, error_notify_after=1)
+            columns, rows, truncated = [], [], False
+        else:
+            columns, rows, truncated, keys = result
+            decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
+                                    columns=columns, rows=rows, keys=keys, now=datetime.now(timezone.utc))
+        messages = []
+        for notice in decision.notices:
+            rendered = notification.render_message(alert=alert, notice=notice)
+            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
+                             "whatsapp_text": rendered.whatsapp})
+        return {
+            "outcome": decision.outcome, "error": result if isinstance(result, str) else None,
+            "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
+            "row_count": len(rows), "truncated": truncated, "summary": decision.summary or {},
+            "condition_state": decision.state.condition_state, "would_notify": bool(messages),
+            "messages": messages,
+        }
+
+    def run_now(self, alert_id: UUID, timeout: float) -> None:
+        """Evaluate an alert now and wait for that evaluation to finish."""
+        done = threading.Event()
+        with self._flight_lock:
+            self._waiters.setdefault(alert_id, []).append(done)
+        self.submit(alert_id, "manual")
+        done.wait(timeout)
+
+    def _set_wakeup(self, alert_id: UUID, when: datetime | None) -> None:
+        with self._state_lock:
+            if when is None:
+                self._wakeups.pop(alert_id, None)
+            else:
+                self._wakeups[alert_id] = when
 
     # --- the schedule thread ---------------------------------------------------------------------------------
 
@@ -335,7 +398,7 @@ class AlertScheduler:
         except Exception:
             logger.exception("scheduled job %s failed", getattr(function, "__name__", function))
 
-    def _run_due_cron(self) -> None:
+    def _run_due_timers(self) -> None:
         now = datetime.now(timezone.utc)
         due = []
         with self._state_lock:
@@ -343,8 +406,20 @@ class AlertScheduler:
                 if entry.cron is not None and entry.next_cron is not None and entry.next_cron <= now:
                     due.append(alert_id)
                     entry.next_cron = entry.cron.next_run(now)
-        for alert_id in due:
+            for alert_id, when in list(self._wakeups.items()):
+                if when <= now:
+                    del self._wakeups[alert_id]
+                    due.append(alert_id)
+        for alert_id in dict.fromkeys(due):
             self.submit(alert_id, "schedule")
+
+    def _prune_history(self) -> None:
+        if self._history_hypertable:
+            return  # TimescaleDB's retention policy drops old chunks
+        with self.pool.transaction() as cur:
+            deleted = database.prune_evaluations(cur, older_than_days=self.settings.evaluation_retention_days)
+        if deleted:
+            logger.info("deleted %d evaluation record(s) past retention", deleted)
 
     def _schedule_loop(self) -> None:
         while not self._stop.is_set():
@@ -462,3 +537,28 @@ def _events_error(tables: tuple[str, ...], errors: dict[str, str]) -> str | None
     if not failed:
         return None
     return "no change trigger on " + "; ".join(failed) + " (the schedule still runs the alert)"
+
+
+def state_from_row(row: dict | None) -> rules.AlertState | None:
+    """An alert_state row as the rules see it."""
+    if row is None:
+        return None
+    return rules.AlertState(
+        initialized=row["initialized"], fingerprints=rules.unpack_fingerprints(row["fingerprints"]),
+        snapshot=row["snapshot"], condition_state=row["condition_state"], pending_since=row["pending_since"],
+        firing_incident_id=row["firing_incident_id"], last_notified_at=row["last_notified_at"],
+        cooldown_until=row["cooldown_until"], digest=row["digest"], consecutive_errors=row["consecutive_errors"],
+        error_notified=row["error_notified"],
+    )
+
+
+def state_to_row(state: rules.AlertState, config_version: int, row_count: int | None) -> dict:
+    """The alert_state columns for a state."""
+    return {
+        "config_version": config_version, "initialized": state.initialized,
+        "fingerprints": rules.pack_fingerprints(state.fingerprints), "row_count": row_count or 0,
+        "snapshot": state.snapshot, "condition_state": state.condition_state, "pending_since": state.pending_since,
+        "firing_incident_id": state.firing_incident_id, "last_notified_at": state.last_notified_at,
+        "cooldown_until": state.cooldown_until, "digest": state.digest,
+        "consecutive_errors": state.consecutive_errors, "error_notified": state.error_notified, "last_error": None,
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import rules
 from config import ConfigError, is_e164, load_settings
-from notification import WHATSAPP_MAX_CHARS, render_alert_message
+from notification import WHATSAPP_MAX_CHARS, TemplateFailed, check_template, render_message
 from query_analysis import QueryRejected, TableRef, analyse_query
 
 
@@ -36,12 +36,122 @@ def test_bad_schedules_are_rejected_with_an_example(text):
 
 @pytest.mark.parametrize("text", [None, "", "New row added", "new_rows", "NEW ROWS", "New row added."])
 def test_the_original_wording_means_new_rows(text):
-    assert rules.parse_trigger_condition(text) == "new_rows"
+    assert rules.parse_condition(text) == rules.Condition(type="new_rows")
 
 
-def test_unknown_conditions_are_rejected():
-    with pytest.raises(rules.RuleError):
-        rules.parse_trigger_condition("stock below safety level")
+@pytest.mark.parametrize("raw, message", [
+    ("stock below safety level", "unknown trigger condition"),
+    ({"type": "threshold", "operator": "<=", "value": 5}, "column"),
+    ({"type": "threshold", "column": "qty", "operator": "=<", "value": 5}, "operator"),
+    ({"type": "row_count", "operator": ">", "value": "ten"}, "numeric"),
+    ({"type": "row_count", "operator": ">", "value": True}, "numeric"),
+    ({"type": "new_rows", "for": "5m"}, "state conditions"),
+    ({"type": "empty", "cooldown": "5m"}, "change conditions"),
+    ({"type": "empty", "for": "five"}, "invalid for"),
+    ({"type": "not_empty", "colour": "red"}, "colour"),
+    ({"type": "sometimes"}, "unknown condition type"),
+])
+def test_bad_conditions_are_rejected_with_what_to_fix(raw, message):
+    with pytest.raises(rules.RuleError, match=message):
+        rules.parse_condition(raw)
+
+
+def test_structured_conditions_normalise():
+    condition = rules.parse_condition({"type": "threshold", "column": "qty", "operator": "<=", "value": 5,
+                                       "for": "60s", "repeat_every": "2h"})
+    assert condition.as_dict() == {"type": "threshold", "operator": "<=", "value": 5.0, "column": "qty",
+                                   "match": "any", "for": "1m", "repeat_every": "2h"}
+    assert condition.describe() == "qty <= 5 in any row"
+
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def run(condition, prior, rows, columns=("sku", "qty"), at=NOW, keys=None):
+    return rules.decide(condition=condition, prior=prior, columns=list(columns), rows=rows, keys=keys, now=at)
+
+
+def test_threshold_fires_once_stays_quiet_and_resolves():
+    low = rules.parse_condition({"type": "threshold", "column": "qty", "operator": "<=", "value": 5})
+    first = run(low, rules.AlertState(initialized=True), [("A", 10), ("B", 3)])
+    assert first.outcome == "triggered" and first.state.condition_state == "FIRING"
+    assert first.notices[0].rows == [["B", 3]] and first.notices[0].open_incident
+    again = run(low, first.state, [("A", 10), ("B", 2)], at=NOW + timedelta(minutes=1))
+    assert again.outcome == "no_change" and again.notices == []
+    cleared = run(low, again.state, [("A", 10), ("B", 30)], at=NOW + timedelta(minutes=2))
+    assert cleared.outcome == "resolved" and cleared.resolve_incident and cleared.notices[0].kind == "resolved"
+    assert cleared.state.condition_state == "OK"
+
+
+def test_for_waits_in_pending_and_asks_to_be_woken():
+    condition = rules.parse_condition({"type": "row_count", "operator": ">", "value": 1, "for": "2m"})
+    pending = run(condition, rules.AlertState(initialized=True), [("A", 1), ("B", 2)])
+    assert pending.state.condition_state == "PENDING" and pending.notices == []
+    assert pending.wake_at == NOW + timedelta(minutes=2)
+    fired = run(condition, pending.state, [("A", 1), ("B", 2)], at=NOW + timedelta(minutes=2))
+    assert fired.state.condition_state == "FIRING" and fired.notices[0].kind == "incident"
+    short = run(condition, pending.state, [("A", 1)], at=NOW + timedelta(minutes=1))
+    assert short.state.condition_state == "OK" and short.notices == []
+
+
+def test_repeat_every_re_notifies_while_firing():
+    condition = rules.parse_condition({"type": "not_empty", "repeat_every": "10m"})
+    fired = run(condition, rules.AlertState(initialized=True), [("A", 1)])
+    assert fired.wake_at == NOW + timedelta(minutes=10)
+    early = run(condition, fired.state, [("A", 1)], at=NOW + timedelta(minutes=5))
+    assert early.notices == []
+    due = run(condition, fired.state, [("A", 1)], at=NOW + timedelta(minutes=10))
+    assert [n.kind for n in due.notices] == ["repeat"]
+
+
+def test_empty_and_all_rows_threshold():
+    assert rules.state_condition_met(rules.Condition(type="empty"), ["a"], [])[0] is True
+    every = rules.parse_condition({"type": "threshold", "column": "qty", "operator": ">", "value": 0, "match": "all"})
+    assert rules.state_condition_met(every, ["sku", "qty"], [("A", 1), ("B", 0)])[0] is False
+    assert rules.state_condition_met(every, ["sku", "qty"], [("A", 1), ("B", 2)])[0] is True
+    assert rules.state_condition_met(every, ["sku", "qty"], [])[0] is False
+
+
+def test_threshold_ignores_null_and_non_numeric_values():
+    low = rules.parse_condition({"type": "threshold", "column": "qty", "operator": "<", "value": 5})
+    assert rules.state_condition_met(low, ["qty"], [(None,), ("n/a",), (Decimal("4.5"),)]) == (True, [2])
+
+
+def test_removed_rows_and_any_change_use_the_previous_rows():
+    removed = rules.parse_condition("removed_rows")
+    first = run(removed, None, [("A", 1), ("B", 2)], keys=[0])
+    assert first.notices[0].kind == "initial_report"
+    second = run(removed, first.state, [("A", 1)], keys=[0])
+    assert second.notices[0].rows == [["B", 2]] and second.notices[0].headline == "1 removed row"
+    anything = rules.parse_condition("any_change")
+    base = run(anything, None, [("A", 1), ("B", 2)], keys=[0])
+    changed = run(anything, base.state, [("A", 5), ("C", 3)], keys=[0])
+    assert sorted(changed.notices[0].rows) == [["added", "C", 3], ["changed", "A", 5], ["removed", "B", 2]]
+
+
+def test_cooldown_gathers_changes_into_one_digest_without_dropping_rows():
+    condition = rules.parse_condition({"type": "new_rows", "cooldown": "5m"})
+    state = run(condition, None, []).state
+    first = run(condition, state, [("A", 1)])
+    assert first.notices[0].kind == "incident" and first.state.cooldown_until == NOW + timedelta(minutes=5)
+    held = run(condition, first.state, [("A", 1), ("B", 2)], at=NOW + timedelta(minutes=1))
+    assert held.notices == [] and held.wake_at == NOW + timedelta(minutes=5)
+    held2 = run(condition, held.state, [("A", 1), ("B", 2), ("C", 3)], at=NOW + timedelta(minutes=2))
+    digest = run(condition, held2.state, [("A", 1), ("B", 2), ("C", 3)], at=NOW + timedelta(minutes=5))
+    assert digest.notices[0].kind == "digest" and digest.notices[0].rows == [["B", 2], ["C", 3]]
+    assert digest.state.digest is None
+
+
+def test_errors_notify_once_after_the_threshold_and_recovery_once():
+    state = None
+    kinds = []
+    for _ in range(5):
+        decision = rules.decide_error(prior=state, error="boom", error_notify_after=3)
+        kinds += [n.kind for n in decision.notices]
+        state = decision.state
+    assert kinds == ["failing"] and state.consecutive_errors == 5
+    recovered = run(rules.Condition(), state, [])
+    assert [n.kind for n in recovered.notices][:1] == ["recovered"] and recovered.state.consecutive_errors == 0
 
 
 def test_fingerprints_distinguish_types_and_null():
@@ -116,25 +226,40 @@ def test_writing_and_multi_statement_queries_are_rejected(query, reason):
         analyse_query(query)
 
 
+ALERT = {"name": "Order Monitor", "priority": "HIGH", "description": None}
+
+
 def test_messages_carry_the_rows_and_a_subject_with_priority_and_count():
-    message = render_alert_message(alert_name="Order Monitor", priority="HIGH", kind="incident",
-                                   columns=["order_number"], rows=[("ORD1",), ("ORD2",), ("ORD3",)], total_rows=3)
+    notice = rules.Notice("incident", "3 new rows", ["order_number"], [["ORD1"], ["ORD2"], ["ORD3"]])
+    message = render_message(alert=ALERT, notice=notice)
     assert message.subject == "[HIGH] Order Monitor: 3 new rows"
     assert "ORD3" in message.text and "<td>ORD1</td>" in message.html and "ORD2" in message.whatsapp
 
 
 def test_html_is_escaped():
-    message = render_alert_message(alert_name="<b>x</b>", priority="LOW", kind="incident", columns=["v"],
-                                   rows=[("<script>",)], total_rows=1)
+    notice = rules.Notice("incident", "1 new row", ["v"], [["<script>"]])
+    message = render_message(alert={**ALERT, "name": "<b>x</b>"}, notice=notice)
     assert "<script>" not in message.html and "&lt;script&gt;" in message.html
 
 
 def test_long_messages_are_capped_and_say_so():
-    many = [(f"ORD{i:06d}", "x" * 30) for i in range(500)]
-    message = render_alert_message(alert_name="A", priority="LOW", kind="incident", columns=["n", "pad"],
-                                   rows=many, total_rows=500)
+    many = [[f"ORD{i:06d}", "x" * 30] for i in range(500)]
+    message = render_message(alert=ALERT, notice=rules.Notice("incident", "500 new rows", ["n", "pad"], many))
     assert len(message.whatsapp) <= WHATSAPP_MAX_CHARS and "cut" in message.whatsapp
     assert "400 more rows not shown" in message.text
+
+
+def test_templates_render_in_a_sandbox_and_fall_back_with_a_note():
+    notice = rules.Notice("incident", "1 new row", ["sku", "qty"], [["A", 2]])
+    custom = render_message(alert={**ALERT, "message_template": "Low: {% for r in rows %}{{ r.sku }}={{ r.qty }}{% endfor %}"},
+                            notice=notice)
+    assert custom.text.startswith("Low: A=2") and "Low: A=2" in custom.whatsapp
+    broken = render_message(alert={**ALERT, "message_template": "{{ rows[0].qty / 0 }}"}, notice=notice)
+    assert "template failed" in broken.text and "A" in broken.text
+    with pytest.raises(TemplateFailed):
+        check_template("{{ alert.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
+    with pytest.raises(TemplateFailed):
+        check_template("{% for %}")
 
 
 def test_settings_errors_name_the_variable():
