@@ -403,9 +403,11 @@ def _decide_change(condition: Condition, prior: AlertState, state: AlertState, c
     summary["triggering"] = len(found)
     pending = list(prior.digest or [])
     in_cooldown = bool(condition.cooldown_seconds and prior.cooldown_until and now < prior.cooldown_until)
-    if found and in_cooldown:
-        state.digest = pending + found
-        return Decision("triggered", state, [], wake_at=prior.cooldown_until, summary=summary)
+    if in_cooldown:
+        if found:
+            state.digest = pending + found
+        return Decision("triggered" if found else "no_change", state, [],
+                        wake_at=prior.cooldown_until if state.digest else None, summary=summary)
     if not found and not pending:
         return Decision("no_change", state, [], summary=summary)
     if not found:

@@ -184,7 +184,14 @@ class Service:
         return response.json()
 
     def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until no evaluation runs and no notification is due."""
+        """Wait until no evaluation runs and no notification is due, twice 100 ms apart (a NOTIFY for a commit
+        just made may not have reached the listener at the first look)."""
+        def idle_twice() -> bool:
+            if not idle():
+                return False
+            time.sleep(0.1)
+            return idle()
+
         def idle() -> bool:
             if not self.services.scheduler.idle():
                 return False
@@ -192,7 +199,7 @@ class Service:
                 cur.execute("SELECT count(*) AS n FROM notification WHERE status = 'PENDING' "
                             "OR (status = 'RETRY' AND next_attempt_at <= now() + interval '1 second')")
                 return cur.fetchone()["n"] == 0
-        eventually(idle, timeout, message="service to become idle")
+        eventually(idle_twice, timeout, message="service to become idle")
 
     def sql(self, statement: str, args: Any = None) -> list[dict]:
         """Run SQL on the service database and return dict rows (empty for statements without a result)."""

@@ -136,7 +136,9 @@ def test_cooldown_gathers_changes_into_one_digest_without_dropping_rows():
     assert first.notices[0].kind == "incident" and first.state.cooldown_until == NOW + timedelta(minutes=5)
     held = run(condition, first.state, [("A", 1), ("B", 2)], at=NOW + timedelta(minutes=1))
     assert held.notices == [] and held.wake_at == NOW + timedelta(minutes=5)
-    held2 = run(condition, held.state, [("A", 1), ("B", 2), ("C", 3)], at=NOW + timedelta(minutes=2))
+    quiet = run(condition, held.state, [("A", 1), ("B", 2)], at=NOW + timedelta(minutes=1, seconds=30))
+    assert quiet.notices == [] and quiet.state.digest == [["B", 2]], "nothing new inside the cooldown holds"
+    held2 = run(condition, quiet.state, [("A", 1), ("B", 2), ("C", 3)], at=NOW + timedelta(minutes=2))
     digest = run(condition, held2.state, [("A", 1), ("B", 2), ("C", 3)], at=NOW + timedelta(minutes=5))
     assert digest.notices[0].kind == "digest" and digest.notices[0].rows == [["B", 2], ["C", 3]]
     assert digest.state.digest is None
