@@ -762,7 +762,7 @@ def setup_evaluation_retention(pool: Pool, *, days: float) -> bool:
                 cur.execute("ALTER TABLE evaluation DROP CONSTRAINT IF EXISTS evaluation_pkey")
                 cur.execute("SELECT create_hypertable('evaluation', 'started_at', migrate_data => true)")
             cur.execute("SELECT remove_retention_policy('evaluation', if_exists => true)")
-            cur.execute("SELECT add_retention_policy('evaluation', make_interval(secs => %s))", (days * 86400,))
+            cur.execute("SELECT add_retention_policy('evaluation', %s * interval '1 day')", (days,))
         return True
     except psycopg2.DatabaseError as exc:
         logger.warning("evaluation history stays a plain table (old rows are deleted by the service): %s",

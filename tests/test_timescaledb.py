@@ -109,3 +109,22 @@ def test_the_continuous_aggregate_mapping_query_runs_on_a_stand_in_catalog(db_ds
         assert database.resolve_tables(pool, refs=[("public", "raw")]) == ["public.raw"]
     finally:
         pool.close()
+
+
+def test_the_evaluation_history_becomes_a_hypertable_with_a_retention_policy(settings, tsdb_dsn):
+    from tests.conftest import Service
+
+    service = Service(settings.model_copy(update={"evaluation_retention_days": 7})).start()
+    try:
+        rows = service.sql("SELECT count(*) AS n FROM timescaledb_information.hypertables "
+                           "WHERE hypertable_name = 'evaluation'")
+        assert rows[0]["n"] == 1
+        jobs = service.sql("SELECT (config->>'drop_after')::interval = interval '7 days' AS ok "
+                           "FROM timescaledb_information.jobs WHERE hypertable_name = 'evaluation' "
+                           "AND proc_name = 'policy_retention'")
+        assert [j["ok"] for j in jobs] == [True]
+        alert = service.create_alert(query="SELECT 1 AS one")
+        service.wait_idle()
+        assert service.client.get(f"/alert-configs/{alert['id']}/evaluations").json()
+    finally:
+        service.stop()
