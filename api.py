@@ -568,6 +568,15 @@ Skip = Annotated[int, Query(ge=0, le=1_000_000)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
+def _fetch_or_404(services: Services, kind: str, ident: UUID, fetch) -> dict:
+    """One row read with `fetch(cur)`, or a 404 naming what was not found."""
+    with services.pool.transaction() as cur:
+        row = fetch(cur)
+    if row is None:
+        raise not_found(kind, ident)
+    return row
+
+
 def _alert_out(row: dict) -> AlertConfigOut:
     return AlertConfigOut(**{
         **row, "events_enabled": row["events_error"] is None,
@@ -635,11 +644,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         return [_alert_out(r) for r in rows]
 
     def _get_alert(services: Services, alert_id: UUID) -> AlertConfigOut:
-        with services.pool.transaction() as cur:
-            row = database.get_alert(cur, alert_id=alert_id)
-        if row is None:
-            raise not_found("alert config", alert_id)
-        return _alert_out(row)
+        return _alert_out(_fetch_or_404(services, "alert config", alert_id,
+                                        lambda cur: database.get_alert(cur, alert_id=alert_id)))
 
     @router.get("/alert-configs/{alert_id}", response_model=AlertConfigOut, tags=["alerts"])
     def get_alert(alert_id: UUID, services: ServicesDep):
@@ -754,11 +760,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.get("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
     def get_data_source(data_source_id: UUID, services: ServicesDep):
         """One data source."""
-        with services.pool.transaction() as cur:
-            row = database.get_data_source(cur, data_source_id=data_source_id)
-        if row is None:
-            raise not_found("data source", data_source_id)
-        return row
+        return _fetch_or_404(services, "data source", data_source_id,
+                             lambda cur: database.get_data_source(cur, data_source_id=data_source_id))
 
     @router.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
     def create_team(body: TeamIn, services: ServicesDep):
@@ -775,11 +778,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.get("/teams/{team_id}", response_model=TeamOut, tags=["people"])
     def get_team(team_id: UUID, services: ServicesDep):
         """One team."""
-        with services.pool.transaction() as cur:
-            row = database.get_team(cur, team_id=team_id)
-        if row is None:
-            raise not_found("team", team_id)
-        return row
+        return _fetch_or_404(services, "team", team_id,
+                             lambda cur: database.get_team(cur, team_id=team_id))
 
     @router.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
     def create_user(body: UserIn, services: ServicesDep):
@@ -799,11 +799,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.get("/users/{user_id}", response_model=UserOut, tags=["people"])
     def get_user(user_id: UUID, services: ServicesDep):
         """One user."""
-        with services.pool.transaction() as cur:
-            row = database.get_user(cur, user_id=user_id)
-        if row is None:
-            raise not_found("user", user_id)
-        return row
+        return _fetch_or_404(services, "user", user_id,
+                             lambda cur: database.get_user(cur, user_id=user_id))
 
     @router.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
     def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,
@@ -817,11 +814,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.get("/incidents/{incident_id}", response_model=IncidentOut, tags=["incidents"])
     def get_incident(incident_id: UUID, services: ServicesDep):
         """One incident with the rows that caused it."""
-        with services.pool.transaction() as cur:
-            row = database.get_incident(cur, incident_id=incident_id)
-        if row is None:
-            raise not_found("incident", incident_id)
-        return row
+        return _fetch_or_404(services, "incident", incident_id,
+                             lambda cur: database.get_incident(cur, incident_id=incident_id))
 
     @router.post("/incidents/{incident_id}/resolve", response_model=IncidentOut, tags=["incidents"])
     def resolve_incident(incident_id: UUID, services: ServicesDep, body: ResolveIn | None = None):
