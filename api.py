@@ -30,6 +30,7 @@ from scheduler import AlertScheduler
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
+MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
 # --- wiring ----------------------------------------------------------------------------------------------------
@@ -121,12 +122,28 @@ def require_api_key(
     if offered is None:
         raise HTTPException(401, "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    if not _key_matches(offered, keys):
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _key_matches(offered: str, keys: list[str]) -> bool:
     # Compare with every key, without stopping early, so timing says nothing about which key is close.
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(offered.encode(), key.encode())
-    if not matched:
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    return matched
+
+
+def _authenticated(request: Request) -> bool:
+    """Whether a request carries a valid key (always true when API_KEY is unset)."""
+    keys = request.app.state.services.settings.api_keys
+    if not keys:
+        return True
+    offered = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization", "")
+    if offered is None and authorization.lower().startswith("bearer "):
+        offered = authorization[7:].strip()
+    return offered is not None and _key_matches(offered, keys)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -181,7 +198,28 @@ class Priority(str, Enum):
     CRITICAL = "CRITICAL"
 
 
-class NotificationChannels(BaseModel):
+def _reject_nul(value: Any) -> Any:
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("text must not contain NUL (\\u0000) characters")
+    if isinstance(value, dict):
+        for item in value.values():
+            _reject_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            _reject_nul(item)
+    return value
+
+
+class RequestBody(BaseModel):
+    """Base of every request body: PostgreSQL cannot store NUL characters, so they are a 422, not a 500."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        return _reject_nul(data)
+
+
+class NotificationChannels(RequestBody):
     """Recipients per channel; at least one recipient in all."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
@@ -222,7 +260,7 @@ _ALERT_EXAMPLE = {
 }
 
 
-class AlertConfigIn(BaseModel):
+class AlertConfigIn(RequestBody):
     """An alert definition as sent by a client."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _ALERT_EXAMPLE})
@@ -253,6 +291,8 @@ class AlertConfigIn(BaseModel):
     def _name_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the name must not be blank")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("the name must be one line without control characters (it is the email subject)")
         return value.strip()
 
     @field_validator("schedule")
@@ -279,13 +319,8 @@ class AlertConfigIn(BaseModel):
     @field_validator("message_template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        try:
-            notification.check_template(value)
-        except notification.TemplateFailed as exc:
-            raise ValueError(f"the template does not render: {exc}") from None
-        return value
+        # Only normalised here: rendering it runs in validate_alert, off the event loop.
+        return value if value is not None and value.strip() else None
 
     @field_validator("query")
     @classmethod
@@ -346,7 +381,7 @@ class AlertConfigOut(BaseModel):
     last_evaluation: LastEvaluation | None = None
 
 
-class DataSourceIn(BaseModel):
+class DataSourceIn(RequestBody):
     """Another PostgreSQL or TimescaleDB database that alerts can query: a DSN, or its parts."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
@@ -383,6 +418,10 @@ class DataSourceIn(BaseModel):
             params = {k: v for k, v in {"host": self.host, "port": self.port, "dbname": self.dbname,
                                         "user": self.user, "sslmode": self.sslmode}.items() if v is not None}
         password = params.pop("password", None) or self.password
+        for secret in ("sslpassword", "passfile", "sslkey"):
+            if secret in params:
+                # Only the password is stored encrypted; other secrets would be returned and kept in clear.
+                raise field_error("dsn", f"{secret} is not supported in a data source; use a password")
         return {k: str(v) for k, v in params.items()}, password
 
 
@@ -398,7 +437,7 @@ class DataSourceOut(BaseModel):
     created_at: datetime
 
 
-class TeamIn(BaseModel):
+class TeamIn(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"name": "Warehouse on-call"}})
 
     name: str = Field(min_length=1, max_length=255)
@@ -412,7 +451,7 @@ class TeamOut(BaseModel):
     created_at: datetime
 
 
-class UserIn(BaseModel):
+class UserIn(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
         "name": "Ada Operator", "email": "ada@example.com", "phone": "+14155550123"}})
 
@@ -462,14 +501,14 @@ class IncidentOut(BaseModel):
     resolved_by: str | None
 
 
-class ResolveIn(BaseModel):
+class ResolveIn(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"resolved_by": "ada", "comment": "restocked"}})
 
     resolved_by: str | None = Field(None, max_length=255)
     comment: str | None = Field(None, max_length=10_000)
 
 
-class AcknowledgeIn(BaseModel):
+class AcknowledgeIn(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"acknowledged_by": "ada",
                                                                              "comment": "looking into it"}})
 
@@ -477,7 +516,7 @@ class AcknowledgeIn(BaseModel):
     comment: str | None = Field(None, max_length=10_000)
 
 
-class MuteIn(BaseModel):
+class MuteIn(RequestBody):
     """Mute until a time, for a duration, or unmute with both null."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"duration": "2h"}})
@@ -490,6 +529,8 @@ class MuteIn(BaseModel):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("give a time zone, such as 2030-01-01T08:00:00Z")
+        if value is not None and not datetime(2000, 1, 1, tzinfo=timezone.utc) < value < MUTE_LIMIT:
+            raise ValueError("give a time between the year 2000 and 2999")
         return value
 
     @field_validator("duration")
@@ -568,6 +609,16 @@ Skip = Annotated[int, Query(ge=0, le=1_000_000)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
+def _result_meaning_changed(old: dict, new: dict) -> bool:
+    """True when an update changes what the stored state means (query, source, keys, condition), so the alert
+    starts again with an initial report; timing options (for, repeat_every, cooldown) keep the state."""
+    timing = ("for", "repeat_every", "cooldown")
+    old_condition = {k: v for k, v in old["condition"].items() if k not in timing}
+    new_condition = {k: v for k, v in new["condition"].items() if k not in timing}
+    return old_condition != new_condition or any(
+        old[k] != new[k] for k in ("query", "data_source_id", "key_columns"))
+
+
 def _fetch_or_404(services: Services, kind: str, ident: UUID, fetch) -> dict:
     """One row read with `fetch(cur)`, or a 404 naming what was not found."""
     with services.pool.transaction() as cur:
@@ -611,6 +662,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             rules.key_indexes(columns, body.key_columns)
         except rules.RuleError as exc:
             raise field_error("key_columns", str(exc)) from None
+        if body.message_template is not None:
+            try:
+                notification.check_template(body.message_template)
+            except notification.TemplateFailed as exc:
+                raise field_error("message_template", f"the template does not render: {exc}") from None
         condition = rules.parse_condition(body.trigger_condition)
         try:
             rules.check_condition_columns(condition, columns)
@@ -664,7 +720,13 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             row = database.update_alert(cur, alert_id=alert_id, fields=fields)
             database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
                                      events_error=None)
-            if any(old[k] != row[k] for k in ("query", "data_source_id", "key_columns", "condition")):
+            if _result_meaning_changed(old, row):
+                state = database.get_alert_state(cur, alert_id=alert_id)
+                if state is not None and state["firing_incident_id"] is not None:
+                    # The new definition starts from scratch; the old one's open incident must not dangle.
+                    database.resolve_incident(cur, incident_id=state["firing_incident_id"], resolved_by=None)
+                    database.insert_activity(cur, action="auto_resolved", incident_id=state["firing_incident_id"],
+                                             alert_id=alert_id, details={"reason": "the alert's definition changed"})
                 database.clear_alert_state(cur, alert_id=alert_id)
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
@@ -864,14 +926,17 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     app.include_router(router)
 
     @app.get("/health", tags=["health"])
-    def health(services: ServicesDep):
-        """200 when the database answers, 503 when it does not; with the scheduler's and listeners' state."""
-        body: dict[str, Any] = {
-            "scheduler": services.scheduler.status(),
-            "dispatcher": {"running": services.dispatcher.alive},
-            "channels": {"email": services.settings.email_enabled,
-                         "whatsapp": services.settings.whatsapp_enabled},
-        }
+    def health(request: Request, services: ServicesDep):
+        """200 when the database answers, 503 when it does not; the scheduler's and listeners' state is included
+        when API_KEY is unset or the request carries a key."""
+        body: dict[str, Any] = {}
+        if _authenticated(request):
+            body = {
+                "scheduler": services.scheduler.status(),
+                "dispatcher": {"running": services.dispatcher.alive},
+                "channels": {"email": services.settings.email_enabled,
+                             "whatsapp": services.settings.whatsapp_enabled},
+            }
         try:
             database.ping(services.pool)
             body["database"] = "ok"
@@ -879,3 +944,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             body["database"] = f"unavailable: {exc}"
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
+
+
+# `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.
+app = create_app()

@@ -896,41 +896,51 @@ def backend_pid(conn: psycopg2.extensions.connection) -> int:
         return cur.fetchone()[0]
 
 
-def seconds_until_next_due(cur) -> float | None:
-    """Seconds until the earliest unclaimed PENDING or RETRY notification is due (0 if overdue)."""
+def seconds_until_next_due(cur, *, channels: Sequence[str]) -> float | None:
+    """Seconds until the earliest unclaimed PENDING or RETRY notification of these channels is due (0 if overdue)."""
     cur.execute(
         "SELECT EXTRACT(EPOCH FROM min(GREATEST(next_attempt_at, COALESCE(claimed_until, next_attempt_at))) - now()) "
-        "AS wait FROM notification WHERE status IN ('PENDING', 'RETRY')"
+        "AS wait FROM notification WHERE status IN ('PENDING', 'RETRY') AND channel = ANY(%s)",
+        (list(channels),),
     )
     wait = cur.fetchone()["wait"]
     return None if wait is None else max(0.0, float(wait))
 
 
-def mark_notification_sent(cur, *, notification_id: UUID, provider_message_id: str | None) -> None:
-    """Record a delivery."""
+# Outcomes are recorded only by the session that holds the claim: a sender that outlived its lease must not
+# overwrite the outcome of the one that took over.
+_CLAIM_HELD = "id = %(id)s AND claimed_by_pid = %(pid)s AND status IN ('PENDING', 'RETRY')"
+
+
+def mark_notification_sent(cur, *, notification_id: UUID, claimant_pid: int, provider_message_id: str | None) -> bool:
+    """Record a delivery; False if the claim was lost meanwhile."""
     cur.execute(
-        "UPDATE notification SET status = 'SUCCESS', provider_message_id = %s, error = NULL, sent_at = now(), "
-        "claimed_until = NULL, updated_at = now() WHERE id = %s",
-        (provider_message_id, notification_id),
+        "UPDATE notification SET status = 'SUCCESS', provider_message_id = %(provider)s, error = NULL, "
+        "sent_at = now(), claimed_until = NULL, updated_at = now() WHERE " + _CLAIM_HELD,
+        {"provider": provider_message_id, "id": notification_id, "pid": claimant_pid},
     )
+    return cur.rowcount == 1
 
 
-def mark_notification_retry(cur, *, notification_id: UUID, error: str, delay_seconds: float) -> None:
-    """Record a failed attempt that will be tried again after the delay."""
+def mark_notification_retry(cur, *, notification_id: UUID, claimant_pid: int, error: str,
+                            delay_seconds: float) -> bool:
+    """Record a failed attempt that will be tried again after the delay; False if the claim was lost."""
     cur.execute(
-        "UPDATE notification SET status = 'RETRY', error = %s, claimed_until = NULL, updated_at = now(), "
-        "next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s",
-        (error, delay_seconds, notification_id),
+        "UPDATE notification SET status = 'RETRY', error = %(error)s, claimed_until = NULL, updated_at = now(), "
+        "next_attempt_at = now() + make_interval(secs => %(delay)s) WHERE " + _CLAIM_HELD,
+        {"error": error, "delay": delay_seconds, "id": notification_id, "pid": claimant_pid},
     )
+    return cur.rowcount == 1
 
 
-def mark_notification_failed(cur, *, notification_id: UUID, error: str) -> None:
-    """Record that a notification will not be delivered, and why."""
+def mark_notification_failed(cur, *, notification_id: UUID, claimant_pid: int, error: str) -> bool:
+    """Record that a notification will not be delivered, and why; False if the claim was lost."""
     cur.execute(
-        "UPDATE notification SET status = 'FAILED', error = %s, claimed_until = NULL, updated_at = now() "
-        "WHERE id = %s",
-        (error, notification_id),
+        "UPDATE notification SET status = 'FAILED', error = %(error)s, claimed_until = NULL, updated_at = now() "
+        "WHERE " + _CLAIM_HELD,
+        {"error": error, "id": notification_id, "pid": claimant_pid},
     )
+    return cur.rowcount == 1
 
 
 # --- queries against a data source -----------------------------------------------------------------------------
@@ -942,6 +952,20 @@ def _read_only_transaction(cur, *, timeout_seconds: float) -> None:
     cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(min(timeout_seconds, 5) * 1000)}ms",))
     cur.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
                 (f"{int(timeout_seconds * 1000) + 5000}ms",))
+
+
+def _reset_session(conn: psycopg2.extensions.connection) -> None:
+    """End the transaction and undo anything a user's query left on the session (advisory locks, settings,
+    prepared statements) before the connection serves another alert."""
+    if conn.closed:
+        return
+    conn.rollback()
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DISCARD ALL")
+    finally:
+        conn.autocommit = False
 
 
 def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str]:
@@ -959,8 +983,7 @@ def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str
                 raise
             raise QueryFailed(_pg_message(exc)) from None
         finally:
-            if not conn.closed:
-                conn.rollback()
+            _reset_session(conn)
 
 
 def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int) -> tuple[list[str], list[tuple], bool]:
@@ -981,8 +1004,7 @@ def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int) 
                 raise
             raise QueryFailed(_pg_message(exc)) from None
         finally:
-            if not conn.closed:
-                conn.rollback()
+            _reset_session(conn)
 
 
 def ping(pool: Pool) -> None:
@@ -1078,46 +1100,61 @@ def _parse_qualified(key: str) -> tuple[str, str, str]:
 def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
     """Make exactly the `wanted` tables carry our statement-level NOTIFY trigger; return {table: error} for
     tables where it could not be installed (no privilege, lock timeout)."""
-    errors: dict[str, str] = {}
     with pool.connection() as conn:
-        with conn.cursor() as cur:
-            try:
-                cur.execute("SET LOCAL lock_timeout = '5s'")
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
-                _ensure_trigger_function(cur)
-                conn.commit()
-            except psycopg2.DatabaseError as exc:
-                if conn.closed:
-                    raise
-                conn.rollback()
-                message = f"cannot create the trigger function: {_pg_message(exc)}"
-                return {table: message for table in wanted}
-            cur.execute(
-                "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
-                "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                # TimescaleDB copies only row-level triggers to chunks, but stay clear of its schemas regardless.
-                "WHERE t.tgname = %s AND NOT t.tgisinternal AND n.nspname NOT LIKE '\\_timescaledb%%'",
-                (TRIGGER_NAME,),
-            )
-            installed = {row[0] for row in cur.fetchall()}
+        try:
+            with conn.cursor() as cur:
+                # A session lock for the whole sync: two services (or threads) never interleave their DDL.
+                cur.execute("SET lock_timeout = '10s'")
+                cur.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
             conn.commit()
-            for table in sorted(wanted - installed):
-                error = _run_ddl(conn, sql.SQL(
-                    "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
-                    "FOR EACH STATEMENT EXECUTE FUNCTION {}()"
-                ).format(sql.Identifier(TRIGGER_NAME), _split_key(table),
-                         sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
-                if error:
-                    errors[table] = error
-                else:
-                    logger.info("installed change trigger on %s", table)
-            for table in sorted(installed - wanted):
-                error = _run_ddl(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(TRIGGER_NAME), _split_key(table)))
-                if error:
-                    logger.warning("could not drop the change trigger on %s: %s", table, error)
-                else:
-                    logger.info("dropped change trigger on %s (no alert needs it)", table)
+        except psycopg2.DatabaseError as exc:
+            if conn.closed:
+                raise
+            _reset_session(conn)
+            message = f"cannot take the trigger set-up lock: {_pg_message(exc)}"
+            return {table: message for table in wanted}
+        try:
+            return _sync_triggers_locked(conn, wanted)
+        finally:
+            _reset_session(conn)  # DISCARD ALL also releases the advisory lock and the setting
+
+
+def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    with conn.cursor() as cur:
+        try:
+            _ensure_trigger_function(cur)
+            conn.commit()
+        except psycopg2.DatabaseError as exc:
+            if conn.closed:
+                raise
+            conn.rollback()
+            message = f"cannot create the trigger function: {_pg_message(exc)}"
+            return {table: message for table in wanted}
+        cur.execute(
+            "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            # TimescaleDB copies only row-level triggers to chunks, but stay clear of its schemas regardless.
+            "WHERE t.tgname = %s AND NOT t.tgisinternal AND n.nspname NOT LIKE '\\_timescaledb%%'",
+            (TRIGGER_NAME,),
+        )
+        installed = {row[0] for row in cur.fetchall()}
+        conn.commit()
+    for table in sorted(wanted - installed):
+        error = _run_ddl(conn, sql.SQL(
+            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+        ).format(sql.Identifier(TRIGGER_NAME), _split_key(table), sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
+        if error:
+            errors[table] = error
+        else:
+            logger.info("installed change trigger on %s", table)
+    for table in sorted(installed - wanted):
+        error = _run_ddl(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+            sql.Identifier(TRIGGER_NAME), _split_key(table)))
+        if error:
+            logger.warning("could not drop the change trigger on %s: %s", table, error)
+        else:
+            logger.info("dropped change trigger on %s (no alert needs it)", table)
     return errors
 
 
@@ -1128,6 +1165,9 @@ def _run_ddl(conn, statement: sql.Composable) -> str | None:
             cur.execute(statement)
         conn.commit()
         return None
+    except psycopg2.errors.DuplicateObject:
+        conn.rollback()
+        return None  # another process installed it first: the table is watched all the same
     except psycopg2.DatabaseError as exc:
         if conn.closed:
             raise

@@ -76,7 +76,7 @@ _INTROS = {
 }
 
 
-def render_message(*, alert: dict, notice: rules.Notice, incident_id: Any = None) -> Rendered:
+def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
     """Render the email (text and HTML) and WhatsApp texts of one notice, with the alert's template if it has one."""
     name, priority = alert["name"], alert["priority"]
     subject = f"[{priority}] {name}: {notice.headline}"
@@ -91,7 +91,7 @@ def render_message(*, alert: dict, notice: rules.Notice, incident_id: Any = None
     custom = None
     if template:
         try:
-            custom = render_template(template, template_context(alert=alert, notice=notice, incident_id=incident_id))
+            custom = render_template(template, template_context(alert=alert, notice=notice))
         except TemplateFailed as exc:
             paragraphs.append(f"(The alert's message template failed, so this is the default message: {exc})")
 
@@ -136,6 +136,9 @@ class TemplateFailed(Exception):
 
 
 _TEMPLATE_ENV = None
+TEMPLATE_MAX_ROWS = 1000
+TEMPLATE_MAX_CHARS = 50_000
+TEMPLATE_MAX_RANGE = 1000
 
 
 def _environment():
@@ -143,20 +146,42 @@ def _environment():
     if _TEMPLATE_ENV is None:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        # Sandboxed: templates are user input and must not reach Python internals or change anything.
-        _TEMPLATE_ENV = ImmutableSandboxedEnvironment(autoescape=False, trim_blocks=True, lstrip_blocks=True)
+        class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+            """Sandboxed (no Python internals, nothing mutable) and bounded, since templates are user input:
+            no huge ranges, string repetition or powers."""
+
+            intercepted_binops = frozenset(["*", "**"])
+
+            def call_binop(self, context, operator, left, right):
+                if operator == "**" and isinstance(right, (int, float)) and abs(right) > 100:
+                    raise TemplateFailed("exponent over 100")
+                if operator == "*" and any(isinstance(v, (str, list, tuple)) for v in (left, right)):
+                    count = right if isinstance(left, (str, list, tuple)) else left
+                    if isinstance(count, int) and count > TEMPLATE_MAX_CHARS:
+                        raise TemplateFailed(f"repetition over {TEMPLATE_MAX_CHARS}")
+                return super().call_binop(context, operator, left, right)
+
+        def bounded_range(*args):
+            values = range(*args)
+            if len(values) > TEMPLATE_MAX_RANGE:
+                raise TemplateFailed(f"range over {TEMPLATE_MAX_RANGE} items")
+            return values
+
+        _TEMPLATE_ENV = _BoundedEnvironment(autoescape=False, trim_blocks=True, lstrip_blocks=True)
+        _TEMPLATE_ENV.globals["range"] = bounded_range
     return _TEMPLATE_ENV
 
 
-def template_context(*, alert: dict, notice: rules.Notice, incident_id: Any = None) -> dict:
+def template_context(*, alert: dict, notice: rules.Notice) -> dict:
     """The variables a message template sees."""
-    rows = [dict(zip(notice.columns, row)) for row in notice.rows]
+    # Rows are capped so a template that loops over rows in rows stays cheap; counts.rows is the full count.
+    rows = [dict(zip(notice.columns, row)) for row in notice.rows[:TEMPLATE_MAX_ROWS]]
     return {
         "alert": {"name": alert["name"], "description": alert.get("description"), "priority": alert["priority"]},
         "kind": notice.kind, "headline": notice.headline, "detail": notice.detail, "columns": notice.columns,
         "rows": rows, "new_rows": rows if notice.kind in ("incident", "digest", "initial_report") else [],
-        "counts": {"rows": len(rows)},
-        "incident": {"id": str(incident_id) if incident_id else None, "title": notice.headline},
+        "counts": {"rows": len(notice.rows)},
+        "incident": {"title": notice.headline},
     }
 
 
@@ -165,7 +190,15 @@ def render_template(template: str, context: dict) -> str:
     from jinja2 import TemplateError
 
     try:
-        return _environment().from_string(template).render(**context)
+        parts, size = [], 0
+        for part in _environment().from_string(template).generate(**context):
+            parts.append(part)
+            size += len(part)
+            if size > TEMPLATE_MAX_CHARS:
+                raise TemplateFailed(f"output over {TEMPLATE_MAX_CHARS} characters")
+        return "".join(parts)
+    except TemplateFailed:
+        raise
     except TemplateError as exc:
         raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:  # templates can raise anything a filter raises (ZeroDivisionError, …)
@@ -177,7 +210,7 @@ def check_template(template: str) -> None:
     sample = rules.Notice("incident", "2 new rows", ["order_number", "qty"], [["ORD1", 3], ["ORD2", 5]],
                           open_incident=True, detail="Condition met: qty <= 5 in any row.")
     render_template(template, template_context(alert={"name": "Sample", "description": "", "priority": "HIGH"},
-                                               notice=sample, incident_id="00000000-0000-0000-0000-000000000000"))
+                                               notice=sample))
 
 
 def outbox_rows(
@@ -401,10 +434,14 @@ class Dispatcher:
             wait = 1.0
             try:
                 self.dispatch_once()
-                with self.pool.transaction() as cur:
-                    due = database.seconds_until_next_due(cur)
-                if due is not None:
-                    wait = min(wait, due)
+                with self._lock:
+                    open_channels = [n for n in self.channels if self._in_flight[n] < self.capacity]
+                # A full channel (a hung SMTP server) is woken by its senders finishing, not by polling.
+                if open_channels:
+                    with self.pool.transaction() as cur:
+                        due = database.seconds_until_next_due(cur, channels=open_channels)
+                    if due is not None:
+                        wait = min(wait, due)
                 self.healthy = True
             except database.DatabaseUnavailable as exc:
                 self.healthy = False
@@ -445,11 +482,11 @@ class Dispatcher:
             for row in claimed:
                 with self._lock:
                     self._in_flight[name] += 1
-                self._executors[name].submit(self._deliver, row)
+                self._executors[name].submit(self._deliver, row, claimant)
                 handed += 1
         return handed
 
-    def _deliver(self, row: dict) -> None:
+    def _deliver(self, row: dict, claimant: int) -> None:
         channel = self.channels[row["channel"]]
         try:
             try:
@@ -457,13 +494,17 @@ class Dispatcher:
                     recipient=row["recipient"], subject=row["subject"], body=row["body"], html_body=row["html"]
                 )
             except NotificationError as exc:
-                self._record_failure(row, exc)
+                self._record_failure(row, claimant, exc)
             except Exception as exc:  # a bug in a channel must not kill the sender thread
                 logger.exception("channel %s raised unexpectedly", row["channel"])
-                self._record_failure(row, NotificationError(f"{type(exc).__name__}: {exc}"))
+                self._record_failure(row, claimant, NotificationError(f"{type(exc).__name__}: {exc}"))
             else:
                 with self.pool.transaction() as cur:
-                    database.mark_notification_sent(cur, notification_id=row["id"], provider_message_id=provider_id)
+                    if not database.mark_notification_sent(cur, notification_id=row["id"], claimant_pid=claimant,
+                                                           provider_message_id=provider_id):
+                        logger.warning("notification %s was sent after its claim passed to another sender",
+                                       row["id"])
+                        return
                     if row["incident_id"]:
                         database.insert_activity(
                             cur, action="notified", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
@@ -478,13 +519,15 @@ class Dispatcher:
                 self._in_flight[row["channel"]] -= 1
             self._wake.set()
 
-    def _record_failure(self, row: dict, exc: NotificationError) -> None:
+    def _record_failure(self, row: dict, claimant: int, exc: NotificationError) -> None:
         attempts = row["attempts"]
         final = exc.permanent or attempts > self.settings.max_retries
         with self.pool.transaction() as cur:
             if final:
                 reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
-                database.mark_notification_failed(cur, notification_id=row["id"], error=reason)
+                if not database.mark_notification_failed(cur, notification_id=row["id"], claimant_pid=claimant,
+                                                         error=reason):
+                    return  # another sender holds it now and records its own outcome
                 database.insert_activity(
                     cur, action="notification_failed", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
                     details={"channel": row["channel"], "recipient": row["recipient"], "error": reason},
@@ -492,7 +535,9 @@ class Dispatcher:
             else:
                 delay = retry_delay(attempts=attempts, base_seconds=self.settings.retry_delay_seconds,
                                     retry_after=exc.retry_after)
-                database.mark_notification_retry(cur, notification_id=row["id"], error=str(exc), delay_seconds=delay)
+                if not database.mark_notification_retry(cur, notification_id=row["id"], claimant_pid=claimant,
+                                                        error=str(exc), delay_seconds=delay):
+                    return
         if final:
             logger.error("%s notification %s to %s FAILED: %s", row["channel"], row["id"], row["recipient"], exc)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,7 +62,13 @@ def parse_schedule(text: str) -> Schedule:
                 f"invalid cron schedule {text!r}: use cron: and five fields (minute hour day month weekday), "
                 "such as cron:*/5 * * * *"
             )
-        return Schedule(text=f"cron:{' '.join(fields)}", cron=" ".join(fields))
+        schedule = Schedule(text=f"cron:{' '.join(fields)}", cron=" ".join(fields))
+        try:
+            # Valid syntax can still never match (February 31st); find out now, not in the scheduler.
+            schedule.next_run(datetime(2024, 1, 1))
+        except Exception:
+            raise RuleError(f"invalid cron schedule {text!r}: it never matches a date") from None
+        return schedule
     raise RuleError(f"invalid schedule {text!r}: use interval:<n>s|m|h|d (interval:30s) or cron:<5 fields>")
 
 
@@ -152,10 +159,15 @@ def parse_duration(text: str | None, *, name: str) -> int | None:
     """`30s`, `5m`, `2h` or `1d` in seconds; None stays None."""
     if text is None or text == "":
         return None
-    match = _DURATION.fullmatch(str(text).strip())
+    if not isinstance(text, str):
+        raise RuleError(f"invalid {name} {text!r}: use text such as 5m")
+    match = _DURATION.fullmatch(text.strip())
     if not match or int(match.group(1)) < 1:
         raise RuleError(f"invalid {name} {text!r}: use a positive whole number and s, m, h or d, such as 5m")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_INTERVAL_SECONDS:
+        raise RuleError(f"invalid {name} {text!r}: at most 366 days")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -238,12 +250,18 @@ def parse_condition(raw: str | dict | None) -> Condition:
     fields: dict[str, Any] = {"type": kind}
     if kind in ("row_count", "threshold"):
         operator = data.pop("operator", None)
-        if operator not in OPERATORS:
+        if not isinstance(operator, str) or operator not in OPERATORS:
             raise RuleError(f"{kind} needs an operator, one of {' '.join(OPERATORS)}")
         value = data.pop("value", None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RuleError(f"{kind} needs a numeric value, not {value!r}")
-        fields.update(operator=operator, value=float(value))
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number) or abs(number) > 1e15:
+            raise RuleError(f"{kind} needs a finite value of at most 1e15 in size")
+        fields.update(operator=operator, value=number)
     if kind == "threshold":
         column = data.pop("column", None)
         if not isinstance(column, str) or not column:
@@ -354,7 +372,7 @@ def _snapshot(rows_json: list[list], identities: Sequence[bytes], row_hashes: Se
 
 def decide(
     *, condition: Condition, prior: AlertState | None, columns: list[str], rows: Sequence[Sequence[Any]],
-    keys: list[int] | None, now: datetime,
+    keys: list[int] | None, now: datetime, truncated: bool = False,
 ) -> Decision:
     """Decide what one successful evaluation means: the new state, the messages, and when to look again."""
     prior = prior or AlertState()
@@ -374,13 +392,13 @@ def decide(
     if condition.is_state:
         decision = _decide_state(condition, prior, state, columns, rows, rows_json, now)
     else:
-        decision = _decide_change(condition, prior, state, columns, rows_json, ids, now)
+        decision = _decide_change(condition, prior, state, columns, rows_json, ids, now, truncated)
     decision.notices[:0] = notices
     return decision
 
 
 def _decide_change(condition: Condition, prior: AlertState, state: AlertState, columns: list[str],
-                   rows_json: list[list], ids: list[bytes], now: datetime) -> Decision:
+                   rows_json: list[list], ids: list[bytes], now: datetime, truncated: bool = False) -> Decision:
     if not prior.initialized:
         report = Notice("initial_report", f"initial report, {_plural(len(rows_json), 'row')}", columns, rows_json)
         return Decision("triggered", state, [report], summary={"added": len(rows_json), "initial": True})
@@ -390,7 +408,8 @@ def _decide_change(condition: Condition, prior: AlertState, state: AlertState, c
     if condition.needs_snapshot:
         old = prior.snapshot or {}
         current = state.snapshot or {}
-        removed = [entry[1] for key, entry in old.items() if key not in current]
+        # In a cut result, a row missing from the window may still exist: only a whole result shows removals.
+        removed = [] if truncated else [entry[1] for key, entry in old.items() if key not in current]
         changed = [entry[1] for key, entry in current.items() if key in old and old[key][0] != entry[0]]
     summary = {"added": len(added), "removed": len(removed), "changed": len(changed)}
     if condition.type == "new_rows":

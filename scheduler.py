@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 from uuid import UUID
 
@@ -23,6 +23,7 @@ from config import Settings
 logger = logging.getLogger(__name__)
 
 DRY_RUN_ROWS = 100
+UNAVAILABLE_RETRY_SECONDS = 5
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 CRON_CHECK_SECONDS = 1
@@ -84,6 +85,8 @@ class AlertScheduler:
         # One-off evaluations an alert asked for: the end of a `for`, a `repeat_every` or a cooldown.
         self._wakeups: dict[UUID, datetime] = {}
         self._history_hypertable = False
+        # Alert changes, trigger DDL and listener start/stop happen one at a time.
+        self._change_lock = threading.RLock()
 
     # --- life cycle ------------------------------------------------------------------------------------------
 
@@ -91,15 +94,21 @@ class AlertScheduler:
         """Register every active alert, start listeners and the schedule thread, then evaluate each alert once."""
         with self.pool.transaction() as cur:
             alerts = database.list_active_alerts(cur)
-        for alert in alerts:
-            self._register(alert)
-        for source_id in {a["data_source_id"] for a in alerts}:
-            self._sync_source(source_id)
+        with self._change_lock:
+            for alert in alerts:
+                try:
+                    self._register(alert)
+                except rules.RuleError as exc:
+                    # One unusable stored alert must not keep every other alert from running.
+                    logger.error("alert %s (%s) not scheduled: %s", alert["name"], alert["id"], exc)
+            for source_id in {a["data_source_id"] for a in alerts}:
+                self._sync_source(source_id)
         self._history_hypertable = database.setup_evaluation_retention(
             self.pool, days=self.settings.evaluation_retention_days)
-        self._prune_history()
+        self._guarded(self._prune_history)
         self._schedule.every(CRON_CHECK_SECONDS).seconds.do(self._guarded, self._run_due_timers)
-        self._schedule.every(1).hours.do(self._guarded, self._prune_history)
+        # The DELETE runs on a worker: the schedule thread only hands work out.
+        self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
         self._thread.start()
         # Rows written while the service was down are found here; only the difference is sent.
@@ -132,16 +141,18 @@ class AlertScheduler:
 
     def alert_changed(self, alert_id: UUID) -> None:
         """Apply a created, updated, paused, resumed or deleted alert at once."""
-        with self.pool.transaction() as cur:
-            alert = database.get_alert(cur, alert_id=alert_id)
-        with self._state_lock:
-            old = self._unregister(alert_id)
-        touched = {old.data_source_id} if old else set()
-        if alert is not None and alert["status"] == "ACTIVE":
-            self._register(alert)
-            touched.add(alert["data_source_id"])
-        for source_id in touched:
-            self._sync_source(source_id)
+        with self._change_lock:
+            # Read under the lock, so two quick changes apply in order and the newest one wins.
+            with self.pool.transaction() as cur:
+                alert = database.get_alert(cur, alert_id=alert_id)
+            with self._state_lock:
+                old = self._unregister(alert_id)
+            touched = {old.data_source_id} if old else set()
+            if alert is not None and alert["status"] == "ACTIVE":
+                self._register(alert)
+                touched.add(alert["data_source_id"])
+            for source_id in touched:
+                self._sync_source(source_id)
         if alert is not None and alert["status"] == "ACTIVE":
             self.submit(alert_id, "manual")
 
@@ -150,6 +161,7 @@ class AlertScheduler:
         parsed = rules.parse_schedule(alert["schedule"])
         entry = _Registered(data_source_id=alert["data_source_id"], tables=tuple(alert["watched_tables"] or ()))
         with self._state_lock:
+            self._unregister(alert_id)
             if parsed.seconds is not None:
                 entry.job = self._schedule.every(parsed.seconds).seconds.do(
                     self._guarded, self.submit, alert_id, "schedule"
@@ -178,14 +190,22 @@ class AlertScheduler:
     def _sync_source(self, source_id: UUID) -> None:
         """Make the data source's triggers match its active alerts, record per alert why events are off, and
         keep a listener running exactly while some alert there is event-driven."""
-        with self._state_lock:
-            wanted = {t for (s, t) in self._by_table if s == source_id}
-            alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
         errors: dict[str, str] = {}
         try:
-            pool = self.sources.get(source_id)
-            errors = database.sync_triggers(pool, wanted=wanted)
+            dsn = self.sources.dsn(source_id)
+            with self._state_lock:
+                sources = {s for (s, _) in self._by_table} | {source_id}
+            # Data sources that are the same database share its triggers: keep what any of them needs.
+            same_database = {s for s in sources if s == source_id or self.sources.dsn(s) == dsn}
+            with self._state_lock:
+                wanted = {t for (s, t) in self._by_table if s == source_id}
+                wanted_here = {t for (s, t) in self._by_table if s in same_database}
+                alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
+            errors = database.sync_triggers(self.sources.get(source_id), wanted=wanted_here)
         except database.DatabaseError as exc:
+            with self._state_lock:
+                wanted = {t for (s, t) in self._by_table if s == source_id}
+                alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
             errors = {table: str(exc) for table in wanted}
         with self.pool.transaction() as cur:
             for alert_id in alert_ids:
@@ -226,8 +246,8 @@ class AlertScheduler:
             try:
                 self.evaluate(alert_id, cause)
             except database.DatabaseUnavailable as exc:
-                # The listener's catch-up after reconnecting evaluates it again; nothing is lost by skipping.
-                logger.warning("alert %s not evaluated: %s", alert_id, exc)
+                logger.warning("alert %s not evaluated, retrying in %ss: %s", alert_id, UNAVAILABLE_RETRY_SECONDS, exc)
+                self._set_wakeup(alert_id, datetime.now(timezone.utc) + timedelta(seconds=UNAVAILABLE_RETRY_SECONDS))
             except Exception:
                 logger.exception("evaluation of alert %s failed", alert_id)
             for event in waiting:
@@ -265,8 +285,10 @@ class AlertScheduler:
         else:
             columns, rows, truncated, keys = result
             decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
-                                    columns=columns, rows=rows, keys=keys, now=now)
+                                    columns=columns, rows=rows, keys=keys, now=now, truncated=truncated)
             error = None
+        # Rendered before the transaction: a slow template must not hold the alert's row lock.
+        rendered = [notification.render_message(alert=alert, notice=notice) for notice in decision.notices]
         duration_ms = (time.perf_counter() - started) * 1000
         with self.pool.transaction() as cur:
             locked = database.lock_alert_version(cur, alert_id=alert_id)
@@ -278,7 +300,7 @@ class AlertScheduler:
             ):
                 self.submit(alert_id, cause)  # someone stored a newer result meanwhile; measure against that
                 return None
-            queued = self._store(cur, alert, decision, prior, now=now, error=error,
+            queued = self._store(cur, alert, decision, rendered, prior, now=now, error=error,
                                  row_count=None if error else len(rows))
             summary = decision.summary or {}
             database.insert_evaluation(
@@ -287,7 +309,8 @@ class AlertScheduler:
                 new_row_count=summary.get("triggering", summary.get("matching_rows")) if not error else None,
                 truncated=truncated, outcome=decision.outcome, error=error,
             )
-        self._set_wakeup(alert_id, decision.wake_at)
+        if decision.outcome != "error":  # a failed run leaves the pending 'for', repeat or cooldown wake-up
+            self._set_wakeup(alert_id, decision.wake_at)
         if queued:
             self.on_outbox()
         if decision.notices:
@@ -302,13 +325,18 @@ class AlertScheduler:
                 self.sources.get(alert["data_source_id"]), query=alert["query"],
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
             )
-            rules.check_condition_columns(rules.parse_condition(alert["condition"]), columns)
+            condition = rules.parse_condition(alert["condition"])
+            rules.check_condition_columns(condition, columns)
+            if truncated and condition.type in ("row_count", "threshold"):
+                # Judging a count or a threshold on part of the result would be a guess.
+                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows}) rows and "
+                        f"{condition.type} needs every row: aggregate in the query or raise MAX_RESULT_ROWS")
             return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
         except (database.DatabaseError, rules.RuleError) as exc:
             return str(exc)
 
-    def _store(self, cur, alert: dict, decision: rules.Decision, prior: rules.AlertState | None, *,
-               now: datetime, error: str | None, row_count: int | None) -> int:
+    def _store(self, cur, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
+               prior: rules.AlertState | None, *, now: datetime, error: str | None, row_count: int | None) -> int:
         """Write one decision: state, incidents, activity and outbox rows. Returns the notifications queued."""
         state = decision.state
         muted = alert["muted_until"] is not None and alert["muted_until"] > now
@@ -317,13 +345,12 @@ class AlertScheduler:
         if decision.resolve_incident and firing_id:
             database.resolve_incident(cur, incident_id=firing_id, resolved_by=None)
             database.insert_activity(cur, action="auto_resolved", incident_id=firing_id, alert_id=alert["id"])
-        for notice in decision.notices:
+        for notice, message in zip(decision.notices, rendered):
             incident_id = None
             if notice.open_incident:
-                rendered = notification.render_message(alert=alert, notice=notice)
                 incident = database.insert_incident(
-                    cur, alert_id=alert["id"], alert_name=alert["name"], title=rendered.subject,
-                    description=rendered.text, priority=alert["priority"],
+                    cur, alert_id=alert["id"], alert_name=alert["name"], title=message.subject,
+                    description=message.text, priority=alert["priority"],
                     incident_data={"kind": notice.kind, "columns": notice.columns, "rows": notice.rows,
                                    "row_count": len(notice.rows), "summary": decision.summary or {},
                                    # The original design's name for the rows of a "new rows" incident.
@@ -337,13 +364,12 @@ class AlertScheduler:
                     state.firing_incident_id = incident_id
             elif notice.kind in ("repeat", "resolved"):
                 incident_id = firing_id
-            rendered = notification.render_message(alert=alert, notice=notice, incident_id=incident_id)
             if muted:
                 database.insert_activity(cur, action="muted", incident_id=incident_id, alert_id=alert["id"],
                                          details={"kind": notice.kind, "muted_until": alert["muted_until"].isoformat()})
                 continue
             queued += database.insert_notifications(cur, notifications=notification.outbox_rows(
-                rendered=rendered, channels=alert["notification_channels"], alert_id=alert["id"],
+                rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
                 incident_id=incident_id, kind=notice.kind,
             ))
         fields = state_to_row(state, alert["version"], row_count)
@@ -361,7 +387,8 @@ class AlertScheduler:
         else:
             columns, rows, truncated, keys = result
             decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
-                                    columns=columns, rows=rows, keys=keys, now=datetime.now(timezone.utc))
+                                    columns=columns, rows=rows, keys=keys, now=datetime.now(timezone.utc),
+                                    truncated=truncated)
         messages = []
         for notice in decision.notices:
             rendered = notification.render_message(alert=alert, notice=notice)
@@ -478,12 +505,14 @@ class AlertScheduler:
                     readable, _, _ = select.select([conn], [], [], 0.5)
                     if readable:
                         conn.poll()
-                        tables = {n.payload for n in conn.notifies}
-                        conn.notifies.clear()
-                        self._on_tables_changed(source_id, tables)
                     elif time.monotonic() - last_ping > LISTENER_PING_SECONDS:
                         database.listener_ping(conn)
                         last_ping = time.monotonic()
+                    # Drained on every pass: the ping's round trip also reads notifications that were waiting.
+                    if conn.notifies:
+                        tables = {n.payload for n in conn.notifies}
+                        conn.notifies.clear()
+                        self._on_tables_changed(source_id, tables)
             except (psycopg2.Error, database.DatabaseError, OSError) as exc:
                 state.connected = False
                 state.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

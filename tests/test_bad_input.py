@@ -58,6 +58,17 @@ BAD_ALERTS = [
     ("unknown user", changed(created_by=str(uuid.uuid4())), "does not exist"),
     ("unknown field", changed(colour="red"), "colour"),
     ("key column not returned", changed(key_columns=["id"]), "not in the query"),
+    ("cron that never matches", changed(schedule="cron:0 0 31 2 *"), "never matches"),
+    ("name with a newline", changed(name="Orders\nEU"), "one line"),
+    ("NUL in a description", changed(description="a\x00b"), "NUL"),
+    ("huge duration", changed(trigger_condition={"type": "empty", "for": "999999999d"}), "366 days"),
+    ("huge threshold value", changed(trigger_condition={"type": "row_count", "operator": ">", "value": 10**400}),
+     "finite"),
+    ("operator not a string", changed(trigger_condition={"type": "row_count", "operator": [], "value": 1}),
+     "operator"),
+    ("template that loops too much",
+     changed(message_template="{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"),
+     "range over"),
 ]
 
 
@@ -148,3 +159,19 @@ def test_users_and_teams_round_trip(service):
     assert user.status_code == 201
     assert service.client.get(f"/users/{user.json()['id']}").json()["team_id"] == team["id"]
     assert [u["email"] for u in service.client.get("/users/").json()] == ["ada@example.com"]
+
+
+def test_bad_mutes_are_422(service, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert()
+    for body in ({"duration": "4000000d"}, {"until": "9999-12-31T23:59:59-14:00"}, {"duration": "5x"},
+                 {"until": "2030-01-01T00:00:00Z", "duration": "1h"}):
+        response = service.client.put(f"/alert-configs/{alert['id']}/mute", json=body)
+        assert response.status_code == 422, (body, response.text)
+    assert service.client.get(f"/alert-configs/{alert['id']}").json()["muted_until"] is None
+
+
+def test_data_source_secrets_other_than_the_password_are_refused(service, empty_dsn):
+    response = service.client.post("/data-sources/", json={"name": "x", "dsn": empty_dsn + " sslpassword=s3cr3t"})
+    assert response.status_code == 422 and "sslpassword" in response.text and "s3cr3t" not in response.text
+    assert service.client.post("/teams/", json={"name": "a\x00b"}).status_code == 422

@@ -343,3 +343,41 @@ def test_old_evaluations_are_pruned_after_the_retention(settings, db_dsn):
         assert "schedule" not in causes and causes, causes
     finally:
         service.stop()
+
+
+def test_changing_the_condition_of_a_firing_alert_resolves_its_incident(service, smtp_server, db_dsn):
+    make_stock(db_dsn, [("A", 1)])
+    alert = service.create_alert(query=STOCK, trigger_condition=SAFETY,
+                                 notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(1)
+    service.wait_idle()
+    incident = service.client.get("/incidents/", params={"alert_config_id": alert["id"]}).json()[0]
+    assert incident["status"] == "ACTIVE"
+
+    body = {k: alert[k] for k in ("name", "query", "schedule", "notification_channels", "priority")}
+    body["trigger_condition"] = {**SAFETY, "value": 0}
+    assert service.client.put(f"/alert-configs/{alert['id']}", json=body).status_code == 200
+    service.wait_idle()
+    assert service.client.get(f"/incidents/{incident['id']}").json()["status"] == "RESOLVED"
+
+    body["trigger_condition"] = {**SAFETY, "value": 0, "repeat_every": "1h"}
+    assert service.client.put(f"/alert-configs/{alert['id']}", json=body).status_code == 200
+    service.wait_idle()
+    assert len(service.client.get("/incidents/", params={"alert_config_id": alert["id"]}).json()) == 1, \
+        "a timing option keeps the state: no new incident"
+
+
+def test_a_count_on_a_cut_result_is_an_error_not_a_guess(settings, smtp_server, db_dsn):
+    from tests.conftest import Service
+
+    create_orders_table(db_dsn)
+    insert_orders(db_dsn, [f"ORD{i}" for i in range(5)])
+    service = Service(settings.model_copy(update={"max_result_rows": 3})).start()
+    try:
+        alert = service.create_alert(query="SELECT order_number FROM dc_order",
+                                     trigger_condition={"type": "row_count", "operator": ">", "value": 4})
+        service.wait_idle()
+        last = service.client.get(f"/alert-configs/{alert['id']}").json()["last_evaluation"]
+        assert last["outcome"] == "error" and "MAX_RESULT_ROWS" in last["error"]
+    finally:
+        service.stop()

@@ -323,3 +323,48 @@ def test_swagger_ui_and_schema_are_served(service):
     schema = service.client.get("/api/openapi.json").json()
     assert "/alert-configs/" in schema["paths"]
     assert "example" in schema["components"]["schemas"]["AlertConfigIn"]
+
+
+def test_alerts_created_at_once_on_several_tables_all_get_their_triggers(service, smtp_server, db_dsn):
+    import threading
+
+    for i in range(4):
+        execute(db_dsn, f"CREATE TABLE t{i} (id int)")
+    results: list = [None] * 4
+
+    def create(i: int) -> None:
+        results[i] = service.client.post("/alert-configs/", json={
+            "name": f"A{i}", "query": f"SELECT id FROM t{i}", "schedule": "interval:1h",
+            "notification_channels": {"email": ["ops@example.com"]}})
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [201] * 4
+    for r in results:
+        alert = service.client.get(f"/alert-configs/{r.json()['id']}").json()
+        assert alert["events_enabled"], alert["events_error"]
+    smtp_server.wait_for(4)
+    service.wait_idle()
+    execute(db_dsn, "INSERT INTO t3 VALUES (1)")
+    assert "A3: 1 new row" in smtp_server.wait_for(5)[4].message["Subject"]
+
+
+def test_a_query_cannot_leave_state_on_pooled_connections(service, smtp_server, db_dsn):
+    """An advisory lock or a setting taken by one alert's query is gone before the next query runs."""
+    alert = service.create_alert(query="SELECT pg_advisory_lock(4242) IS NOT NULL AS locked, "
+                                       "set_config('search_path', 'nowhere', false) AS path",
+                                 notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(1)
+    service.wait_idle()
+    assert service.client.get(f"/alert-configs/{alert['id']}").json()["last_evaluation"]["outcome"] == "triggered"
+    held = service.sql("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242")
+    assert held[0]["n"] == 0
+    create_orders_table(db_dsn)
+    service.create_alert(name="Second", notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(2)
+    service.wait_idle()
+    insert_orders(db_dsn, ["ORD1"])
+    assert "Second: 1 new row" in smtp_server.wait_for(3)[2].message["Subject"]

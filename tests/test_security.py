@@ -31,7 +31,9 @@ def test_without_a_key_every_endpoint_but_health_and_docs_is_401(secured):
         response = getattr(client, method)(path)
         assert response.status_code == 401, (path, response.text)
         assert "API key" in response.json()["detail"]
-    assert client.get("/health").status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 200 and "scheduler" not in health.json(), "details need a key"
+    assert "scheduler" in client.get("/health", headers={"X-API-Key": KEY_A}).json()
     assert client.get("/api/docs").status_code == 200
     assert client.get("/api/openapi.json").status_code == 200
 
