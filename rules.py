@@ -366,6 +366,26 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+class _JsonRows:
+    """Rows converted to JSON values only when asked for: most evaluations report a few rows of many."""
+
+    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
+        self._rows = rows
+        self._done: dict[int, list] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> list:
+        if index not in self._done:
+            self._done[index] = [jsonable(v) for v in self._rows[index]]
+        return self._done[index]
+
+    def all(self) -> list[list]:
+        """Every row."""
+        return [self[i] for i in range(len(self._rows))]
+
+
 def _snapshot(rows_json: list[list], identities: Sequence[bytes], row_hashes: Sequence[bytes]) -> dict[str, list]:
     return {identity.hex(): [row_hash.hex(), row] for identity, row_hash, row in zip(identities, row_hashes, rows_json)}
 
@@ -376,7 +396,7 @@ def decide(
 ) -> Decision:
     """Decide what one successful evaluation means: the new state, the messages, and when to look again."""
     prior = prior or AlertState()
-    rows_json = [[jsonable(v) for v in row] for row in rows]
+    rows_json = _JsonRows(rows)
     ids = identities(rows, keys)
     state = AlertState(
         initialized=True, fingerprints=frozenset(ids), condition_state=prior.condition_state,
@@ -388,7 +408,7 @@ def decide(
         notices.append(Notice("recovered", "recovered, the query works again", columns, []))
     if condition.needs_snapshot:
         hashes = ids if keys is None else [row_fingerprint(row) for row in rows]
-        state.snapshot = _snapshot(rows_json, ids, hashes)
+        state.snapshot = _snapshot(rows_json.all(), ids, hashes)
     if condition.is_state:
         decision = _decide_state(condition, prior, state, columns, rows, rows_json, now)
     else:
@@ -398,9 +418,10 @@ def decide(
 
 
 def _decide_change(condition: Condition, prior: AlertState, state: AlertState, columns: list[str],
-                   rows_json: list[list], ids: list[bytes], now: datetime, truncated: bool = False) -> Decision:
+                   rows_json: _JsonRows, ids: list[bytes], now: datetime, truncated: bool = False) -> Decision:
     if not prior.initialized:
-        report = Notice("initial_report", f"initial report, {_plural(len(rows_json), 'row')}", columns, rows_json)
+        report = Notice("initial_report", f"initial report, {_plural(len(rows_json), 'row')}", columns,
+                        rows_json.all())
         return Decision("triggered", state, [report], summary={"added": len(rows_json), "initial": True})
     added = [rows_json[i] for i in new_row_positions(prior.fingerprints, ids)]
     removed: list[list] = []
@@ -448,7 +469,7 @@ def _decide_change(condition: Condition, prior: AlertState, state: AlertState, c
 
 
 def _decide_state(condition: Condition, prior: AlertState, state: AlertState, columns: list[str],
-                  rows: Sequence[Sequence[Any]], rows_json: list[list], now: datetime) -> Decision:
+                  rows: Sequence[Sequence[Any]], rows_json: _JsonRows, now: datetime) -> Decision:
     met, positions = state_condition_met(condition, columns, rows)
     shown = [rows_json[i] for i in positions]
     summary = {"condition_met": met, "matching_rows": len(positions), "row_count": len(rows_json)}
@@ -475,13 +496,13 @@ def _decide_state(condition: Condition, prior: AlertState, state: AlertState, co
     state.pending_since = None
     if prior.condition_state == "FIRING":
         state.condition_state, state.firing_incident_id = "OK", None
-        resolved = Notice("resolved", f"resolved: {described} no longer holds", columns, rows_json,
+        resolved = Notice("resolved", f"resolved: {described} no longer holds", columns, rows_json.all(),
                           detail=f"Condition no longer met: {described}.")
         return Decision("resolved", state, [resolved], resolve_incident=True, summary=summary)
     state.condition_state = "OK"
     if not prior.initialized:
         report = Notice("initial_report", f"initial report, {_plural(len(rows_json), 'row')}, {described}: not met",
-                        columns, rows_json)
+                        columns, rows_json.all())
         return Decision("no_change", state, [report], summary=summary)
     return Decision("no_change", state, [], summary=summary)
 

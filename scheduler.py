@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import select
 import threading
@@ -26,7 +28,7 @@ DRY_RUN_ROWS = 100
 UNAVAILABLE_RETRY_SECONDS = 5
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
-CRON_CHECK_SECONDS = 1
+WAKEUP_CHECK_SECONDS = 1
 
 
 @dataclass
@@ -35,6 +37,13 @@ class _Flight:
 
     running: bool = False
     pending: str | None = None
+    # Monotonic times: when the running evaluation's query began, and when the last event arrived. An event that
+    # arrived before the query began was committed before it, so its rows are already in that result.
+    query_started: float = 0.0
+    last_event: float = 0.0
+
+
+_TOKENS = itertools.count()
 
 
 @dataclass
@@ -43,9 +52,8 @@ class _Registered:
 
     data_source_id: UUID
     tables: tuple[str, ...]
-    job: schedule.Job | None = None
-    cron: rules.Schedule | None = None
-    next_cron: datetime | None = None
+    schedule: rules.Schedule
+    token: int = field(default_factory=lambda: next(_TOKENS))
 
 
 @dataclass
@@ -72,7 +80,10 @@ class AlertScheduler:
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
         self._flights: dict[UUID, _Flight] = {}
         self._flight_lock = threading.Lock()
+        # Housekeeping runs as `schedule` jobs. Alert runs are kept in a heap of due times: one `schedule.Job` per
+        # alert made every tick walk all jobs (measured: most of a core at 10,000 alerts).
         self._schedule = schedule.Scheduler()
+        self._due: list[tuple[float, int, UUID]] = []
         self._registered: dict[UUID, _Registered] = {}
         self._by_table: dict[tuple[UUID, str], set[UUID]] = {}
         self._state_lock = threading.RLock()
@@ -106,7 +117,7 @@ class AlertScheduler:
         self._history_hypertable = database.setup_evaluation_retention(
             self.pool, days=self.settings.evaluation_retention_days)
         self._guarded(self._prune_history)
-        self._schedule.every(CRON_CHECK_SECONDS).seconds.do(self._guarded, self._run_due_timers)
+        self._schedule.every(WAKEUP_CHECK_SECONDS).seconds.do(self._guarded, self._run_wakeups)
         # The DELETE runs on a worker: the schedule thread only hands work out.
         self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
@@ -159,26 +170,31 @@ class AlertScheduler:
     def _register(self, alert: dict) -> None:
         alert_id = alert["id"]
         parsed = rules.parse_schedule(alert["schedule"])
-        entry = _Registered(data_source_id=alert["data_source_id"], tables=tuple(alert["watched_tables"] or ()))
+        entry = _Registered(data_source_id=alert["data_source_id"], tables=tuple(alert["watched_tables"] or ()),
+                            schedule=parsed)
         with self._state_lock:
             self._unregister(alert_id)
             if parsed.seconds is not None:
-                entry.job = self._schedule.every(parsed.seconds).seconds.do(
-                    self._guarded, self.submit, alert_id, "schedule"
-                )
+                # Spread first runs over the interval (by id, so it is stable), or 10,000 alerts on the same
+                # interval all fall due in the same second, every time.
+                first = time.monotonic() + (alert_id.int % (parsed.seconds * 1000)) / 1000
             else:
-                entry.cron = parsed
-                entry.next_cron = parsed.next_run(datetime.now(timezone.utc))
+                first = self._next_cron(parsed)
+            heapq.heappush(self._due, (first, entry.token, alert_id))
             self._registered[alert_id] = entry
             for table in entry.tables:
                 self._by_table.setdefault((entry.data_source_id, table), set()).add(alert_id)
 
+    @staticmethod
+    def _next_cron(parsed: rules.Schedule) -> float:
+        now = datetime.now(timezone.utc)
+        return time.monotonic() + (parsed.next_run(now) - now).total_seconds()
+
     def _unregister(self, alert_id: UUID) -> _Registered | None:
+        # Its heap entries stay behind and are dropped when they come up: their token no longer matches.
         entry = self._registered.pop(alert_id, None)
         if entry is None:
             return None
-        if entry.job is not None:
-            self._schedule.cancel_job(entry.job)
         for table in entry.tables:
             alerts = self._by_table.get((entry.data_source_id, table))
             if alerts is not None:
@@ -186,6 +202,31 @@ class AlertScheduler:
                 if not alerts:
                     del self._by_table[(entry.data_source_id, table)]
         return entry
+
+    def next_runs(self) -> dict[UUID, float]:
+        """Each alert's next scheduled run, in epoch seconds."""
+        with self._state_lock:
+            offset = time.time() - time.monotonic()
+            return {alert_id: when + offset for when, token, alert_id in self._due
+                    if alert_id in self._registered and self._registered[alert_id].token == token}
+
+    def _pop_due(self, now: float) -> list[UUID]:
+        """Alerts whose scheduled run has come, each put back in the heap at its next run."""
+        due = []
+        while self._due and self._due[0][0] <= now:
+            when, token, alert_id = heapq.heappop(self._due)
+            entry = self._registered.get(alert_id)
+            if entry is None or entry.token != token:
+                continue
+            due.append(alert_id)
+            if entry.schedule.seconds is not None:
+                following = when + entry.schedule.seconds
+                if following <= now:  # far behind (a stalled machine): skip the missed runs, do not burst
+                    following = now + entry.schedule.seconds
+            else:
+                following = self._next_cron(entry.schedule)
+            heapq.heappush(self._due, (following, token, alert_id))
+        return due
 
     def _sync_source(self, source_id: UUID) -> None:
         """Make the data source's triggers match its active alerts, record per alert why events are off, and
@@ -227,6 +268,8 @@ class AlertScheduler:
         """Ask for an evaluation; if one is running, remember that one more is needed after it."""
         with self._flight_lock:
             flight = self._flights.setdefault(alert_id, _Flight())
+            if cause == "event":
+                flight.last_event = time.monotonic()
             if flight.running:
                 # An initial report or a config change outranks a plain event as the recorded cause.
                 if flight.pending is None or cause in ("manual", "catch_up"):
@@ -254,6 +297,8 @@ class AlertScheduler:
                 event.set()
             with self._flight_lock:
                 flight = self._flights[alert_id]
+                if flight.pending == "event" and flight.last_event < flight.query_started:
+                    flight.pending = None  # every event so far was committed before the query ran: no re-run
                 if flight.pending is None or self._stop.is_set():
                     flight.running = False
                     flight.pending = None
@@ -268,13 +313,14 @@ class AlertScheduler:
         started_at = datetime.now(timezone.utc)
         started = time.perf_counter()
         with self.pool.transaction() as cur:
-            alert = database.get_alert(cur, alert_id=alert_id)
-            row = database.get_alert_state(cur, alert_id=alert_id) if alert else None
+            alert, row = database.get_alert_with_state(cur, alert_id=alert_id)
         if alert is None or alert["status"] != "ACTIVE":
             return None
         prior = state_from_row(row)
         if prior is None or not prior.initialized:
             cause = "initial"
+        with self._flight_lock:
+            self._flights.setdefault(alert_id, _Flight()).query_started = time.monotonic()
         result = self.run_alert_query(alert)
         now = datetime.now(timezone.utc)
         if isinstance(result, str):
@@ -292,15 +338,12 @@ class AlertScheduler:
         duration_ms = (time.perf_counter() - started) * 1000
         with self.pool.transaction() as cur:
             locked = database.lock_alert_version(cur, alert_id=alert_id)
-            if locked is None or locked != (alert["version"], "ACTIVE"):
+            if locked is None or locked[:2] != (alert["version"], "ACTIVE"):
                 return None  # changed, paused or deleted while we ran: the change queued a fresh evaluation
-            current = database.get_alert_state(cur, alert_id=alert_id)
-            if (current is None) != (row is None) or (
-                current is not None and current["evaluated_at"] != row["evaluated_at"]
-            ):
+            if locked[2] != (row["evaluated_at"] if row else None):
                 self.submit(alert_id, cause)  # someone stored a newer result meanwhile; measure against that
                 return None
-            queued = self._store(cur, alert, decision, rendered, prior, now=now, error=error,
+            queued = self._store(cur, alert, decision, rendered, row, now=now, error=error,
                                  row_count=None if error else len(rows))
             summary = decision.summary or {}
             database.insert_evaluation(
@@ -336,12 +379,13 @@ class AlertScheduler:
             return str(exc)
 
     def _store(self, cur, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
-               prior: rules.AlertState | None, *, now: datetime, error: str | None, row_count: int | None) -> int:
+               prior_row: dict | None, *, now: datetime, error: str | None, row_count: int | None) -> int:
         """Write one decision: state, incidents, activity and outbox rows. Returns the notifications queued."""
         state = decision.state
+        is_state = rules.parse_condition(alert["condition"]).is_state
         muted = alert["muted_until"] is not None and alert["muted_until"] > now
         queued = 0
-        firing_id = prior.firing_incident_id if prior else None
+        firing_id = prior_row["firing_incident_id"] if prior_row else None
         if decision.resolve_incident and firing_id:
             database.resolve_incident(cur, incident_id=firing_id, resolved_by=None)
             database.insert_activity(cur, action="auto_resolved", incident_id=firing_id, alert_id=alert["id"])
@@ -351,16 +395,12 @@ class AlertScheduler:
                 incident = database.insert_incident(
                     cur, alert_id=alert["id"], alert_name=alert["name"], title=message.subject,
                     description=message.text, priority=alert["priority"],
-                    incident_data={"kind": notice.kind, "columns": notice.columns, "rows": notice.rows,
-                                   "row_count": len(notice.rows), "summary": decision.summary or {},
-                                   # The original design's name for the rows of a "new rows" incident.
-                                   "new_rows": [dict(zip(notice.columns, r)) for r in notice.rows],
-                                   "new_row_count": len(notice.rows)},
+                    incident_data=_incident_data(notice, decision, is_state),
                 )
                 incident_id = incident["id"]
                 database.insert_activity(cur, action="created", incident_id=incident_id, alert_id=alert["id"],
                                          details={"rows": len(notice.rows), "kind": notice.kind})
-                if rules.parse_condition(alert["condition"]).is_state:
+                if is_state:
                     state.firing_incident_id = incident_id
             elif notice.kind in ("repeat", "resolved"):
                 incident_id = firing_id
@@ -374,7 +414,8 @@ class AlertScheduler:
             ))
         fields = state_to_row(state, alert["version"], row_count)
         fields["last_error"] = error
-        database.save_alert_state(cur, alert_id=alert["id"], state=fields)
+        if not _same_state(fields, prior_row):
+            database.save_alert_state(cur, alert_id=alert["id"], state=fields)
         return queued
 
     def dry_run(self, alert: dict, state_row: dict | None) -> dict:
@@ -425,19 +466,13 @@ class AlertScheduler:
         except Exception:
             logger.exception("scheduled job %s failed", getattr(function, "__name__", function))
 
-    def _run_due_timers(self) -> None:
+    def _run_wakeups(self) -> None:
         now = datetime.now(timezone.utc)
-        due = []
         with self._state_lock:
-            for alert_id, entry in self._registered.items():
-                if entry.cron is not None and entry.next_cron is not None and entry.next_cron <= now:
-                    due.append(alert_id)
-                    entry.next_cron = entry.cron.next_run(now)
-            for alert_id, when in list(self._wakeups.items()):
-                if when <= now:
-                    del self._wakeups[alert_id]
-                    due.append(alert_id)
-        for alert_id in dict.fromkeys(due):
+            due = [alert_id for alert_id, when in self._wakeups.items() if when <= now]
+            for alert_id in due:
+                del self._wakeups[alert_id]
+        for alert_id in due:
             self.submit(alert_id, "schedule")
 
     def _prune_history(self) -> None:
@@ -450,13 +485,19 @@ class AlertScheduler:
 
     def _schedule_loop(self) -> None:
         while not self._stop.is_set():
+            due: list[UUID] = []
             with self._state_lock:
                 try:
                     self._schedule.run_pending()
+                    due = self._pop_due(time.monotonic())
                 except Exception:
                     logger.exception("schedule loop error; continuing")
-                idle = self._schedule.idle_seconds
-            self._stop.wait(min(max(idle if idle is not None else 1.0, 0.005), 1.0))
+                waits = [1.0, self._schedule.idle_seconds or 1.0]
+                if self._due:
+                    waits.append(self._due[0][0] - time.monotonic())
+            for alert_id in due:
+                self.submit(alert_id, "schedule")
+            self._stop.wait(max(min(waits), 0.001))
 
     # --- listeners -------------------------------------------------------------------------------------------
 
@@ -591,3 +632,27 @@ def state_to_row(state: rules.AlertState, config_version: int, row_count: int | 
         "cooldown_until": state.cooldown_until, "digest": state.digest,
         "consecutive_errors": state.consecutive_errors, "error_notified": state.error_notified, "last_error": None,
     }
+
+
+def _same_state(fields: dict, prior_row: dict | None) -> bool:
+    """True when storing `fields` would change nothing (most evaluations that find nothing new)."""
+    if prior_row is None:
+        return False
+    for name, value in fields.items():
+        stored = prior_row.get(name)
+        if name == "fingerprints":
+            stored = bytes(stored) if stored is not None else None
+        if value != stored:
+            return False
+    return True
+
+
+def _incident_data(notice: rules.Notice, decision: rules.Decision, is_state: bool) -> dict:
+    """What an incident keeps: the rows that caused it (as objects under the original design's `new_rows` for
+    change conditions, as lists under `rows` for state conditions) and the evaluation's summary."""
+    data: dict = {"kind": notice.kind, "columns": notice.columns, "summary": decision.summary or {}}
+    if is_state:
+        data.update(rows=notice.rows, row_count=len(notice.rows))
+    else:
+        data.update(new_rows=[dict(zip(notice.columns, r)) for r in notice.rows], new_row_count=len(notice.rows))
+    return data

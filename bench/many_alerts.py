@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -58,16 +57,9 @@ def initialise_with_sql(dsn: str) -> None:
 
 
 def _due_times(service: BenchService) -> dict[UUID, float]:
-    """Each alert's first scheduled run (epoch seconds), read from its schedule job when the scheduler keeps
-    one (empty otherwise: the caller then uses the restart time plus the interval)."""
-    registered = getattr(service.services.scheduler, "_registered", None)
-    due: dict[UUID, float] = {}
-    if isinstance(registered, dict):
-        for alert_id, entry in list(registered.items()):
-            next_run = getattr(getattr(entry, "job", None), "next_run", None)
-            if isinstance(next_run, datetime):
-                due[alert_id] = next_run.timestamp()  # naive local time, as the schedule library keeps it
-    return due
+    """Each alert's first scheduled run (epoch seconds), as the scheduler planned it (runs are spread over the
+    interval, so the restart time plus the interval is not when a run is due)."""
+    return service.services.scheduler.next_runs()
 
 
 def _cpu_percent(seconds: float) -> float:
