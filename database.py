@@ -25,6 +25,16 @@ logger = logging.getLogger(__name__)
 
 psycopg2.extras.register_uuid()
 
+
+def _bytea_as_bytes(value: str | None, cursor) -> bytes | None:
+    # psycopg2 returns bytea as memoryview, whose repr and str show a memory address: rows holding one would get
+    # a different fingerprint at every evaluation and be reported as new every time.
+    return None if value is None else bytes(psycopg2.BINARY(value, cursor))
+
+
+psycopg2.extensions.register_type(psycopg2.extensions.new_type(psycopg2.BINARY.values, "BYTEA_AS_BYTES",
+                                                               _bytea_as_bytes))
+
 NOTIFY_CHANNEL = "alert_service_table_change"
 TRIGGER_NAME = "alert_service_notify"
 TRIGGER_SCHEMA = "alert_service"

@@ -72,21 +72,12 @@ def parse_schedule(text: str) -> Schedule:
     raise RuleError(f"invalid schedule {text!r}: use interval:<n>s|m|h|d (interval:30s) or cron:<5 fields>")
 
 
-def _encode_value(value: Any) -> bytes:
-    # Type tag plus text form: 1 and '1' and True must not collide, NULL is distinct from 'None'.
-    if value is None:
-        return b"\x00N"
-    return type(value).__name__.encode() + b"\x00" + str(value).encode("utf-8", "surrogatepass")
-
-
 def row_fingerprint(values: Sequence[Any]) -> bytes:
     """A 16-byte digest of a row's values, stable across processes and restarts."""
-    digest = hashlib.blake2b(digest_size=FINGERPRINT_SIZE)
-    for value in values:
-        encoded = _encode_value(value)
-        digest.update(len(encoded).to_bytes(4, "big"))
-        digest.update(encoded)
-    return digest.digest()
+    # repr() of the tuple, in C: types stay apart (1, '1', 1.0, True, None and 'None' all differ) at under half
+    # the cost of encoding value by value. Every value psycopg2 returns has a stable repr once bytea comes back as
+    # bytes rather than memoryview (see database.py).
+    return hashlib.blake2b(repr(tuple(values)).encode("utf-8", "surrogatepass"), digest_size=FINGERPRINT_SIZE).digest()
 
 
 def key_indexes(columns: Sequence[str], key_columns: Sequence[str] | None) -> list[int] | None:
@@ -101,8 +92,10 @@ def key_indexes(columns: Sequence[str], key_columns: Sequence[str] | None) -> li
 
 def identities(rows: Iterable[Sequence[Any]], keys: list[int] | None) -> list[bytes]:
     """The identity fingerprint of each row, in order."""
+    blake2b = hashlib.blake2b
     if keys is None:
-        return [row_fingerprint(row) for row in rows]
+        return [blake2b(repr(tuple(row)).encode("utf-8", "surrogatepass"), digest_size=FINGERPRINT_SIZE).digest()
+                for row in rows]
     return [row_fingerprint([row[i] for i in keys]) for row in rows]
 
 
@@ -118,8 +111,8 @@ def new_row_positions(previous: frozenset[bytes] | set[bytes], current: Sequence
 
 
 def pack_fingerprints(fingerprints: Iterable[bytes]) -> bytes:
-    """Store a set of fingerprints as one sorted byte string."""
-    return b"".join(sorted(set(fingerprints)))
+    """Store a set of fingerprints as one byte string (in no particular order)."""
+    return b"".join(set(fingerprints))
 
 
 def unpack_fingerprints(packed: bytes | memoryview | None) -> frozenset[bytes]:

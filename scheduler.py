@@ -343,7 +343,7 @@ class AlertScheduler:
             if locked[2] != (row["evaluated_at"] if row else None):
                 self.submit(alert_id, cause)  # someone stored a newer result meanwhile; measure against that
                 return None
-            queued = self._store(cur, alert, decision, rendered, row, now=now, error=error,
+            queued = self._store(cur, alert, decision, rendered, row, prior, now=now, error=error,
                                  row_count=None if error else len(rows))
             summary = decision.summary or {}
             database.insert_evaluation(
@@ -379,7 +379,8 @@ class AlertScheduler:
             return str(exc)
 
     def _store(self, cur, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
-               prior_row: dict | None, *, now: datetime, error: str | None, row_count: int | None) -> int:
+               prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
+               row_count: int | None) -> int:
         """Write one decision: state, incidents, activity and outbox rows. Returns the notifications queued."""
         state = decision.state
         is_state = rules.parse_condition(alert["condition"]).is_state
@@ -412,7 +413,8 @@ class AlertScheduler:
                 rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
                 incident_id=incident_id, kind=notice.kind,
             ))
-        fields = state_to_row(state, alert["version"], row_count)
+        fields = state_to_row(state, alert["version"], row_count, prior_row,
+                              prior.fingerprints if prior is not None else None)
         fields["last_error"] = error
         if not _same_state(fields, prior_row):
             database.save_alert_state(cur, alert_id=alert["id"], state=fields)
@@ -622,11 +624,19 @@ def state_from_row(row: dict | None) -> rules.AlertState | None:
     )
 
 
-def state_to_row(state: rules.AlertState, config_version: int, row_count: int | None) -> dict:
-    """The alert_state columns for a state."""
+def state_to_row(state: rules.AlertState, config_version: int, row_count: int | None,
+                 prior_row: dict | None = None, prior_fingerprints: frozenset[bytes] | None = None) -> dict:
+    """The alert_state columns for a state (the stored fingerprints are reused when the set is unchanged)."""
+    packed = None
+    if prior_row is not None and prior_row["fingerprints"] is not None:
+        stored = bytes(prior_row["fingerprints"])
+        if state.fingerprints == (prior_fingerprints if prior_fingerprints is not None
+                                  else rules.unpack_fingerprints(stored)):
+            packed = stored
     return {
         "config_version": config_version, "initialized": state.initialized,
-        "fingerprints": rules.pack_fingerprints(state.fingerprints), "row_count": row_count or 0,
+        "fingerprints": packed if packed is not None else rules.pack_fingerprints(state.fingerprints),
+        "row_count": row_count or 0,
         "snapshot": state.snapshot, "condition_state": state.condition_state, "pending_since": state.pending_since,
         "firing_incident_id": state.firing_incident_id, "last_notified_at": state.last_notified_at,
         "cooldown_until": state.cooldown_until, "digest": state.digest,

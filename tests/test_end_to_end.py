@@ -368,3 +368,18 @@ def test_a_query_cannot_leave_state_on_pooled_connections(service, smtp_server, 
     service.wait_idle()
     insert_orders(db_dsn, ["ORD1"])
     assert "Second: 1 new row" in smtp_server.wait_for(3)[2].message["Subject"]
+
+
+def test_rows_with_bytea_or_json_values_are_not_reported_again(service, smtp_server, db_dsn):
+    execute(db_dsn, "CREATE TABLE blobs (id int, data bytea, meta jsonb, at timestamptz DEFAULT now(), "
+                    "amount numeric)")
+    execute(db_dsn, "INSERT INTO blobs (id, data, meta, amount) VALUES (1, '\\x0102', '{\"b\": 1, \"a\": [2]}', 1.50)")
+    alert = service.create_alert(query="SELECT * FROM blobs", schedule="interval:1s",
+                                 notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(1)
+    eventually(lambda: len([e for e in service.client.get(f"/alert-configs/{alert['id']}/evaluations").json()
+                            if e["cause"] == "schedule"]) >= 2, timeout=5, message="two scheduled runs")
+    service.wait_idle()
+    assert len(smtp_server.messages) == 1, "an unchanged row is not new"
+    execute(db_dsn, "INSERT INTO blobs (id, data) VALUES (2, '\\x03')")
+    assert "\\x03" in smtp_server.wait_for(2)[1].message.get_body(("plain",)).get_content()
