@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 DRY_RUN_ROWS = 100
 UNAVAILABLE_RETRY_SECONDS = 5
+# Event re-runs of one alert start at least this long after the previous evaluation's query began: a burst of
+# commits costs a few evaluations, and the first event of a quiet period is still served at once.
+EVENT_RERUN_SPACING_SECONDS = 0.1
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 WAKEUP_CHECK_SECONDS = 1
@@ -44,6 +47,7 @@ class _Flight:
 
 
 _TOKENS = itertools.count()
+_RESUME = -1  # heap token of a deferred event re-run (registered alerts have tokens from 0 up)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class AlertScheduler:
         # alert made every tick walk all jobs (measured: most of a core at 10,000 alerts).
         self._schedule = schedule.Scheduler()
         self._due: list[tuple[float, int, UUID]] = []
+        self._tick = threading.Event()  # set when something earlier than the loop's sleep was pushed
         self._registered: dict[UUID, _Registered] = {}
         self._by_table: dict[tuple[UUID, str], set[UUID]] = {}
         self._state_lock = threading.RLock()
@@ -130,6 +135,7 @@ class AlertScheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the schedule thread, the listeners and the workers (waiting for running evaluations)."""
         self._stop.set()
+        self._tick.set()
         for stop in list(self._listener_stops.values()):
             stop.set()
         if self._thread:
@@ -181,6 +187,7 @@ class AlertScheduler:
             else:
                 first = self._next_cron(parsed)
             heapq.heappush(self._due, (first, entry.token, alert_id))
+            self._tick.set()
             self._registered[alert_id] = entry
             for table in entry.tables:
                 self._by_table.setdefault((entry.data_source_id, table), set()).add(alert_id)
@@ -208,13 +215,18 @@ class AlertScheduler:
         with self._state_lock:
             offset = time.time() - time.monotonic()
             return {alert_id: when + offset for when, token, alert_id in self._due
-                    if alert_id in self._registered and self._registered[alert_id].token == token}
+                    if token != _RESUME and alert_id in self._registered
+                    and self._registered[alert_id].token == token}
 
-    def _pop_due(self, now: float) -> list[UUID]:
-        """Alerts whose scheduled run has come, each put back in the heap at its next run."""
-        due = []
+    def _pop_due(self, now: float) -> tuple[list[UUID], list[UUID]]:
+        """Alerts whose scheduled run has come (each put back in the heap at its next run), and deferred
+        event re-runs whose time has come."""
+        due, resume = [], []
         while self._due and self._due[0][0] <= now:
             when, token, alert_id = heapq.heappop(self._due)
+            if token == _RESUME:
+                resume.append(alert_id)
+                continue
             entry = self._registered.get(alert_id)
             if entry is None or entry.token != token:
                 continue
@@ -226,7 +238,7 @@ class AlertScheduler:
             else:
                 following = self._next_cron(entry.schedule)
             heapq.heappush(self._due, (following, token, alert_id))
-        return due
+        return due, resume
 
     def _sync_source(self, source_id: UUID) -> None:
         """Make the data source's triggers match its active alerts, record per alert why events are off, and
@@ -303,7 +315,28 @@ class AlertScheduler:
                     flight.running = False
                     flight.pending = None
                     return
+                resume_at = flight.query_started + EVENT_RERUN_SPACING_SECONDS
+                if flight.pending == "event" and time.monotonic() < resume_at:
+                    # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight
+                    # stays running, so later events join the same re-run; the worker is free meanwhile.
+                    with self._state_lock:
+                        heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
+                    self._tick.set()
+                    return
                 cause, flight.pending = flight.pending, None
+
+    def _resume(self, alert_id: UUID) -> None:
+        """Start a deferred re-run of a flight that is still marked running."""
+        with self._flight_lock:
+            flight = self._flights.get(alert_id)
+            if flight is None or not flight.running or flight.pending is None:
+                return
+            cause, flight.pending = flight.pending, None
+        try:
+            self._executor.submit(self._fly, alert_id, cause)
+        except RuntimeError:  # stopping
+            with self._flight_lock:
+                flight.running = False
 
     # --- evaluation --------------------------------------------------------------------------------------------
 
@@ -487,19 +520,23 @@ class AlertScheduler:
 
     def _schedule_loop(self) -> None:
         while not self._stop.is_set():
+            self._tick.clear()
             due: list[UUID] = []
+            resume: list[UUID] = []
             with self._state_lock:
                 try:
                     self._schedule.run_pending()
-                    due = self._pop_due(time.monotonic())
+                    due, resume = self._pop_due(time.monotonic())
                 except Exception:
                     logger.exception("schedule loop error; continuing")
                 waits = [1.0, self._schedule.idle_seconds or 1.0]
                 if self._due:
                     waits.append(self._due[0][0] - time.monotonic())
+            for alert_id in resume:
+                self._resume(alert_id)
             for alert_id in due:
                 self.submit(alert_id, "schedule")
-            self._stop.wait(max(min(waits), 0.001))
+            self._tick.wait(max(min(waits), 0.001))
 
     # --- listeners -------------------------------------------------------------------------------------------
 
