@@ -235,3 +235,19 @@ def create_orders_table(dsn: str, name: str = "dc_order") -> None:
 def insert_orders(dsn: str, numbers: list[str], table: str = "dc_order") -> None:
     """Insert orders in one statement."""
     execute(dsn, f"INSERT INTO {table} (order_number) SELECT unnest(%s::text[])", (numbers,))
+
+
+def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.com") -> None:
+    """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would."""
+    pool = database.Pool(dsn, size=1)
+    try:
+        with pool.transaction() as cur:
+            cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
+                        "status) SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                        "WHERE is_default RETURNING id")
+            alert_id = cur.fetchone()["id"]
+            database.insert_notifications(cur, notifications=[
+                {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email", "recipient": recipient,
+                 "subject": subject, "body": "b"} for subject in subjects])
+    finally:
+        pool.close()

@@ -9,7 +9,7 @@ import pytest
 import database
 from config import load_settings
 from notification import Dispatcher, EmailChannel, NotificationError, WhatsAppChannel, retry_delay
-from tests.conftest import Service, create_orders_table, eventually, insert_orders
+from tests.conftest import Service, create_orders_table, eventually, insert_orders, queue_emails
 from tests.servers import HangingServer
 
 
@@ -119,14 +119,8 @@ def test_a_hung_smtp_server_times_out_without_holding_up_whatsapp(settings, db_d
 
 
 def test_two_dispatchers_never_send_the_same_notification_twice(settings, db_dsn, smtp_server):
+    queue_emails(db_dsn, [f"n{i}" for i in range(60)])
     pool = database.Pool(db_dsn, size=10)
-    with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels) "
-                    "SELECT 'x', 'SELECT 1', id, 'interval:1h', '{}' FROM data_source WHERE is_default RETURNING id")
-        alert_id = cur.fetchone()["id"]
-        database.insert_notifications(cur, notifications=[
-            {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email",
-             "recipient": f"r{i}@example.com", "subject": f"n{i}", "body": "b"} for i in range(60)])
     dispatchers = [Dispatcher(pool, settings, threads_per_channel=4) for _ in range(2)]
     for d in dispatchers:
         d.start()

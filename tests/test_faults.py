@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 
 import database
-from tests.conftest import Service, create_orders_table, eventually, insert_orders
+from tests.conftest import Service, create_orders_table, eventually, insert_orders, queue_emails
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,16 +163,7 @@ def service_env(settings, port: int, log_file: Path, dsn: str) -> dict[str, str]
 
 
 def test_sigkill_with_100_notifications_due_delivers_every_one_after_restart(settings, smtp_server, db_dsn, tmp_path):
-    pool = database.Pool(db_dsn, size=2)
-    with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
-                    "SELECT 'x', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source WHERE is_default "
-                    "RETURNING id")
-        alert_id = cur.fetchone()["id"]
-        database.insert_notifications(cur, notifications=[
-            {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email",
-             "recipient": "ops@example.com", "subject": f"n{i:03d}", "body": "b"} for i in range(100)])
-    pool.close()
+    queue_emails(db_dsn, [f"n{i:03d}" for i in range(100)])
     port = free_port()
     env = service_env(settings, port, tmp_path / "app.log", db_dsn)
 
@@ -239,14 +230,8 @@ def test_claims_of_a_live_dispatcher_are_not_taken_over(settings, db_dsn, smtp_s
     """Two dispatchers share the outbox; slow sends in one are not repeated by the other."""
     from notification import Dispatcher
 
+    queue_emails(db_dsn, [f"s{i}" for i in range(12)])
     pool = database.Pool(db_dsn, size=8)
-    with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels) "
-                    "SELECT 'x', 'SELECT 1', id, 'interval:1h', '{}' FROM data_source WHERE is_default RETURNING id")
-        alert_id = cur.fetchone()["id"]
-        database.insert_notifications(cur, notifications=[
-            {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email", "recipient": "a@example.com",
-             "subject": f"s{i}", "body": "b"} for i in range(12)])
     gate = threading.Semaphore(0)
 
     class SlowEmail:
