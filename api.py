@@ -933,7 +933,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         if _authenticated(request):
             body = {
                 "scheduler": services.scheduler.status(),
-                "dispatcher": {"running": services.dispatcher.alive},
+                "dispatcher": {"running": services.dispatcher.alive,
+                               "reaching_database": services.dispatcher.healthy},
                 "channels": {"email": services.settings.email_enabled,
                              "whatsapp": services.settings.whatsapp_enabled},
             }

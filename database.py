@@ -653,16 +653,6 @@ def list_active_alerts(cur) -> list[dict]:
     return cur.fetchall()
 
 
-def watched_tables_of_source(cur, *, data_source_id: UUID) -> set[str]:
-    """The tables that active alerts on one data source need triggers on."""
-    cur.execute(
-        "SELECT DISTINCT unnest(watched_tables) AS t FROM alert_config "
-        "WHERE status = 'ACTIVE' AND data_source_id = %s",
-        (data_source_id,),
-    )
-    return {row["t"] for row in cur.fetchall()}
-
-
 # --- evaluation state and results ------------------------------------------------------------------------------
 
 
