@@ -58,6 +58,7 @@ class _Registered:
     tables: tuple[str, ...]
     schedule: rules.Schedule
     token: int = field(default_factory=lambda: next(_TOKENS))
+    events_error: str | None = "not yet recorded"
 
 
 @dataclass
@@ -265,10 +266,12 @@ class AlertScheduler:
                 entry = self._registered.get(alert_id)
                 if entry is None:
                     continue
-                database.set_alert_watch(
-                    cur, alert_id=alert_id, watched_tables=list(entry.tables),
-                    events_error=_events_error(entry.tables, errors),
-                )
+                events_error = _events_error(entry.tables, errors)
+                # Written only when it changes: creating the 10,000th alert must not rewrite the other 9,999.
+                if entry.events_error != events_error:
+                    database.set_alert_watch(cur, alert_id=alert_id, watched_tables=list(entry.tables),
+                                             events_error=events_error)
+                    entry.events_error = events_error
         if wanted - set(errors):
             self._ensure_listener(source_id, wanted - set(errors))
         else:
