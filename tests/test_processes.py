@@ -94,3 +94,24 @@ def test_main_refuses_a_bad_setting_naming_the_variable(tmp_path):
     result = subprocess.run([sys.executable, "main.py"], cwd=ROOT,
                             env=run_env(API_PORT="eighty"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "API_PORT" in result.stderr
+
+
+def test_uvicorn_api_app_runs_the_service_too(db_dsn):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=run_env(DB_CONNECTION=db_dsn, LOG_FILE=""),
+    )
+    try:
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    return json.load(response)
+            except OSError:
+                return None
+        body = eventually(healthy, timeout=30, interval=0.2, message="uvicorn api:app to answer /health")
+        assert body["status"] == "ok" and body["scheduler"]["running"]
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
