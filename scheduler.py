@@ -319,14 +319,17 @@ class AlertScheduler:
                     flight.pending = None
                     return
                 resume_at = flight.query_started + EVENT_RERUN_SPACING_SECONDS
-                if flight.pending == "event" and time.monotonic() < resume_at:
-                    # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight
-                    # stays running, so later events join the same re-run; the worker is free meanwhile.
-                    with self._state_lock:
-                        heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
-                    self._tick.set()
-                    return
-                cause, flight.pending = flight.pending, None
+                defer = flight.pending == "event" and time.monotonic() < resume_at
+                if not defer:
+                    cause, flight.pending = flight.pending, None
+            if defer:
+                # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight stays
+                # running, so later events join the same re-run, and the worker is free meanwhile. (Taken after
+                # the flight lock is released: the schedule loop takes these two locks the other way round.)
+                with self._state_lock:
+                    heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
+                self._tick.set()
+                return
 
     def _resume(self, alert_id: UUID) -> None:
         """Start a deferred re-run of a flight that is still marked running."""
