@@ -879,31 +879,33 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         return _fetch_or_404(services, "incident", incident_id,
                              lambda cur: database.get_incident(cur, incident_id=incident_id))
 
+    def change_incident(services: Services, incident_id: UUID, *, action: str, actor: str | None,
+                        comment: str | None, update) -> dict:
+        """Apply `update(cur)` to an incident and record the transition in its activity, in one transaction."""
+        with services.pool.transaction() as cur:
+            row = update(cur)
+            if row is None:
+                raise not_found("incident", incident_id)
+            database.insert_activity(cur, action=action, incident_id=incident_id, alert_id=row["alert_config_id"],
+                                     actor=actor, details={"comment": comment} if comment else {})
+        return row
+
     @router.post("/incidents/{incident_id}/resolve", response_model=IncidentOut, tags=["incidents"])
     def resolve_incident(incident_id: UUID, services: ServicesDep, body: ResolveIn | None = None):
         """Resolve an incident."""
         body = body or ResolveIn()
-        with services.pool.transaction() as cur:
-            row = database.resolve_incident(cur, incident_id=incident_id, resolved_by=body.resolved_by)
-            if row is None:
-                raise not_found("incident", incident_id)
-            database.insert_activity(cur, action="resolved", incident_id=incident_id,
-                                     alert_id=row["alert_config_id"], actor=body.resolved_by,
-                                     details={"comment": body.comment} if body.comment else {})
-        return row
+        return change_incident(services, incident_id, action="resolved", actor=body.resolved_by, comment=body.comment,
+                               update=lambda cur: database.resolve_incident(cur, incident_id=incident_id,
+                                                                            resolved_by=body.resolved_by))
 
     @router.post("/incidents/{incident_id}/acknowledge", response_model=IncidentOut, tags=["incidents"])
     def acknowledge_incident(incident_id: UUID, services: ServicesDep, body: AcknowledgeIn | None = None):
         """Acknowledge an incident: someone is on it."""
         body = body or AcknowledgeIn()
-        with services.pool.transaction() as cur:
-            row = database.acknowledge_incident(cur, incident_id=incident_id, acknowledged_by=body.acknowledged_by)
-            if row is None:
-                raise not_found("incident", incident_id)
-            database.insert_activity(cur, action="acknowledged", incident_id=incident_id,
-                                     alert_id=row["alert_config_id"], actor=body.acknowledged_by,
-                                     details={"comment": body.comment} if body.comment else {})
-        return row
+        return change_incident(services, incident_id, action="acknowledged", actor=body.acknowledged_by,
+                               comment=body.comment,
+                               update=lambda cur: database.acknowledge_incident(
+                                   cur, incident_id=incident_id, acknowledged_by=body.acknowledged_by))
 
     @router.get("/incidents/{incident_id}/activities", response_model=list[ActivityOut], tags=["incidents"])
     def list_activities(incident_id: UUID, services: ServicesDep):

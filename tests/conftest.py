@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import shutil
 import tempfile
 import time
+import urllib.request
 import uuid
 import warnings
 from pathlib import Path
@@ -251,3 +254,34 @@ def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.co
                  "subject": subject, "body": "b"} for subject in subjects])
     finally:
         pool.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_health(port: int, what: str, timeout: float = 30) -> dict:
+    """Poll GET /health on a service started in another process until it answers 200; return its body."""
+    def healthy() -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    return eventually(healthy, timeout=timeout, interval=0.1, message=f"{what} to answer /health")
+
+
+def insert_one_by_one(dsn: str, numbers: list[str], table: str = "dc_order") -> None:
+    """Insert orders as separate single-row transactions on one connection, as fast as possible (a burst)."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for number in numbers:
+                cur.execute(f"INSERT INTO {table} (order_number) VALUES (%s)", (number,))
+    finally:
+        conn.close()

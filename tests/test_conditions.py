@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-import psycopg2
 from datetime import datetime, timedelta, timezone
 
-from tests.conftest import create_orders_table, eventually, execute, insert_orders
+from tests.conftest import create_orders_table, eventually, execute, insert_one_by_one, insert_orders
 
 STOCK = "SELECT sku, qty FROM stock ORDER BY sku"
 SAFETY = {"type": "threshold", "column": "qty", "operator": "<=", "value": 5}
@@ -179,12 +178,7 @@ def test_cooldown_gathers_a_burst_into_one_digest_with_every_row(service, smtp_s
 
     insert_orders(db_dsn, ["ORD-FIRST"])
     assert "1 new row" in smtp_server.wait_for(2)[1].message["Subject"]
-    conn = psycopg2.connect(db_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for i in range(30):
-            cur.execute("INSERT INTO dc_order (order_number) VALUES (%s)", (f"ORD-BURST-{i:02d}",))
-    conn.close()
+    insert_one_by_one(db_dsn, [f"ORD-BURST-{i:02d}" for i in range(30)])
     time.sleep(0.5)
     service.wait_idle()
     assert len(smtp_server.messages) == 2, [m.message["Subject"] for m in smtp_server.messages]

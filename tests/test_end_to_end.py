@@ -6,7 +6,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from tests.conftest import TWILIO_FROM, create_orders_table, eventually, execute, insert_orders
+from tests.conftest import TWILIO_FROM, create_orders_table, eventually, execute, insert_one_by_one, insert_orders
 
 
 def incidents(service, alert_id: str) -> list[dict]:
@@ -96,12 +96,7 @@ def test_a_burst_of_500_single_row_inserts_reports_every_row_with_far_fewer_eval
     service.wait_idle()
     before = len(evaluations(service, alert["id"]))
 
-    conn = psycopg2.connect(db_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for i in range(500):
-            cur.execute("INSERT INTO dc_order (order_number) VALUES (%s)", (f"ORD{i:04d}",))
-    conn.close()
+    insert_one_by_one(db_dsn, [f"ORD{i:04d}" for i in range(500)])
 
     def reported() -> set[str]:
         rows = set()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,8 @@ import psycopg2
 import pytest
 
 import database
-from tests.conftest import Service, create_orders_table, eventually, insert_orders, queue_emails
+from tests.conftest import (Service, create_orders_table, eventually, free_port, insert_orders, queue_emails,
+                            wait_for_health)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,24 +127,10 @@ def test_twilio_outside_the_whatsapp_window_fails_at_once(service, twilio_server
     assert "63016" in failed["error"] and failed["attempts"] == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_main(env: dict[str, str], port: int) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                return json.load(response)["status"] == "ok"
-        except OSError:
-            return False
-
-    eventually(healthy, timeout=30, interval=0.1, message="main.py healthy")
+    wait_for_health(port, "main.py")
     return process
 
 

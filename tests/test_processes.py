@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import psycopg2
 
 import database
-from tests.conftest import eventually
+from tests.conftest import free_port, wait_for_health
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,12 +54,6 @@ def test_insert_test_creates_the_demo_table_and_inserts_new_order_numbers(empty_
     conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_main_serves_the_api_and_stops_cleanly_on_sigterm(db_dsn, tmp_path):
     port = free_port()
     log_file = tmp_path / "app.log"
@@ -71,13 +62,7 @@ def test_main_serves_the_api_and_stops_cleanly_on_sigterm(db_dsn, tmp_path):
         env=run_env(DB_CONNECTION=db_dsn, API_HOST="127.0.0.1", API_PORT=str(port), LOG_FILE=str(log_file)),
     )
     try:
-        def healthy():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                    return json.load(response)
-            except OSError:
-                return None
-        body = eventually(healthy, timeout=30, interval=0.2, message="main.py to answer /health")
+        body = wait_for_health(port, "main.py")
         assert body["status"] == "ok" and body["scheduler"]["running"]
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
@@ -104,13 +89,7 @@ def test_uvicorn_api_app_runs_the_service_too(db_dsn):
         env=run_env(DB_CONNECTION=db_dsn, LOG_FILE=""),
     )
     try:
-        def healthy():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                    return json.load(response)
-            except OSError:
-                return None
-        body = eventually(healthy, timeout=30, interval=0.2, message="uvicorn api:app to answer /health")
+        body = wait_for_health(port, "uvicorn api:app")
         assert body["status"] == "ok" and body["scheduler"]["running"]
     finally:
         process.terminate()

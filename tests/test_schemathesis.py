@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import urllib.request
 
 import pytest
 import schemathesis
@@ -17,7 +15,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 import api
 from config import load_settings
-from tests.conftest import TEST_SECRET_KEY, admin_execute, dsn_with, eventually
+from tests.conftest import TEST_SECRET_KEY, admin_execute, dsn_with, free_port, wait_for_health
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +26,7 @@ def api_url(pg_admin_dsn, template_database, tmp_path_factory):
         sql.Identifier(name), sql.Identifier(template_database)))
     dsn = dsn_with(pg_admin_dsn, dbname=name)
     admin_execute(dsn, "CREATE TABLE dc_order (order_number text, created_at timestamptz DEFAULT now())")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = load_settings(_env_file=None, db_connection=dsn, log_file="", secret_key=TEST_SECRET_KEY,
                              data_dir=str(tmp_path_factory.mktemp("data")), query_timeout_seconds=5)
     server = uvicorn.Server(uvicorn.Config(api.create_app(settings), host="127.0.0.1", port=port, log_level="error"))
@@ -38,13 +34,7 @@ def api_url(pg_admin_dsn, template_database, tmp_path_factory):
     thread.start()
     url = f"http://127.0.0.1:{port}"
 
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=1).status == 200
-        except OSError:
-            return False
-
-    eventually(up, timeout=30, interval=0.1, message="uvicorn serving")
+    wait_for_health(port, "uvicorn")
     yield url
     server.should_exit = True
     thread.join(20)
