@@ -360,18 +360,11 @@ class AlertScheduler:
             cause = "initial"
         with self._flight_lock:
             self._flights.setdefault(alert_id, _Flight()).query_started = time.monotonic()
-        result = self.run_alert_query(alert)
         now = datetime.now(timezone.utc)
-        if isinstance(result, str):
-            decision = rules.decide_error(prior=prior, error=result,
-                                          error_notify_after=self.settings.error_notify_after)
-            columns, rows, truncated, error = [], [], False, result
-            logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, result)
-        else:
-            columns, rows, truncated, keys = result
-            decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
-                                    columns=columns, rows=rows, keys=keys, now=now, truncated=truncated)
-            error = None
+        decision, columns, rows, truncated, error = self._run_and_decide(
+            alert, prior, now=now, error_notify_after=self.settings.error_notify_after)
+        if error:
+            logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, error)
         # Rendered before the transaction: a slow template must not hold the alert's row lock.
         rendered = [notification.render_message(alert=alert, notice=notice) for notice in decision.notices]
         duration_ms = (time.perf_counter() - started) * 1000
@@ -399,6 +392,18 @@ class AlertScheduler:
             logger.info("alert %s (%s): %s, %d notification(s) queued", alert["name"], alert_id,
                         ", ".join(n.headline for n in decision.notices), queued)
         return decision.outcome
+
+    def _run_and_decide(self, alert: dict, prior: rules.AlertState | None, *, now: datetime,
+                        error_notify_after: int) -> tuple[rules.Decision, list[str], list, bool, str | None]:
+        """Run the query and decide what it means: the decision, columns, rows, whether cut, and the error."""
+        result = self.run_alert_query(alert)
+        if isinstance(result, str):
+            return rules.decide_error(prior=prior, error=result, error_notify_after=error_notify_after), \
+                [], [], False, result
+        columns, rows, truncated, keys = result
+        decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior, columns=columns,
+                                rows=rows, keys=keys, now=now, truncated=truncated)
+        return decision, columns, rows, truncated, None
 
     def run_alert_query(self, alert: dict) -> tuple[list[str], list, bool, list[int] | None] | str:
         """The alert's result (columns, rows, whether cut, key positions), or the error as text."""
@@ -461,23 +466,16 @@ class AlertScheduler:
 
     def dry_run(self, alert: dict, state_row: dict | None) -> dict:
         """What an evaluation would do now (rows, diff, condition, messages) without storing or sending."""
-        result = self.run_alert_query(alert)
-        prior = state_from_row(state_row)
-        if isinstance(result, str):
-            decision = rules.decide_error(prior=prior, error=result, error_notify_after=1)
-            columns, rows, truncated = [], [], False
-        else:
-            columns, rows, truncated, keys = result
-            decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior,
-                                    columns=columns, rows=rows, keys=keys, now=datetime.now(timezone.utc),
-                                    truncated=truncated)
+        # error_notify_after=1: a failing query shows the "alert is failing" message it would eventually send.
+        decision, columns, rows, truncated, error = self._run_and_decide(
+            alert, state_from_row(state_row), now=datetime.now(timezone.utc), error_notify_after=1)
         messages = []
         for notice in decision.notices:
             rendered = notification.render_message(alert=alert, notice=notice)
             messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
                              "whatsapp_text": rendered.whatsapp})
         return {
-            "outcome": decision.outcome, "error": result if isinstance(result, str) else None,
+            "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
             "row_count": len(rows), "truncated": truncated, "summary": decision.summary or {},
             "condition_state": decision.state.condition_state, "would_notify": bool(messages),
