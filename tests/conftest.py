@@ -83,9 +83,31 @@ def template_database(pg_admin_dsn: str) -> Iterator[str]:
     """A database with the service's schema, cloned for each test."""
     name = f"alert_template_{uuid.uuid4().hex[:8]}"
     admin_execute(pg_admin_dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    database.init_db(dsn_with(pg_admin_dsn, dbname=name))
+    template_dsn = dsn_with(pg_admin_dsn, dbname=name)
+    if timescaledb_available(pg_admin_dsn):
+        # Every test runs with the extension in the service database, as a TimescaleDB user's would be.
+        execute(template_dsn, "CREATE EXTENSION IF NOT EXISTS timescaledb")
+    database.init_db(template_dsn)
+    # TimescaleDB's launcher starts a background scheduler in every database that accepts connections, and a
+    # database cannot be copied while anyone is connected to it: a template that refuses connections stays idle.
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(
+        sql.Identifier(name)))
+    admin_execute(pg_admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
     yield name
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
     admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def timescaledb_available(dsn: str) -> bool:
+    """Whether the server can create the timescaledb extension (its library is preloaded and installed)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb' "
+                        "AND current_setting('shared_preload_libraries') ~ 'timescaledb'")
+            return cur.fetchone() is not None
+    finally:
+        conn.close()
 
 
 def _new_database(pg_admin_dsn: str, template: str | None = None) -> str:
