@@ -784,6 +784,8 @@ def setup_evaluation_retention(pool: Pool, *, days: float) -> bool:
                 # A hypertable's unique indexes must include its time column, so the id loses its primary key.
                 cur.execute("ALTER TABLE evaluation DROP CONSTRAINT IF EXISTS evaluation_pkey")
                 cur.execute("SELECT create_hypertable('evaluation', 'started_at', migrate_data => true)")
+            # Retention drops whole chunks: one-day chunks keep history within a day of EVALUATION_RETENTION_DAYS.
+            cur.execute("SELECT set_chunk_time_interval('evaluation', interval '1 day')")
             cur.execute("SELECT remove_retention_policy('evaluation', if_exists => true)")
             cur.execute("SELECT add_retention_policy('evaluation', %s * interval '1 day')", (days,))
         return True
@@ -1045,7 +1047,8 @@ def ping(pool: Pool) -> None:
 
 def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> list[str]:
     """Turn the relation names of a query into the base tables it reads (views followed, TimescaleDB continuous
-    aggregates mapped to their hypertable), each as a quoted `schema.table` key."""
+    aggregates mapped to their hypertable and their materialization hypertable), each as a quoted `schema.table`
+    key. TimescaleDB's own catalog tables are kept in the list: sync_triggers says why they carry no trigger."""
     with pool.transaction() as cur:
         oids = []
         for schema, name in refs:
@@ -1080,8 +1083,7 @@ def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> lis
             " ) deps"
             ") SELECT DISTINCT format('%%I.%%I', n.nspname, c.relname) AS key FROM rels"
             " JOIN pg_class c ON c.oid = rels.oid JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT LIKE '\\_timescaledb%%'"
-            " AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
             (oids,),
         )
         return [row["key"] for row in cur.fetchall()]
@@ -1156,16 +1158,19 @@ def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
             conn.rollback()
             message = f"cannot create the trigger function: {_pg_message(exc)}"
             return {table: message for table in wanted}
+        # TimescaleDB copies only row-level triggers to chunks, so every statement trigger named ours is ours.
         cur.execute(
             "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
             "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            # TimescaleDB copies only row-level triggers to chunks, but stay clear of its schemas regardless.
-            "WHERE t.tgname = %s AND NOT t.tgisinternal AND n.nspname NOT LIKE '\\_timescaledb%%'",
+            "WHERE t.tgname = %s AND NOT t.tgisinternal",
             (TRIGGER_NAME,),
         )
         installed = {row[0] for row in cur.fetchall()}
+        internal = _timescaledb_internal_tables(cur, wanted)
         conn.commit()
-    for table in sorted(wanted - installed):
+    for table in sorted(internal):
+        errors[table] = "TimescaleDB's own catalog, where the service puts no trigger"
+    for table in sorted(wanted - installed - internal):
         error = _run_ddl(conn, sql.SQL(
             "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
         ).format(sql.Identifier(TRIGGER_NAME), _split_key(table), sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
@@ -1181,6 +1186,20 @@ def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
         else:
             logger.info("dropped change trigger on %s (no alert needs it)", table)
     return errors
+
+
+def _timescaledb_internal_tables(cur, tables: set[str]) -> set[str]:
+    """The tables among `tables` that live in TimescaleDB's schemas and are not the materialization hypertable of
+    a continuous aggregate (a refresh writes those with ordinary statements, so a trigger there sees it)."""
+    inside = {table for table in tables if _parse_qualified(table)[0].startswith("_timescaledb")}
+    if not inside:
+        return set()
+    cur.execute("SELECT to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return inside
+    cur.execute("SELECT format('%I.%I', materialization_hypertable_schema, materialization_hypertable_name) "
+                "FROM timescaledb_information.continuous_aggregates")
+    return inside - {row[0] for row in cur.fetchall()}
 
 
 def _run_ddl(conn, statement: sql.Composable) -> str | None:
