@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench inbox clean
+.PHONY: run test test-timescaledb bench inbox clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed") if sys.version_info < (3, 11) else None'
@@ -23,6 +23,11 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+# The same suite on the TimescaleDB server in TEST_DATABASE_URL, where a TimescaleDB test fails instead of skipping.
+test-timescaledb: $(VENV)/.dev
+	@test -n "$$TEST_DATABASE_URL" || { echo "set TEST_DATABASE_URL to a TimescaleDB server's DSN" >&2; exit 2; }
+	REQUIRE_TIMESCALEDB=1 $(BIN)/python -m pytest
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench
