@@ -80,7 +80,7 @@ def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings
     try:
         params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "port": int(params["port"]), "dbname": params["dbname"],
+            "name": "warehouse", "host": params["host"], "port": int(params.get("port", 5432)), "dbname": params["dbname"],
             "user": params["user"], "password": "pa55-word-in-clear"})
         assert response.status_code == 201, response.text
         assert "pa55-word-in-clear" not in response.text
@@ -107,7 +107,7 @@ def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empt
     try:
         params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "port": int(params["port"]), "dbname": params["dbname"],
+            "name": "warehouse", "host": params["host"], "port": int(params.get("port", 5432)), "dbname": params["dbname"],
             "user": params["user"], "password": "pa55"})
         assert response.status_code == 422 and "SECRET_KEY" in response.text
         assert len(service.client.get("/data-sources/").json()) == 1
