@@ -1,10 +1,10 @@
 """Run the benchmark suite: `python -m bench [--quick] [--only NAME] [--output PATH] [--strict]`.
 
 Each scenario runs in its own process against one PostgreSQL server (embedded, or BENCH_DATABASE_URL, in which
-each scenario creates and drops its own database). Progress goes to stderr, a table of every figure to stdout,
-and everything to bench/results/latest.json. The exit status is 1 when a scenario failed, produced no number,
-or broke a correctness check (rows never reported, messages re-sent on restart); missed performance targets
-only fail the run with --strict.
+each scenario creates and drops its own database; when that server has TimescaleDB, overhead and load also run on
+hypertables). Progress goes to stderr, a table of every figure to stdout, and everything to
+bench/results/latest.json. The exit status is 1 when a scenario failed, produced no number, or broke a correctness
+check (rows never reported, messages re-sent on restart); missed performance targets only fail the run with --strict.
 """
 
 from __future__ import annotations
