@@ -258,8 +258,8 @@ def timescaledb_on_server(dsn: str) -> tuple[bool, str]:
     return True, f"TimescaleDB {version}"
 
 
-# Rows in the benchmarks carry now(), so each round fills one chunk whatever the interval; a day is a common
-# choice for tables written at these rates and keeps a round from straddling two chunks but once a day.
+# Rows in the benchmarks carry now(), so a round fills one chunk whatever the interval; with one day (a common
+# choice at these write rates) a round touches a second chunk only when it runs across midnight UTC.
 HYPERTABLE_CHUNK_INTERVAL = "1 day"
 
 
