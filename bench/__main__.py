@@ -1,10 +1,10 @@
 """Run the benchmark suite: `python -m bench [--quick] [--only NAME] [--output PATH] [--strict]`.
 
 Each scenario runs in its own process against one PostgreSQL server (embedded, or BENCH_DATABASE_URL, in which
-each scenario creates and drops its own database). Progress goes to stderr, a table of every figure to stdout,
-and everything to bench/results/latest.json. The exit status is 1 when a scenario failed, produced no number,
-or broke a correctness check (rows never reported, messages re-sent on restart); missed performance targets
-only fail the run with --strict.
+each scenario creates and drops its own database; when that server has TimescaleDB, overhead and load also run on
+hypertables). Progress goes to stderr, a table of every figure to stdout, and everything to
+bench/results/latest.json. The exit status is 1 when a scenario failed, produced no number, or broke a correctness
+check (rows never reported, messages re-sent on restart); missed performance targets only fail the run with --strict.
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RESULTS_DIR, ROOT, drop_databases, machine_info, postgres_server, progress
+from bench.harness import (RESULTS_DIR, ROOT, drop_databases, machine_info, postgres_server, progress,
+                           timescaledb_on_server)
 
 SCENARIOS = ["latency", "load", "coalescing", "overhead", "many_alerts", "big_results"]
+# With TimescaleDB these also run on hypertables, which doubles their work (and their time limit).
+HYPERTABLE_SCENARIOS = ["load", "overhead"]
 # Hard limits per scenario process (a scenario normally takes well under half of its limit).
 QUICK_TIMEOUT = 120.0
 FULL_TIMEOUTS = {"latency": 120.0, "load": 360.0, "coalescing": 180.0, "overhead": 240.0, "many_alerts": 420.0,
                  "big_results": 180.0}
 
 
-def run_scenario(name: str, admin_dsn: str, quick: bool, run_id: str) -> dict[str, Any]:
+def run_scenario(name: str, admin_dsn: str, quick: bool, run_id: str, hypertables: bool) -> dict[str, Any]:
     """Run one scenario in a child process (killed with its own children after the time limit)."""
     limit = QUICK_TIMEOUT if quick else FULL_TIMEOUTS[name]
+    if hypertables and name in HYPERTABLE_SCENARIOS:
+        limit *= 2
     prefix = f"bench_{run_id}_{name}_"
     # The scratch directory belongs to this process, so it goes even when the scenario is killed.
     with tempfile.TemporaryDirectory(prefix=f"alert-bench-{name}-") as tmp:
@@ -175,9 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     with postgres_server() as (admin_dsn, kind):
         machine = machine_info(admin_dsn, kind)
         progress("bench", f"PostgreSQL ready ({kind}): {machine['postgresql'].split(',')[0]}")
+        hypertables, timescaledb = timescaledb_on_server(admin_dsn)
+        machine["timescaledb"] = timescaledb if hypertables else None
+        on_hypertables = [n for n in names if n in HYPERTABLE_SCENARIOS]
+        if on_hypertables and hypertables:
+            progress("bench", f"{timescaledb}: {' and '.join(on_hypertables)} also run on hypertables")
+        elif on_hypertables:
+            progress("bench", f"hypertable figures of {' and '.join(on_hypertables)} not measured: {timescaledb}")
         for name in names:
             progress(name, "starting")
-            result = run_scenario(name, admin_dsn, args.quick, run_id)
+            result = run_scenario(name, admin_dsn, args.quick, run_id, hypertables)
             progress(name, f"{result['status']} in {result['wall_seconds']:.1f} s")
             results.append(result)
     wall = time.monotonic() - began

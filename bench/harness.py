@@ -246,6 +246,30 @@ def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
         admin_execute(admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def timescaledb_on_server(dsn: str) -> tuple[bool, str]:
+    """Whether a database on this server can have the timescaledb extension; with its version, or why not."""
+    version, preload = admin_execute(dsn, "SELECT (SELECT default_version FROM pg_available_extensions "
+                                          "WHERE name = 'timescaledb'), current_setting('shared_preload_libraries')")[0]
+    if version is None:
+        return False, "the server has no timescaledb extension"
+    # The extension refuses to be created unless its library was loaded when the server started.
+    if "timescaledb" not in preload:
+        return False, f"TimescaleDB {version} is installed but not in shared_preload_libraries"
+    return True, f"TimescaleDB {version}"
+
+
+# Rows in the benchmarks carry now(), so a round fills one chunk whatever the interval; with one day (a common
+# choice at these write rates) a round touches a second chunk only when it runs across midnight UTC.
+HYPERTABLE_CHUNK_INTERVAL = "1 day"
+
+
+def make_hypertables(dsn: str, tables: Sequence[str], time_column: str = "created_at") -> None:
+    """Turn empty tables into hypertables on their time column, with one-day chunks."""
+    for table in tables:
+        execute(dsn, "SELECT create_hypertable(%s::regclass, %s, chunk_time_interval => %s::interval)",
+                (table, time_column, HYPERTABLE_CHUNK_INTERVAL))
+
+
 def execute(dsn: str, statement: str, args: Any = None) -> list[tuple]:
     """Run one statement in its own committed transaction and return its rows."""
     conn = psycopg2.connect(dsn)
@@ -664,10 +688,18 @@ class ScenarioContext:
     def progress(self, message: str) -> None:
         progress(self.name, message)
 
+    def hypertables(self) -> bool:
+        """Whether this server can make hypertables; the details record whether they were measured, or why not."""
+        available, text = timescaledb_on_server(self.admin_dsn)
+        self.details["hypertables"] = f"measured ({text})" if available else f"not measured: {text}"
+        return available
+
     @contextmanager
-    def database(self) -> Iterator[str]:
-        """A scratch database for this scenario."""
+    def database(self, timescaledb: bool = False) -> Iterator[str]:
+        """A scratch database for this scenario, with the timescaledb extension when asked."""
         with scratch_database(self.admin_dsn, self.db_prefix) as dsn:
+            if timescaledb:
+                execute(dsn, "CREATE EXTENSION IF NOT EXISTS timescaledb")
             yield dsn
 
     @contextmanager
