@@ -66,6 +66,10 @@ BAD_ALERTS = [
      "finite"),
     ("operator not a string", changed(trigger_condition={"type": "row_count", "operator": [], "value": 1}),
      "operator"),
+    ("interval with full-width digits", changed(schedule="interval:３０s"), "ASCII"),
+    ("cron with full-width digits", changed(schedule="cron:*/５ * * * *"), "ASCII"),
+    ("'for' with Arabic-Indic digits", changed(trigger_condition={"type": "empty", "for": "٣m"}), "ASCII"),
+    ("cooldown with full-width digits", changed(trigger_condition={"type": "new_rows", "cooldown": "５m"}), "ASCII"),
     ("template that loops too much",
      changed(message_template="{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"),
      "range over"),
@@ -165,7 +169,7 @@ def test_bad_mutes_are_422(service, db_dsn):
     create_orders_table(db_dsn)
     alert = service.create_alert()
     for body in ({"duration": "4000000d"}, {"until": "9999-12-31T23:59:59-14:00"}, {"duration": "5x"},
-                 {"until": "2030-01-01T00:00:00Z", "duration": "1h"}):
+                 {"until": "2030-01-01T00:00:00Z", "duration": "1h"}, {"duration": "２h"}):
         response = service.client.put(f"/alert-configs/{alert['id']}/mute", json=body)
         assert response.status_code == 422, (body, response.text)
     assert service.client.get(f"/alert-configs/{alert['id']}").json()["muted_until"] is None

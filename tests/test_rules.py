@@ -34,6 +34,22 @@ def test_bad_schedules_are_rejected_with_an_example(text):
         rules.parse_schedule(text)
 
 
+# Every decimal digit outside ASCII: Python's \d and int() accept them all.
+_OTHER_DIGITS = [chr(c) for c in range(0x80, 0x110000) if chr(c).isdecimal()]
+
+
+def test_schedules_and_durations_take_only_ascii_digits():
+    assert len(_OTHER_DIGITS) > 600
+    for digit in _OTHER_DIGITS:
+        for text in (f"interval:{digit}s", f"interval:3{digit}s", f"cron:*/{digit} * * * *"):
+            with pytest.raises(rules.RuleError, match="ASCII"):
+                rules.parse_schedule(text)
+        for name in ("for", "repeat_every", "cooldown", "duration"):
+            with pytest.raises(rules.RuleError, match="ASCII"):
+                rules.parse_duration(f"{digit}m", name=name)
+    assert rules.parse_schedule(" interval:30s ").text == "interval:30s"
+
+
 @pytest.mark.parametrize("text", [None, "", "New row added", "new_rows", "NEW ROWS", "New row added."])
 def test_the_original_wording_means_new_rows(text):
     assert rules.parse_condition(text) == rules.Condition(type="new_rows")
