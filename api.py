@@ -17,12 +17,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 import database
 import query_analysis
 import rules
-from config import Settings, is_e164, load_settings
+from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
 from scheduler import AlertScheduler
@@ -219,13 +219,18 @@ class RequestBody(BaseModel):
         return _reject_nul(data)
 
 
+# Stored as it is sent: an internationalised domain in IDNA form, and only ASCII before the @, so an address that
+# is accepted here does not fail at every send.
+EmailAddress = Annotated[str, AfterValidator(ascii_email), WithJsonSchema({"type": "string", "format": "email"})]
+
+
 class NotificationChannels(RequestBody):
     """Recipients per channel; at least one recipient in all."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
 
-    email: list[EmailStr] = Field(default_factory=list, max_length=100)
+    email: list[EmailAddress] = Field(default_factory=list, max_length=100)
     whatsapp: list[str] = Field(default_factory=list, max_length=100)
 
     @field_validator("whatsapp")
@@ -456,7 +461,7 @@ class UserIn(RequestBody):
         "name": "Ada Operator", "email": "ada@example.com", "phone": "+14155550123"}})
 
     name: str = Field(min_length=1, max_length=255)
-    email: EmailStr
+    email: EmailAddress
     phone: str | None = None
     team_id: UUID | None = None
 

@@ -152,6 +152,26 @@ def test_bad_data_sources_users_and_teams_are_rejected(service):
     assert len(service.client.get("/data-sources/").json()) == 1
 
 
+def test_a_mailbox_that_needs_smtputf8_is_refused_wherever_an_address_is_taken(service, db_dsn):
+    create_orders_table(db_dsn)
+    for address in ("josé@example.com", "ｏｐｓ@example.com", "отдел@example.com"):
+        alert = service.client.post("/alert-configs/", json=changed(notification_channels={"email": [address]}))
+        assert alert.status_code == 422, alert.text
+        assert address in alert.text and "ASCII" in alert.text and "SMTPUTF8" in alert.text
+        user = service.client.post("/users/", json={"name": "José", "email": address})
+        assert user.status_code == 422 and address in user.text, user.text
+    assert service.sql("SELECT count(*) AS n FROM alert_config")[0]["n"] == 0
+    assert service.client.get("/users/").json() == []
+
+
+def test_an_internationalised_domain_is_stored_as_it_is_sent(service, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(notification_channels={"email": ["ops@bücher.example", "OPS@BÜCHER.example"]})
+    assert alert["notification_channels"]["email"] == ["ops@xn--bcher-kva.example", "OPS@xn--bcher-kva.example"]
+    user = service.client.post("/users/", json={"name": "Ada", "email": "ada@bücher.example"})
+    assert user.status_code == 201 and user.json()["email"] == "ada@xn--bcher-kva.example"
+
+
 def test_validation_errors_do_not_echo_a_password(service):
     response = service.client.post("/data-sources/", json={"name": "x", "password": "hunter2-secret"})
     assert response.status_code == 422 and "hunter2-secret" not in response.text

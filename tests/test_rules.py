@@ -291,6 +291,17 @@ def test_settings_errors_name_the_variable():
         load_settings(_env_file=None, workers=0)
 
 
+def test_smtp_from_must_be_an_address_every_server_takes():
+    with pytest.raises(ConfigError, match="SMTP_FROM.*josé@example.com.*ASCII"):
+        load_settings(_env_file=None, smtp_from="josé@example.com")
+    with pytest.raises(ConfigError, match="SMTP_FROM"):
+        load_settings(_env_file=None, smtp_from="alerts at example.com")
+    assert load_settings(_env_file=None, smtp_from="alerts@bücher.example").email_sender == \
+        "alerts@xn--bcher-kva.example"
+    assert load_settings(_env_file=None, smtp_from="Alert Service <alerts@bücher.example>").email_sender == \
+        "Alert Service <alerts@xn--bcher-kva.example>"
+
+
 def test_settings_defaults_and_fractional_retry_delay():
     settings = load_settings(_env_file=None, retry_delay_minutes="0.5", smtp_username="me@example.com")
     assert settings.retry_delay_seconds == 30 and settings.email_sender == "me@example.com"
