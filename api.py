@@ -653,8 +653,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise field_error("created_by", f"user {body.created_by} does not exist")
         try:
             pool = services.sources.get(source["id"])
-            columns = database.compile_query(pool, query=body.query,
-                                             timeout_seconds=services.settings.query_timeout_seconds)
+            columns = rules.unique_columns(database.compile_query(
+                pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
             refs = query_analysis.analyse_query(body.query)
             tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
         except database.QueryFailed as exc:

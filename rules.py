@@ -84,6 +84,23 @@ def row_fingerprint(values: Sequence[Any]) -> bytes:
     return hashlib.blake2b(repr(tuple(values)).encode("utf-8", "surrogatepass"), digest_size=FINGERPRINT_SIZE).digest()
 
 
+def unique_columns(columns: Sequence[str]) -> list[str]:
+    """Result column names made unique (id, id → id, id_2), so rows can be kept as objects without losing values."""
+    taken = set(columns)
+    seen: set[str] = set()
+    unique = []
+    for name in columns:
+        if name in seen:
+            number = 2
+            while f"{name}_{number}" in taken:
+                number += 1
+            name = f"{name}_{number}"
+            taken.add(name)
+        seen.add(name)
+        unique.append(name)
+    return unique
+
+
 def key_indexes(columns: Sequence[str], key_columns: Sequence[str] | None) -> list[int] | None:
     """Positions of the key columns in the result, or None when the whole row is the identity."""
     if not key_columns:

@@ -73,6 +73,25 @@ def test_one_insert_gives_one_incident_one_email_and_one_whatsapp_with_the_new_r
     assert actions.count("created") == 1 and actions.count("notified") == 2
 
 
+def test_columns_with_the_same_name_keep_every_value_in_incidents_templates_and_dry_runs(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    query = "SELECT o.order_number AS id, o.business_unit AS id, 'x' AS id_2 FROM dc_order o"
+    alert = service.create_alert(query=query, key_columns=["id_3"],
+                                 message_template="{% for r in rows %}{{ r.id }}/{{ r.id_3 }}/{{ r.id_2 }}{% endfor %}")
+    smtp_server.wait_for(1)
+    service.wait_idle()
+
+    execute(db_dsn, "INSERT INTO dc_order (order_number, business_unit) VALUES ('ORD1', 'EU')")
+
+    assert "ORD1/EU/x" in smtp_server.wait_for(2)[1].message.get_body(("plain",)).get_content()
+    service.wait_idle()
+    data = incidents(service, alert["id"])[0]["incident_data"]
+    assert data["columns"] == ["id", "id_3", "id_2"]
+    assert data["new_rows"] == [{"id": "ORD1", "id_3": "EU", "id_2": "x"}]
+    dry_run = service.client.post(f"/alert-configs/{alert['id']}/test").json()
+    assert dry_run["columns"] == ["id", "id_3", "id_2"] and dry_run["rows"] == [["ORD1", "EU", "x"]]
+
+
 def test_one_100_row_insert_gives_one_incident(service, smtp_server, db_dsn):
     create_orders_table(db_dsn)
     alert = service.create_alert()

@@ -21,6 +21,24 @@ def test_intervals_are_parsed_to_seconds(text, seconds):
     assert rules.parse_schedule(text).seconds == seconds
 
 
+@pytest.mark.parametrize("columns, unique", [
+    (["id", "name"], ["id", "name"]),
+    (["id", "id"], ["id", "id_2"]),
+    (["id", "id", "id"], ["id", "id_2", "id_3"]),
+    (["id", "id", "id_2"], ["id", "id_3", "id_2"]),
+    (["?column?", "?column?"], ["?column?", "?column?_2"]),
+])
+def test_result_columns_with_the_same_name_get_distinct_names(columns, unique):
+    assert rules.unique_columns(columns) == unique
+
+
+@given(st.lists(st.sampled_from(["id", "id_2", "id_3", "a", "a_2_2", "a_2"]), max_size=12))
+def test_unique_columns_are_distinct_and_keep_every_first_name(columns):
+    unique = rules.unique_columns(columns)
+    assert len(unique) == len(columns) == len(set(unique))
+    assert [u for c, u in zip(columns, unique) if c == u] == list(dict.fromkeys(columns))
+
+
 def test_cron_schedules_give_the_next_run():
     schedule = rules.parse_schedule("cron:*/5 * * * *")
     after = datetime(2026, 1, 1, 12, 2, 30, tzinfo=timezone.utc)
