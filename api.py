@@ -934,10 +934,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
 
     @app.get("/health", tags=["health"])
     def health(request: Request, services: ServicesDep):
-        """200 when the database answers, 503 when it does not; the scheduler's and listeners' state is included
+        """200 when the database answers, 503 when it does not; why, and the scheduler's and listeners' state, only
         when API_KEY is unset or the request carries a key."""
         body: dict[str, Any] = {}
-        if _authenticated(request):
+        authenticated = _authenticated(request)
+        if authenticated:
             body = {
                 "scheduler": services.scheduler.status(),
                 "dispatcher": {"running": services.dispatcher.alive,
@@ -949,7 +950,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             database.ping(services.pool)
             body["database"] = "ok"
         except database.DatabaseUnavailable as exc:
-            body["database"] = f"unavailable: {exc}"
+            # Without a key, only the coarse state: the error names the database's host, port, user and database.
+            body["database"] = f"unavailable: {exc}" if authenticated else "unavailable"
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 
+import psycopg2.extensions
 import pytest
 from cryptography.fernet import Fernet
+from psycopg2 import sql
 
 import database
 from config import load_settings
 from main import listen_host
-from tests.conftest import Service, create_orders_table
+from tests.conftest import Service, admin_execute, create_orders_table, eventually
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -36,6 +38,23 @@ def test_without_a_key_every_endpoint_but_health_and_docs_is_401(secured):
     assert "scheduler" in client.get("/health", headers={"X-API-Key": KEY_A}).json()
     assert client.get("/api/docs").status_code == 200
     assert client.get("/api/openapi.json").status_code == 200
+
+
+def test_health_without_a_key_says_unavailable_but_not_why(secured, pg_admin_dsn, db_dsn):
+    name = psycopg2.extensions.parse_dsn(db_dsn)["dbname"]
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    try:
+        admin_execute(pg_admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))
+        anonymous = eventually(lambda: (r := secured.client.get("/health")).status_code == 503 and r,
+                               message="/health to say the database is unavailable")
+        assert anonymous.json() == {"status": "unavailable", "database": "unavailable"}
+        assert name not in anonymous.text and "accepting" not in anonymous.text
+        operator = secured.client.get("/health", headers={"X-API-Key": KEY_A})
+        assert operator.status_code == 503 and "not currently accepting connections" in operator.json()["database"]
+    finally:
+        admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    eventually(lambda: secured.client.get("/health").status_code == 200, message="/health back to 200")
 
 
 def test_either_header_and_any_configured_key_is_accepted(secured):
