@@ -806,11 +806,9 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         params, password = body.connection_params()
         dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
         try:
-            probe = database.Pool(dsn, size=1, name=f"data source {body.name}")
-            database.ping(probe)
-            probe.close()
+            database.probe(dsn)
         except database.DatabaseUnavailable as exc:
-            raise field_error("dsn" if body.dsn else "host", f"cannot connect: {exc}") from None
+            raise field_error("dsn" if body.dsn else "host", str(exc)) from None
         try:
             sealed = services.box.seal(password) if password else None
         except database.SecretKeyError as exc:

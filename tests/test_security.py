@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2.extensions
 import pytest
@@ -12,7 +14,8 @@ from psycopg2 import sql
 import database
 from config import load_settings
 from main import listen_host
-from tests.conftest import Service, admin_execute, create_orders_table, eventually
+from tests.conftest import Service, admin_execute, create_orders_table, dsn_with, eventually, free_port
+from tests.servers import BannerServer, HangingServer
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -132,3 +135,40 @@ def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empt
         assert len(service.client.get("/data-sources/").json()) == 1
     finally:
         service.stop()
+
+
+def test_the_data_source_probe_answers_every_failure_alike_and_echoes_no_server_bytes(service, pg_admin_dsn,
+                                                                                      empty_dsn, caplog):
+    with HangingServer() as silent, BannerServer() as banner, caplog.at_level(logging.WARNING, logger="database"):
+        attempts = {
+            "closed port": {"host": "127.0.0.1", "port": free_port()},
+            "silent port": {"host": "127.0.0.1", "port": silent.port},
+            "HTTP server": {"host": "127.0.0.1", "port": banner.port},
+            "HTTP server, no TLS": {"host": "127.0.0.1", "port": banner.port, "sslmode": "disable"},
+            "unknown role": {"dsn": dsn_with(pg_admin_dsn, user="no_such_role")},
+            "unknown database": {"dsn": dsn_with(pg_admin_dsn, dbname="no_such_database")},
+        }
+
+        def attempt(body: dict) -> tuple:
+            started = time.monotonic()
+            response = service.client.post("/data-sources/", json={"name": "probe", **body})
+            return response, time.monotonic() - started
+
+        with ThreadPoolExecutor(len(attempts)) as threads:
+            results = dict(zip(attempts, threads.map(attempt, attempts.values())))
+
+    for name, (response, _) in results.items():
+        assert response.status_code == 422, (name, response.text)
+        assert "banner-secret" not in response.text and "received" not in response.text, (name, response.text)
+    messages = {name: response.json()["detail"][0]["msg"] for name, (response, _) in results.items()}
+    assert len(set(messages.values())) == 1, messages
+    assert next(iter(messages.values())).startswith("could not connect to the data source: ")
+    seconds = {name: elapsed for name, (_, elapsed) in results.items()}
+    assert min(seconds.values()) >= database.PROBE_SECONDS - 0.05, seconds
+    assert max(seconds.values()) - min(seconds.values()) < 1.0, seconds
+    assert "Connection refused" in caplog.text and "no_such_role" in caplog.text, "the operator's log says why"
+
+    started = time.monotonic()
+    assert service.client.post("/data-sources/", json={"name": "works", "dsn": empty_dsn}).status_code == 201
+    assert time.monotonic() - started < database.PROBE_SECONDS
+    assert [s["name"] for s in service.client.get("/data-sources/").json() if not s["is_default"]] == ["works"]
