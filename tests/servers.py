@@ -522,13 +522,16 @@ def _serve_demo_inbox(smtp_port: int, twilio_port: int) -> None:
     try:
         while True:
             time.sleep(0.1)
-            for mail in smtp.messages[seen_mail:]:
+            # One snapshot each, and the counts move on by what was printed: a message that arrives while these
+            # are printed is printed on the next pass (reading the lengths again afterwards skipped it).
+            mails, texts = smtp.messages[seen_mail:], twilio.requests[seen_sms:]
+            for mail in mails:
                 body = mail.message.get_body(("plain",))
                 print(f"--- email to {', '.join(mail.rcpt_tos)}: {mail.message['Subject']}\n"
                       f"{body.get_content() if body else ''}", flush=True)
-            for sms in twilio.requests[seen_sms:]:
+            for sms in texts:
                 print(f"--- WhatsApp to {sms.to} (answered {sms.answered_status}):\n{sms.body}\n", flush=True)
-            seen_mail, seen_sms = len(smtp.messages), len(twilio.requests)
+            seen_mail, seen_sms = seen_mail + len(mails), seen_sms + len(texts)
     except KeyboardInterrupt:
         pass
     finally:
