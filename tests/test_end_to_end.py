@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import psycopg2
-import psycopg2.extensions
 import pytest
 
-from tests.conftest import TWILIO_FROM, create_orders_table, eventually, execute, insert_one_by_one, insert_orders
+from tests.conftest import (TWILIO_FROM, create_orders_table, data_source_parts, eventually, execute,
+                            insert_one_by_one, insert_orders)
 
 
 def incidents(service, alert_id: str) -> list[dict]:
@@ -306,10 +306,8 @@ def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, 
 
 def test_a_second_data_source_has_its_own_listener(service, smtp_server, empty_dsn):
     create_orders_table(empty_dsn)
-    params = psycopg2.extensions.parse_dsn(empty_dsn)
     source = service.client.post("/data-sources/", json={
-        "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-        "password": "s3cret-value"})
+        "name": "warehouse", **data_source_parts(empty_dsn), "password": "s3cret-value"})
     assert source.status_code == 201, source.text
     assert "s3cret-value" not in source.text and source.json()["has_password"] is True
     assert "s3cret-value" not in service.client.get("/data-sources/").text

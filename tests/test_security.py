@@ -14,7 +14,8 @@ from psycopg2 import sql
 import database
 from config import load_settings
 from main import listen_host
-from tests.conftest import Service, admin_execute, create_orders_table, dsn_with, eventually, free_port
+from tests.conftest import (Service, admin_execute, create_orders_table, data_source_parts, dsn_with, eventually,
+                            free_port)
 from tests.servers import BannerServer, HangingServer
 
 KEY_A = "key-a-0123456789abcdef"
@@ -94,16 +95,12 @@ def test_short_api_keys_and_bad_secret_keys_stop_start_up():
 
 
 def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings, empty_dsn):
-    import psycopg2.extensions
-
     key = Fernet.generate_key().decode()
     service = Service(settings.model_copy(update={"secret_key": load_settings(
         _env_file=None, secret_key=key).secret_key})).start()
     try:
-        params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-            "password": "pa55-word-in-clear"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55-word-in-clear"})
         assert response.status_code == 201, response.text
         assert "pa55-word-in-clear" not in response.text
         stored = service.sql("SELECT password FROM data_source WHERE name = 'warehouse'")[0]["password"]
@@ -123,14 +120,10 @@ def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings
 
 
 def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empty_dsn):
-    import psycopg2.extensions
-
     service = Service(settings.model_copy(update={"secret_key": None})).start()
     try:
-        params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-            "password": "pa55"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55"})
         assert response.status_code == 422 and "SECRET_KEY" in response.text
         assert len(service.client.get("/data-sources/").json()) == 1
     finally:
