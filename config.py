@@ -104,6 +104,15 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
+    @field_validator("smtp_username", "smtp_password")
+    @classmethod
+    def _login_is_ascii(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text.isascii():
+            # smtplib encodes AUTH in ASCII: any other character would fail every send, not start-up.
+            raise ValueError("must be ASCII: the SMTP login is sent in ASCII")
+        return value
+
     @field_validator("smtp_from")
     @classmethod
     def _from_is_sendable(cls, value: str | None) -> str | None:

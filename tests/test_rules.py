@@ -309,6 +309,20 @@ def test_settings_errors_name_the_variable():
         load_settings(_env_file=None, workers=0)
 
 
+def test_an_smtp_login_that_smtplib_cannot_send_stops_start_up():
+    with pytest.raises(ConfigError, match="SMTP_PASSWORD: .*ASCII"):
+        load_settings(_env_file=None, smtp_password="pässwort")
+    with pytest.raises(ConfigError, match="SMTP_USERNAME: .*ASCII"):
+        load_settings(_env_file=None, smtp_username="jürgen")
+    assert "pässwort" not in str(_config_error(smtp_password="pässwort"))
+
+
+def _config_error(**settings) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None, **settings)
+    return caught.value
+
+
 def test_smtp_from_must_be_an_address_every_server_takes():
     with pytest.raises(ConfigError, match="SMTP_FROM.*josé@example.com.*ASCII"):
         load_settings(_env_file=None, smtp_from="josé@example.com")
