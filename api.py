@@ -662,7 +662,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         except database.DatabaseUnavailable as exc:
             if source["is_default"]:
                 raise
-            raise field_error("data_source_id", f"cannot reach data source {source['name']}: {exc}") from None
+            # As at the probe: libpq's text would show an API user what answers at the source's address now.
+            logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
+                           exc)
+            raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
+                                                "not accept a login; the service's log has the reason") from None
         try:
             rules.key_indexes(columns, body.key_columns)
         except rules.RuleError as exc:

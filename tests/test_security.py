@@ -165,3 +165,22 @@ def test_the_data_source_probe_answers_every_failure_alike_and_echoes_no_server_
     assert service.client.post("/data-sources/", json={"name": "works", "dsn": empty_dsn}).status_code == 201
     assert time.monotonic() - started < database.PROBE_SECONDS
     assert [s["name"] for s in service.client.get("/data-sources/").json() if not s["is_default"]] == ["works"]
+
+
+def test_a_data_source_that_stops_answering_is_reported_without_the_servers_words(service, pg_admin_dsn, empty_dsn):
+    create_orders_table(empty_dsn)
+    source = service.client.post("/data-sources/", json={"name": "warehouse", "dsn": empty_dsn})
+    assert source.status_code == 201, source.text
+    name = psycopg2.extensions.parse_dsn(empty_dsn)["dbname"]
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    try:
+        admin_execute(pg_admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))
+        response = service.client.post("/alert-configs/", json={
+            "name": "Orders", "query": "SELECT order_number FROM dc_order", "schedule": "interval:1m",
+            "data_source_id": source.json()["id"], "notification_channels": {"email": ["ops@example.com"]}})
+    finally:
+        admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    assert response.status_code == 422, response.text
+    assert "could not connect to the data source warehouse" in response.text
+    assert "accepting" not in response.text and name not in response.text
