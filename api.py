@@ -17,12 +17,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 import database
 import query_analysis
 import rules
-from config import Settings, is_e164, load_settings
+from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
 from scheduler import AlertScheduler
@@ -219,13 +219,18 @@ class RequestBody(BaseModel):
         return _reject_nul(data)
 
 
+# Stored as it is sent: an internationalised domain in IDNA form, and only ASCII before the @, so an address that
+# is accepted here does not fail at every send.
+EmailAddress = Annotated[str, AfterValidator(ascii_email), WithJsonSchema({"type": "string", "format": "email"})]
+
+
 class NotificationChannels(RequestBody):
     """Recipients per channel; at least one recipient in all."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
 
-    email: list[EmailStr] = Field(default_factory=list, max_length=100)
+    email: list[EmailAddress] = Field(default_factory=list, max_length=100)
     whatsapp: list[str] = Field(default_factory=list, max_length=100)
 
     @field_validator("whatsapp")
@@ -456,7 +461,7 @@ class UserIn(RequestBody):
         "name": "Ada Operator", "email": "ada@example.com", "phone": "+14155550123"}})
 
     name: str = Field(min_length=1, max_length=255)
-    email: EmailStr
+    email: EmailAddress
     phone: str | None = None
     team_id: UUID | None = None
 
@@ -648,8 +653,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise field_error("created_by", f"user {body.created_by} does not exist")
         try:
             pool = services.sources.get(source["id"])
-            columns = database.compile_query(pool, query=body.query,
-                                             timeout_seconds=services.settings.query_timeout_seconds)
+            columns = rules.unique_columns(database.compile_query(
+                pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
             refs = query_analysis.analyse_query(body.query)
             tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
         except database.QueryFailed as exc:
@@ -657,7 +662,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         except database.DatabaseUnavailable as exc:
             if source["is_default"]:
                 raise
-            raise field_error("data_source_id", f"cannot reach data source {source['name']}: {exc}") from None
+            # As at the probe: libpq's text would show an API user what answers at the source's address now.
+            logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
+                           exc)
+            raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
+                                                "not accept a login; the service's log has the reason") from None
         try:
             rules.key_indexes(columns, body.key_columns)
         except rules.RuleError as exc:
@@ -801,11 +810,9 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         params, password = body.connection_params()
         dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
         try:
-            probe = database.Pool(dsn, size=1, name=f"data source {body.name}")
-            database.ping(probe)
-            probe.close()
+            database.probe(dsn)
         except database.DatabaseUnavailable as exc:
-            raise field_error("dsn" if body.dsn else "host", f"cannot connect: {exc}") from None
+            raise field_error("dsn" if body.dsn else "host", str(exc)) from None
         try:
             sealed = services.box.seal(password) if password else None
         except database.SecretKeyError as exc:
@@ -929,10 +936,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
 
     @app.get("/health", tags=["health"])
     def health(request: Request, services: ServicesDep):
-        """200 when the database answers, 503 when it does not; the scheduler's and listeners' state is included
+        """200 when the database answers, 503 when it does not; why, and the scheduler's and listeners' state, only
         when API_KEY is unset or the request carries a key."""
         body: dict[str, Any] = {}
-        if _authenticated(request):
+        authenticated = _authenticated(request)
+        if authenticated:
             body = {
                 "scheduler": services.scheduler.status(),
                 "dispatcher": {"running": services.dispatcher.alive,
@@ -944,7 +952,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             database.ping(services.pool)
             body["database"] = "ok"
         except database.DatabaseUnavailable as exc:
-            body["database"] = f"unavailable: {exc}"
+            # Without a key, only the coarse state: the error names the database's host, port, user and database.
+            body["database"] = f"unavailable: {exc}" if authenticated else "unavailable"
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
 

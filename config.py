@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from email.utils import formataddr, parseaddr
 from pathlib import Path
 from typing import Literal
 
@@ -103,6 +104,25 @@ class Settings(BaseSettings):
             raise ValueError(f"file {value} does not exist")
         return value
 
+    @field_validator("smtp_username", "smtp_password")
+    @classmethod
+    def _login_is_ascii(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not text.isascii():
+            # smtplib encodes AUTH in ASCII: any other character would fail every send, not start-up.
+            raise ValueError("must be ASCII: the SMTP login is sent in ASCII")
+        return value
+
+    @field_validator("smtp_from")
+    @classmethod
+    def _from_is_sendable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # "Alerts <alerts@example.com>" or a bare address; the display name may be any text.
+        name, address = parseaddr(value) if "<" in value else ("", value)
+        address = ascii_email(address)
+        return formataddr((name, address), "utf-8") if name else address
+
     @field_validator("twilio_from_number")
     @classmethod
     def _from_number_is_e164(cls, value: str | None) -> str | None:
@@ -152,6 +172,22 @@ def is_e164(number: str) -> bool:
     """True for a phone number in E.164 form: '+' then 8 to 15 digits, not starting with 0."""
     digits = number[1:]
     return number.startswith("+") and digits.isascii() and digits.isdigit() and 8 <= len(digits) <= 15 and digits[0] != "0"
+
+
+def ascii_email(address: str) -> str:
+    """The address as every SMTP server takes it (an internationalised domain in IDNA form), or ValueError."""
+    from email_validator import EmailNotValidError, validate_email
+
+    local_part = address.rpartition("@")[0]
+    if not local_part.isascii():
+        # Such a mailbox needs SMTPUTF8 on every server on the way; without it each send would fail for good.
+        raise ValueError(f"{address}: only ASCII characters are accepted before the @ (delivering to this mailbox "
+                         "needs SMTPUTF8, which many mail servers lack); use an ASCII address for it")
+    try:
+        result = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{address}: {exc}") from None
+    return result.ascii_email
 
 
 def load_settings(**overrides: object) -> Settings:

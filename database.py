@@ -6,6 +6,7 @@ import logging
 import queue
 import select
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime
@@ -119,6 +120,41 @@ def connect(dsn: str, *, application_name: str = "alert-service") -> psycopg2.ex
         )
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+
+
+PROBE_SECONDS = 5.0
+PROBE_FAILED = (
+    f"could not connect to the data source: no PostgreSQL server accepted this login within {PROBE_SECONDS:g} s; "
+    "check host, port, dbname, user, password and sslmode, and that the server's pg_hba.conf admits this service "
+    "(the service's log has the reason)"
+)
+
+
+def probe(dsn: str) -> None:
+    """Log in to a data source once; any failure is DatabaseUnavailable(PROBE_FAILED), PROBE_SECONDS after the start."""
+    # The API user chooses the host and port: libpq's own errors (refused, timed out, a banner's first byte,
+    # whether a certificate file exists) and their timing would make this a port scanner. So every failure gives
+    # the same text at the same time, and the reason goes to the operator's log only.
+    started = time.monotonic()
+    outcome: dict[str, BaseException | bool] = {}
+
+    def attempt() -> None:
+        try:
+            _close_quietly(connect(dsn, application_name="alert-service-probe"))
+            outcome["connected"] = True
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported alike
+            outcome["error"] = exc
+
+    # A thread bounds the whole attempt: libpq's connect_timeout applies to each host and address in turn.
+    thread = threading.Thread(target=attempt, name="data-source-probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if outcome.get("connected"):
+        return
+    logger.warning("data source probe of %s failed: %s", describe_dsn(dsn),
+                   outcome.get("error") or f"no login within {PROBE_SECONDS:g} s")
+    time.sleep(max(0.0, started + PROBE_SECONDS - time.monotonic()))
+    raise DatabaseUnavailable(PROBE_FAILED)
 
 
 def _first_line(exc: BaseException) -> str:

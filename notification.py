@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 
 import database
 import rules
-from config import Settings
+from config import Settings, ascii_email
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,11 @@ class EmailChannel:
             raise NotificationError(
                 "email is not configured: set SMTP_HOST and SMTP_USERNAME (or SMTP_FROM)", permanent=True
             )
+        try:
+            # Rows queued before addresses were checked at the API may still hold a Unicode address.
+            recipient = ascii_email(recipient)
+        except ValueError as exc:
+            raise NotificationError(str(exc), permanent=True) from None
         message, message_id = build_email(sender=s.email_sender, recipient=recipient, subject=subject or "Alert",
                                           body=body, html_body=html_body)
         try:

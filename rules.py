@@ -13,11 +13,12 @@ from croniter import croniter
 
 FINGERPRINT_SIZE = 16
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"interval:(\d{1,9})([smhd])")
+# [0-9], not \d: \d and int() also take other scripts' digits (３０, ٣٠), which would be stored as written.
+_INTERVAL = re.compile(r"interval:([0-9]{1,9})([smhd])")
 MAX_INTERVAL_SECONDS = 366 * 86400
 # The original design's free text; every spelling of it means "new rows".
 _NEW_ROWS_ALIASES = {"", "new_rows", "new rows", "new row", "new row added", "new rows added"}
-_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_DURATION = re.compile(r"([0-9]{1,9})([smhd])")
 
 
 class RuleError(ValueError):
@@ -42,6 +43,9 @@ class Schedule:
 def parse_schedule(text: str) -> Schedule:
     """Parse `interval:<n>s|m|h|d` or `cron:<5 fields>`, raising RuleError with an example on bad input."""
     text = (text or "").strip()
+    if not text.isascii():
+        raise RuleError(f"invalid schedule {text!r}: use ASCII letters and digits (0-9) only, such as interval:30s "
+                        "or cron:*/5 * * * *")
     if text.startswith("interval:"):
         match = _INTERVAL.fullmatch(text)
         if not match:
@@ -78,6 +82,23 @@ def row_fingerprint(values: Sequence[Any]) -> bytes:
     # the cost of encoding value by value. Every value psycopg2 returns has a stable repr once bytea comes back as
     # bytes rather than memoryview (see database.py).
     return hashlib.blake2b(repr(tuple(values)).encode("utf-8", "surrogatepass"), digest_size=FINGERPRINT_SIZE).digest()
+
+
+def unique_columns(columns: Sequence[str]) -> list[str]:
+    """Result column names made unique (id, id → id, id_2), so rows can be kept as objects without losing values."""
+    taken = set(columns)
+    seen: set[str] = set()
+    unique = []
+    for name in columns:
+        if name in seen:
+            number = 2
+            while f"{name}_{number}" in taken:
+                number += 1
+            name = f"{name}_{number}"
+            taken.add(name)
+        seen.add(name)
+        unique.append(name)
+    return unique
 
 
 def key_indexes(columns: Sequence[str], key_columns: Sequence[str] | None) -> list[int] | None:
@@ -156,7 +177,8 @@ def parse_duration(text: str | None, *, name: str) -> int | None:
         raise RuleError(f"invalid {name} {text!r}: use text such as 5m")
     match = _DURATION.fullmatch(text.strip())
     if not match or int(match.group(1)) < 1:
-        raise RuleError(f"invalid {name} {text!r}: use a positive whole number and s, m, h or d, such as 5m")
+        raise RuleError(f"invalid {name} {text!r}: use a positive whole number in ASCII digits (0-9) and s, m, h "
+                        "or d, such as 5m")
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
     if seconds > MAX_INTERVAL_SECONDS:
         raise RuleError(f"invalid {name} {text!r}: at most 366 days")

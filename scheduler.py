@@ -412,6 +412,8 @@ class AlertScheduler:
                 self.sources.get(alert["data_source_id"]), query=alert["query"],
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
             )
+            # `SELECT a.id, b.id` must keep both values in incidents, templates and messages.
+            columns = rules.unique_columns(columns)
             condition = rules.parse_condition(alert["condition"])
             rules.check_condition_columns(condition, columns)
             if truncated and condition.type in ("row_count", "threshold"):

@@ -36,6 +36,15 @@ def dsn_with(dsn: str, **changes: str) -> str:
     return psycopg2.extensions.make_dsn(**params)
 
 
+def data_source_parts(dsn: str) -> dict[str, Any]:
+    """A DSN as the parts POST /data-sources/ takes: host, port, dbname and user."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    parts: dict[str, Any] = {key: params[key] for key in ("host", "dbname", "user") if key in params}
+    if "port" in params:
+        parts["port"] = int(params["port"])
+    return parts
+
+
 def admin_execute(dsn: str, statement: sql.Composable | str, args: Any = None) -> None:
     """Run one statement in autocommit mode (CREATE/DROP DATABASE)."""
     conn = psycopg2.connect(dsn)

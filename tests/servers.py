@@ -300,6 +300,48 @@ class HangingServer(_LoopbackServer):
             self._listener = None
 
 
+class BannerServer(_LoopbackServer):
+    """TCP server on 127.0.0.1 that writes a banner to every connection and closes it, as a non-PostgreSQL
+    service (HTTP, SSH, SMTP) would."""
+
+    def __init__(self, banner: bytes = b"HTTP/1.1 400 Bad Request\r\nServer: banner-secret/1.0\r\n\r\n") -> None:
+        super().__init__()
+        self.banner = banner
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Listen on the kept port and answer in a daemon thread."""
+        if self._listener is None:
+            self._listener = socket.create_server((LOCALHOST, self.port))
+            self._thread = threading.Thread(target=self._serve, args=(self._listener,), daemon=True,
+                                            name=f"banner-{self.port}")
+            self._thread.start()
+
+    def _serve(self, listener: socket.socket) -> None:
+        listener.settimeout(0.1)  # closing a socket does not wake a thread blocked in accept()
+        while listener.fileno() != -1:
+            try:
+                connection, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return  # the listener was closed
+            with connection:
+                try:
+                    connection.sendall(self.banner)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        """Close the listener."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self._thread is not None:
+                self._thread.join(5)
+
+
 @dataclass(frozen=True)
 class TwilioRequest:
     """One request seen by TwilioServer and the HTTP status it was answered with."""
@@ -480,13 +522,16 @@ def _serve_demo_inbox(smtp_port: int, twilio_port: int) -> None:
     try:
         while True:
             time.sleep(0.1)
-            for mail in smtp.messages[seen_mail:]:
+            # One snapshot each, and the counts move on by what was printed: a message that arrives while these
+            # are printed is printed on the next pass (reading the lengths again afterwards skipped it).
+            mails, texts = smtp.messages[seen_mail:], twilio.requests[seen_sms:]
+            for mail in mails:
                 body = mail.message.get_body(("plain",))
                 print(f"--- email to {', '.join(mail.rcpt_tos)}: {mail.message['Subject']}\n"
                       f"{body.get_content() if body else ''}", flush=True)
-            for sms in twilio.requests[seen_sms:]:
+            for sms in texts:
                 print(f"--- WhatsApp to {sms.to} (answered {sms.answered_status}):\n{sms.body}\n", flush=True)
-            seen_mail, seen_sms = len(smtp.messages), len(twilio.requests)
+            seen_mail, seen_sms = seen_mail + len(mails), seen_sms + len(texts)
     except KeyboardInterrupt:
         pass
     finally:

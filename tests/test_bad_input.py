@@ -66,6 +66,10 @@ BAD_ALERTS = [
      "finite"),
     ("operator not a string", changed(trigger_condition={"type": "row_count", "operator": [], "value": 1}),
      "operator"),
+    ("interval with full-width digits", changed(schedule="interval:３０s"), "ASCII"),
+    ("cron with full-width digits", changed(schedule="cron:*/５ * * * *"), "ASCII"),
+    ("'for' with Arabic-Indic digits", changed(trigger_condition={"type": "empty", "for": "٣m"}), "ASCII"),
+    ("cooldown with full-width digits", changed(trigger_condition={"type": "new_rows", "cooldown": "５m"}), "ASCII"),
     ("template that loops too much",
      changed(message_template="{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"),
      "range over"),
@@ -138,7 +142,7 @@ def test_a_rejected_update_leaves_the_alert_as_it_was(service, db_dsn):
 def test_bad_data_sources_users_and_teams_are_rejected(service):
     assert service.client.post("/data-sources/", json={"name": "x"}).status_code == 422
     refused = service.client.post("/data-sources/", json={"name": "x", "host": "127.0.0.1", "port": 1})
-    assert refused.status_code == 422 and "cannot connect" in refused.text
+    assert refused.status_code == 422 and "could not connect to the data source" in refused.text
     assert service.client.post("/users/", json={"name": "a", "email": "nope"}).status_code == 422
     assert service.client.post("/users/", json={"name": "a", "email": "a@example.com",
                                                 "team_id": str(uuid.uuid4())}).status_code == 422
@@ -146,6 +150,26 @@ def test_bad_data_sources_users_and_teams_are_rejected(service):
     assert service.client.post("/teams/", json={"name": "ops"}).status_code == 201
     assert service.client.post("/teams/", json={"name": "ops"}).status_code == 409
     assert len(service.client.get("/data-sources/").json()) == 1
+
+
+def test_a_mailbox_that_needs_smtputf8_is_refused_wherever_an_address_is_taken(service, db_dsn):
+    create_orders_table(db_dsn)
+    for address in ("josé@example.com", "ｏｐｓ@example.com", "отдел@example.com"):
+        alert = service.client.post("/alert-configs/", json=changed(notification_channels={"email": [address]}))
+        assert alert.status_code == 422, alert.text
+        assert address in alert.text and "ASCII" in alert.text and "SMTPUTF8" in alert.text
+        user = service.client.post("/users/", json={"name": "José", "email": address})
+        assert user.status_code == 422 and address in user.text, user.text
+    assert service.sql("SELECT count(*) AS n FROM alert_config")[0]["n"] == 0
+    assert service.client.get("/users/").json() == []
+
+
+def test_an_internationalised_domain_is_stored_as_it_is_sent(service, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(notification_channels={"email": ["ops@bücher.example", "OPS@BÜCHER.example"]})
+    assert alert["notification_channels"]["email"] == ["ops@xn--bcher-kva.example", "OPS@xn--bcher-kva.example"]
+    user = service.client.post("/users/", json={"name": "Ada", "email": "ada@bücher.example"})
+    assert user.status_code == 201 and user.json()["email"] == "ada@xn--bcher-kva.example"
 
 
 def test_validation_errors_do_not_echo_a_password(service):
@@ -165,7 +189,7 @@ def test_bad_mutes_are_422(service, db_dsn):
     create_orders_table(db_dsn)
     alert = service.create_alert()
     for body in ({"duration": "4000000d"}, {"until": "9999-12-31T23:59:59-14:00"}, {"duration": "5x"},
-                 {"until": "2030-01-01T00:00:00Z", "duration": "1h"}):
+                 {"until": "2030-01-01T00:00:00Z", "duration": "1h"}, {"duration": "２h"}):
         response = service.client.put(f"/alert-configs/{alert['id']}/mute", json=body)
         assert response.status_code == 422, (body, response.text)
     assert service.client.get(f"/alert-configs/{alert['id']}").json()["muted_until"] is None

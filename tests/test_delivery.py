@@ -51,6 +51,25 @@ def test_smtp_temporary_reply_is_retried_and_permanent_reply_fails_at_once(servi
     assert "notification_failed" in [a["action"] for a in activities]
 
 
+def test_an_internationalised_domain_is_delivered_in_its_ascii_form(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    service.create_alert(notification_channels={"email": ["ops@bücher.example"]})
+    mail = smtp_server.wait_for(1)[0]
+    assert mail.rcpt_tos == ["ops@xn--bcher-kva.example"] and mail.message["To"] == "ops@xn--bcher-kva.example"
+    service.wait_idle()
+    assert notifications(service, channel="email")[0]["status"] == "SUCCESS"
+
+
+def test_a_queued_mailbox_that_needs_smtputf8_fails_at_once_with_why(service, smtp_server, db_dsn):
+    # As an outbox row written before addresses were checked at the API would be.
+    queue_emails(db_dsn, ["before the upgrade"], recipient="josé@example.com")
+    service.services.dispatcher.wake()
+    eventually(lambda: notifications(service, channel="email", status="FAILED"), message="email FAILED")
+    failed = notifications(service, channel="email", status="FAILED")[0]
+    assert failed["attempts"] == 1 and "ASCII" in failed["error"] and "josé@example.com" in failed["error"]
+    assert smtp_server.data_attempts == 0
+
+
 def test_twilio_500_then_201_is_delivered(service, twilio_server, db_dsn):
     create_orders_table(db_dsn)
     twilio_server.script(500, message="internal error", times=1)

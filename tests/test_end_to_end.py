@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import psycopg2
-import psycopg2.extensions
 import pytest
 
-from tests.conftest import TWILIO_FROM, create_orders_table, eventually, execute, insert_one_by_one, insert_orders
+from tests.conftest import (TWILIO_FROM, create_orders_table, data_source_parts, eventually, execute,
+                            insert_one_by_one, insert_orders)
 
 
 def incidents(service, alert_id: str) -> list[dict]:
@@ -71,6 +71,25 @@ def test_one_insert_gives_one_incident_one_email_and_one_whatsapp_with_the_new_r
     assert found[0]["priority"] == "HIGH" and found[0]["status"] == "ACTIVE"
     actions = [a["action"] for a in service.client.get(f"/incidents/{found[0]['id']}/activities").json()]
     assert actions.count("created") == 1 and actions.count("notified") == 2
+
+
+def test_columns_with_the_same_name_keep_every_value_in_incidents_templates_and_dry_runs(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    query = "SELECT o.order_number AS id, o.business_unit AS id, 'x' AS id_2 FROM dc_order o"
+    alert = service.create_alert(query=query, key_columns=["id_3"],
+                                 message_template="{% for r in rows %}{{ r.id }}/{{ r.id_3 }}/{{ r.id_2 }}{% endfor %}")
+    smtp_server.wait_for(1)
+    service.wait_idle()
+
+    execute(db_dsn, "INSERT INTO dc_order (order_number, business_unit) VALUES ('ORD1', 'EU')")
+
+    assert "ORD1/EU/x" in smtp_server.wait_for(2)[1].message.get_body(("plain",)).get_content()
+    service.wait_idle()
+    data = incidents(service, alert["id"])[0]["incident_data"]
+    assert data["columns"] == ["id", "id_3", "id_2"]
+    assert data["new_rows"] == [{"id": "ORD1", "id_3": "EU", "id_2": "x"}]
+    dry_run = service.client.post(f"/alert-configs/{alert['id']}/test").json()
+    assert dry_run["columns"] == ["id", "id_3", "id_2"] and dry_run["rows"] == [["ORD1", "EU", "x"]]
 
 
 def test_one_100_row_insert_gives_one_incident(service, smtp_server, db_dsn):
@@ -287,10 +306,8 @@ def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, 
 
 def test_a_second_data_source_has_its_own_listener(service, smtp_server, empty_dsn):
     create_orders_table(empty_dsn)
-    params = psycopg2.extensions.parse_dsn(empty_dsn)
     source = service.client.post("/data-sources/", json={
-        "name": "warehouse", "host": params["host"], "port": int(params.get("port", 5432)), "dbname": params["dbname"],
-        "user": params["user"], "password": "s3cret-value"})
+        "name": "warehouse", **data_source_parts(empty_dsn), "password": "s3cret-value"})
     assert source.status_code == 201, source.text
     assert "s3cret-value" not in source.text and source.json()["has_password"] is True
     assert "s3cret-value" not in service.client.get("/data-sources/").text

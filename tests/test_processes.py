@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
+import smtplib
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from email.message import EmailMessage
 from pathlib import Path
 
 import psycopg2
 
 import database
-from tests.conftest import free_port, wait_for_health
+from tests.conftest import eventually, free_port, wait_for_health
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +103,57 @@ def test_uvicorn_api_app_runs_the_service_too(db_dsn):
     finally:
         process.terminate()
         process.communicate(timeout=20)
+
+
+def test_make_inbox_prints_every_message_exactly_once_however_they_arrive():
+    smtp_port, twilio_port = free_port(), free_port()
+    inbox = subprocess.Popen([sys.executable, "-m", "tests.servers", "--smtp-port", str(smtp_port), "--twilio-port",
+                              str(twilio_port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(inbox.stdout), daemon=True)
+    reader.start()
+    try:
+        eventually(lambda: _accepts(smtp_port) and _accepts(twilio_port), message="the inbox to listen")
+
+        def send_emails(sender: int) -> None:
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+                for n in range(25):
+                    message = EmailMessage()
+                    message["Subject"], message["From"], message["To"] = f"mail-{sender}-{n}", "a@example.com", "b@c.com"
+                    message.set_content("body")
+                    client.send_message(message)
+
+        def send_whatsapp(sender: int) -> None:
+            account = "ACtest00000000000000000000000000"  # the inbox's TwilioServer defaults
+            auth = base64.b64encode(f"{account}:twilio-secret".encode()).decode()
+            url = f"http://127.0.0.1:{twilio_port}/2010-04-01/Accounts/{account}/Messages.json"
+            for n in range(25):
+                form = urllib.parse.urlencode({"To": "whatsapp:+14155550123", "From": "whatsapp:+14155238886",
+                                               "Body": f"sms-{sender}-{n}"}).encode()
+                request = urllib.request.Request(url, data=form, headers={"Authorization": f"Basic {auth}"})
+                urllib.request.urlopen(request, timeout=10).close()
+
+        with ThreadPoolExecutor(8) as senders:
+            jobs = [senders.submit(send, s) for send in (send_emails, send_whatsapp) for s in range(4)]
+            for job in jobs:
+                job.result()
+        expected = [f"mail-{s}-{n}" for s in range(4) for n in range(25)] + \
+                   [f"sms-{s}-{n}" for s in range(4) for n in range(25)]
+        eventually(lambda: sum(line.startswith("--- ") for line in list(lines)) >= len(expected), timeout=15,
+                   message="every message printed")
+        time.sleep(0.3)  # anything printed twice would come now
+        printed = [line.strip() for line in list(lines)]
+        counts = {tag: sum(line.endswith(f": {tag}") or line == tag for line in printed) for tag in expected}
+        assert set(counts.values()) == {1}, {tag: c for tag, c in counts.items() if c != 1}
+        assert sum(line.startswith("--- ") for line in printed) == len(expected)
+    finally:
+        inbox.send_signal(signal.SIGINT)
+        inbox.wait(timeout=10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

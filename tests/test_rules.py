@@ -21,6 +21,24 @@ def test_intervals_are_parsed_to_seconds(text, seconds):
     assert rules.parse_schedule(text).seconds == seconds
 
 
+@pytest.mark.parametrize("columns, unique", [
+    (["id", "name"], ["id", "name"]),
+    (["id", "id"], ["id", "id_2"]),
+    (["id", "id", "id"], ["id", "id_2", "id_3"]),
+    (["id", "id", "id_2"], ["id", "id_3", "id_2"]),
+    (["?column?", "?column?"], ["?column?", "?column?_2"]),
+])
+def test_result_columns_with_the_same_name_get_distinct_names(columns, unique):
+    assert rules.unique_columns(columns) == unique
+
+
+@given(st.lists(st.sampled_from(["id", "id_2", "id_3", "a", "a_2_2", "a_2"]), max_size=12))
+def test_unique_columns_are_distinct_and_keep_every_first_name(columns):
+    unique = rules.unique_columns(columns)
+    assert len(unique) == len(columns) == len(set(unique))
+    assert [u for c, u in zip(columns, unique) if c == u] == list(dict.fromkeys(columns))
+
+
 def test_cron_schedules_give_the_next_run():
     schedule = rules.parse_schedule("cron:*/5 * * * *")
     after = datetime(2026, 1, 1, 12, 2, 30, tzinfo=timezone.utc)
@@ -32,6 +50,22 @@ def test_cron_schedules_give_the_next_run():
 def test_bad_schedules_are_rejected_with_an_example(text):
     with pytest.raises(rules.RuleError, match="interval|cron|schedule"):
         rules.parse_schedule(text)
+
+
+# Every decimal digit outside ASCII: Python's \d and int() accept them all.
+_OTHER_DIGITS = [chr(c) for c in range(0x80, 0x110000) if chr(c).isdecimal()]
+
+
+def test_schedules_and_durations_take_only_ascii_digits():
+    assert len(_OTHER_DIGITS) > 600
+    for digit in _OTHER_DIGITS:
+        for text in (f"interval:{digit}s", f"interval:3{digit}s", f"cron:*/{digit} * * * *"):
+            with pytest.raises(rules.RuleError, match="ASCII"):
+                rules.parse_schedule(text)
+        for name in ("for", "repeat_every", "cooldown", "duration"):
+            with pytest.raises(rules.RuleError, match="ASCII"):
+                rules.parse_duration(f"{digit}m", name=name)
+    assert rules.parse_schedule(" interval:30s ").text == "interval:30s"
 
 
 @pytest.mark.parametrize("text", [None, "", "New row added", "new_rows", "NEW ROWS", "New row added."])
@@ -273,6 +307,31 @@ def test_settings_errors_name_the_variable():
         load_settings(_env_file=None, twilio_from_number="12345")
     with pytest.raises(ConfigError, match="WORKERS"):
         load_settings(_env_file=None, workers=0)
+
+
+def test_an_smtp_login_that_smtplib_cannot_send_stops_start_up():
+    with pytest.raises(ConfigError, match="SMTP_PASSWORD: .*ASCII"):
+        load_settings(_env_file=None, smtp_password="pässwort")
+    with pytest.raises(ConfigError, match="SMTP_USERNAME: .*ASCII"):
+        load_settings(_env_file=None, smtp_username="jürgen")
+    assert "pässwort" not in str(_config_error(smtp_password="pässwort"))
+
+
+def _config_error(**settings) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None, **settings)
+    return caught.value
+
+
+def test_smtp_from_must_be_an_address_every_server_takes():
+    with pytest.raises(ConfigError, match="SMTP_FROM.*josé@example.com.*ASCII"):
+        load_settings(_env_file=None, smtp_from="josé@example.com")
+    with pytest.raises(ConfigError, match="SMTP_FROM"):
+        load_settings(_env_file=None, smtp_from="alerts at example.com")
+    assert load_settings(_env_file=None, smtp_from="alerts@bücher.example").email_sender == \
+        "alerts@xn--bcher-kva.example"
+    assert load_settings(_env_file=None, smtp_from="Alert Service <alerts@bücher.example>").email_sender == \
+        "Alert Service <alerts@xn--bcher-kva.example>"
 
 
 def test_settings_defaults_and_fractional_retry_delay():

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg2.extensions
 import pytest
 from cryptography.fernet import Fernet
+from psycopg2 import sql
 
 import database
 from config import load_settings
 from main import listen_host
-from tests.conftest import Service, create_orders_table
+from tests.conftest import (Service, admin_execute, create_orders_table, data_source_parts, dsn_with, eventually,
+                            free_port)
+from tests.servers import BannerServer, HangingServer
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -36,6 +42,23 @@ def test_without_a_key_every_endpoint_but_health_and_docs_is_401(secured):
     assert "scheduler" in client.get("/health", headers={"X-API-Key": KEY_A}).json()
     assert client.get("/api/docs").status_code == 200
     assert client.get("/api/openapi.json").status_code == 200
+
+
+def test_health_without_a_key_says_unavailable_but_not_why(secured, pg_admin_dsn, db_dsn):
+    name = psycopg2.extensions.parse_dsn(db_dsn)["dbname"]
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    try:
+        admin_execute(pg_admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))
+        anonymous = eventually(lambda: (r := secured.client.get("/health")).status_code == 503 and r,
+                               message="/health to say the database is unavailable")
+        assert anonymous.json() == {"status": "unavailable", "database": "unavailable"}
+        assert name not in anonymous.text and "accepting" not in anonymous.text
+        operator = secured.client.get("/health", headers={"X-API-Key": KEY_A})
+        assert operator.status_code == 503 and "not currently accepting connections" in operator.json()["database"]
+    finally:
+        admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    eventually(lambda: secured.client.get("/health").status_code == 200, message="/health back to 200")
 
 
 def test_either_header_and_any_configured_key_is_accepted(secured):
@@ -72,16 +95,12 @@ def test_short_api_keys_and_bad_secret_keys_stop_start_up():
 
 
 def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings, empty_dsn):
-    import psycopg2.extensions
-
     key = Fernet.generate_key().decode()
     service = Service(settings.model_copy(update={"secret_key": load_settings(
         _env_file=None, secret_key=key).secret_key})).start()
     try:
-        params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "port": int(params.get("port", 5432)), "dbname": params["dbname"],
-            "user": params["user"], "password": "pa55-word-in-clear"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55-word-in-clear"})
         assert response.status_code == 201, response.text
         assert "pa55-word-in-clear" not in response.text
         stored = service.sql("SELECT password FROM data_source WHERE name = 'warehouse'")[0]["password"]
@@ -101,15 +120,67 @@ def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings
 
 
 def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empty_dsn):
-    import psycopg2.extensions
-
     service = Service(settings.model_copy(update={"secret_key": None})).start()
     try:
-        params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "port": int(params.get("port", 5432)), "dbname": params["dbname"],
-            "user": params["user"], "password": "pa55"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55"})
         assert response.status_code == 422 and "SECRET_KEY" in response.text
         assert len(service.client.get("/data-sources/").json()) == 1
     finally:
         service.stop()
+
+
+def test_the_data_source_probe_answers_every_failure_alike_and_echoes_no_server_bytes(service, pg_admin_dsn,
+                                                                                      empty_dsn, caplog):
+    with HangingServer() as silent, BannerServer() as banner, caplog.at_level(logging.WARNING, logger="database"):
+        attempts = {
+            "closed port": {"host": "127.0.0.1", "port": free_port()},
+            "silent port": {"host": "127.0.0.1", "port": silent.port},
+            "HTTP server": {"host": "127.0.0.1", "port": banner.port},
+            "HTTP server, no TLS": {"host": "127.0.0.1", "port": banner.port, "sslmode": "disable"},
+            "unknown role": {"dsn": dsn_with(pg_admin_dsn, user="no_such_role")},
+            "unknown database": {"dsn": dsn_with(pg_admin_dsn, dbname="no_such_database")},
+        }
+
+        def attempt(body: dict) -> tuple:
+            started = time.monotonic()
+            response = service.client.post("/data-sources/", json={"name": "probe", **body})
+            return response, time.monotonic() - started
+
+        with ThreadPoolExecutor(len(attempts)) as threads:
+            results = dict(zip(attempts, threads.map(attempt, attempts.values())))
+
+    for name, (response, _) in results.items():
+        assert response.status_code == 422, (name, response.text)
+        assert "banner-secret" not in response.text and "received" not in response.text, (name, response.text)
+    messages = {name: response.json()["detail"][0]["msg"] for name, (response, _) in results.items()}
+    assert len(set(messages.values())) == 1, messages
+    assert next(iter(messages.values())).startswith("could not connect to the data source: ")
+    seconds = {name: elapsed for name, (_, elapsed) in results.items()}
+    assert min(seconds.values()) >= database.PROBE_SECONDS - 0.05, seconds
+    assert max(seconds.values()) - min(seconds.values()) < 1.0, seconds
+    assert "Connection refused" in caplog.text and "no_such_role" in caplog.text, "the operator's log says why"
+
+    started = time.monotonic()
+    assert service.client.post("/data-sources/", json={"name": "works", "dsn": empty_dsn}).status_code == 201
+    assert time.monotonic() - started < database.PROBE_SECONDS
+    assert [s["name"] for s in service.client.get("/data-sources/").json() if not s["is_default"]] == ["works"]
+
+
+def test_a_data_source_that_stops_answering_is_reported_without_the_servers_words(service, pg_admin_dsn, empty_dsn):
+    create_orders_table(empty_dsn)
+    source = service.client.post("/data-sources/", json={"name": "warehouse", "dsn": empty_dsn})
+    assert source.status_code == 201, source.text
+    name = psycopg2.extensions.parse_dsn(empty_dsn)["dbname"]
+    admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    try:
+        admin_execute(pg_admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                      (name,))
+        response = service.client.post("/alert-configs/", json={
+            "name": "Orders", "query": "SELECT order_number FROM dc_order", "schedule": "interval:1m",
+            "data_source_id": source.json()["id"], "notification_channels": {"email": ["ops@example.com"]}})
+    finally:
+        admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    assert response.status_code == 422, response.text
+    assert "could not connect to the data source warehouse" in response.text
+    assert "accepting" not in response.text and name not in response.text
