@@ -30,6 +30,7 @@ from scheduler import AlertScheduler
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
+MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
@@ -87,6 +88,8 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
 
     app = FastAPI(
         title="Alert service for TimescaleDB and PostgreSQL",
+        # Counts bytes as they arrive, so a chunked body without Content-Length is cut at the limit too.
+        max_body_size=MAX_BODY_BYTES,
         description="Register SQL queries; get email and WhatsApp alerts when their results change.",
         version="1.0.0",
         docs_url="/api/docs",
@@ -120,8 +123,7 @@ def require_api_key(
         return
     offered = header_key or (bearer.credentials if bearer else None)
     if offered is None:
-        raise HTTPException(401, "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, MISSING_KEY, headers={"WWW-Authenticate": "Bearer"})
     if not _key_matches(offered, keys):
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -136,14 +138,21 @@ def _key_matches(offered: str, keys: list[str]) -> bool:
 
 def _authenticated(request: Request) -> bool:
     """Whether a request carries a valid key (always true when API_KEY is unset)."""
+    return _key_refusal(request) is None
+
+
+def _key_refusal(request: Request) -> str | None:
+    """Why a request's key is not accepted, or None when it is (or API_KEY is unset)."""
     keys = request.app.state.services.settings.api_keys
     if not keys:
-        return True
+        return None
     offered = request.headers.get("x-api-key")
     authorization = request.headers.get("authorization", "")
     if offered is None and authorization.lower().startswith("bearer "):
         offered = authorization[7:].strip()
-    return offered is not None and _key_matches(offered, keys)
+    if offered is None:
+        return MISSING_KEY
+    return None if _key_matches(offered, keys) else "invalid API key"
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -180,12 +189,40 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
-        return await call_next(request)
+    @app.exception_handler(413)
+    async def _too_large(request: Request, exc: HTTPException):
+        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+
+    app.add_middleware(_Gate)
+
+
+PUBLIC_PATHS = frozenset({"/health", "/api/docs", "/api/docs/oauth2-redirect", "/api/openapi.json"})
+
+
+class _Gate:
+    """Refuses a request before a byte of its body is read: 401 without a valid key, 413 for a declared length
+    over the limit. (FastAPI reads the body before it runs dependencies such as require_api_key.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            refusal = None
+            problem = None if scope["path"] in PUBLIC_PATHS else _key_refusal(request)
+            if problem is not None:
+                refusal = JSONResponse(status_code=401, content={"detail": problem},
+                                       headers={"WWW-Authenticate": "Bearer"})
+            else:
+                length = request.headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                    refusal = JSONResponse(status_code=413,
+                                           content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- schemas ---------------------------------------------------------------------------------------------------
