@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     smtp_security: Literal["starttls", "ssl", "none"] = "starttls"
     smtp_ca_file: Path | None = None
     smtp_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    send_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None

@@ -244,6 +244,83 @@ def retry_delay(*, attempts: int, base_seconds: float, retry_after: float | None
 # --- channels --------------------------------------------------------------------------------------------------
 
 
+class SendDeadline:
+    """A total time limit for one send. Socket timeouts bound each read, so a server that trickles a line a second
+    never trips them; at the deadline this shuts the send's sockets down, which ends any read in progress."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list = []
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "SendDeadline":
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        SendDeadline._current.value = self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        SendDeadline._current.value = None
+
+    @classmethod
+    def current(cls) -> "SendDeadline | None":
+        """The deadline of the send running on this thread, if any."""
+        return getattr(cls._current, "value", None)
+
+    def watch(self, get_socket) -> None:
+        """Shut down `get_socket()` (read at the deadline: STARTTLS replaces a socket) when time is up."""
+        with self._lock:
+            self._sockets.append(get_socket)
+            expired = self.expired
+        if expired:
+            _shut_down(get_socket())
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for get_socket in sockets:
+            _shut_down(get_socket())
+
+
+def _shut_down(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        # The plain socket's shutdown, also for an SSL socket: it only needs the read in the sender thread to end.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+class _WatchedSMTP(smtplib.SMTP):
+    """smtplib.SMTP whose socket is shut down at the send's deadline (the greeting can trickle too)."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        deadline = SendDeadline.current()
+        if deadline is not None:
+            deadline.watch(lambda: self.sock or sock)
+        return sock
+
+
+class _WatchedSMTP_SSL(smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL whose socket is shut down at the send's deadline."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        deadline = SendDeadline.current()
+        if deadline is not None:
+            deadline.watch(lambda: self.sock or sock)
+        return sock
+
+
 class EmailChannel:
     """Email through SMTP. Each sender thread keeps its session open for SMTP_IDLE_SECONDS, so an alert does not
     pay for TCP, TLS and AUTH every time; a kept session that the server closed is replaced and retried once."""
@@ -262,10 +339,10 @@ class EmailChannel:
     def _open(self) -> smtplib.SMTP:
         s = self.settings
         if s.smtp_security == "ssl":
-            client = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
+            client = _WatchedSMTP_SSL(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
                                       timeout=s.smtp_timeout_seconds, context=self._tls_context())
         else:
-            client = smtplib.SMTP(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
+            client = _WatchedSMTP(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
                                   timeout=s.smtp_timeout_seconds)
         try:
             if s.smtp_security == "starttls":
@@ -302,32 +379,39 @@ class EmailChannel:
             )
         message, message_id = build_email(sender=s.email_sender, recipient=recipient, subject=subject or "Alert",
                                           body=body, html_body=html_body)
-        try:
-            for _ in range(2):
-                client, kept = self._session()
-                try:
-                    client.sendmail(s.email_sender, [recipient], message)
-                except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                    self.close_session()
-                    if kept:
-                        continue  # the server dropped the idle session: one fresh try, not a failed attempt
-                    raise exc
-                except BaseException:
-                    self.close_session()
-                    raise
-                self._local.used = time.monotonic()
-                return message_id
-        except smtplib.SMTPRecipientsRefused as exc:
-            code, reply = next(iter(exc.recipients.values()))
-            raise NotificationError(f"SMTP refused recipient: {code} {_decode(reply)}", permanent=code >= 500) from None
-        except smtplib.SMTPResponseException as exc:
-            raise NotificationError(
-                f"SMTP error {exc.smtp_code}: {_decode(exc.smtp_error)}", permanent=exc.smtp_code >= 500
-            ) from None
-        except (socket.timeout, TimeoutError):
-            raise NotificationError(f"SMTP server did not answer within {s.smtp_timeout_seconds:g}s") from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise NotificationError(f"SMTP failed: {type(exc).__name__}: {exc}") from None
+        with SendDeadline(s.send_timeout_seconds) as deadline:
+            try:
+                for _ in range(2):
+                    client, kept = self._session()
+                    deadline.watch(lambda: client.sock)
+                    try:
+                        client.sendmail(s.email_sender, [recipient], message)
+                    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                        self.close_session()
+                        if kept and not deadline.expired:
+                            continue  # the server dropped the idle session: one fresh try, not a failed attempt
+                        raise exc
+                    except BaseException:
+                        self.close_session()
+                        raise
+                    self._local.used = time.monotonic()
+                    return message_id
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, reply = next(iter(exc.recipients.values()))
+                raise NotificationError(f"SMTP refused recipient: {code} {_decode(reply)}",
+                                        permanent=code >= 500) from None
+            except smtplib.SMTPResponseException as exc:
+                raise NotificationError(
+                    f"SMTP error {exc.smtp_code}: {_decode(exc.smtp_error)}", permanent=exc.smtp_code >= 500
+                ) from None
+            except (OSError, smtplib.SMTPException) as exc:
+                if deadline.expired:
+                    raise NotificationError(
+                        f"SMTP send did not finish within SEND_TIMEOUT_SECONDS ({s.send_timeout_seconds:g}s): the "
+                        "server answers too slowly; the session was dropped") from None
+                if isinstance(exc, (socket.timeout, TimeoutError)):
+                    raise NotificationError(f"SMTP server did not answer within {s.smtp_timeout_seconds:g}s") from None
+                raise NotificationError(f"SMTP failed: {type(exc).__name__}: {exc}") from None
         raise NotificationError("SMTP server closed the connection twice")
 
 
@@ -392,11 +476,14 @@ class WhatsAppChannel:
                     self.last_response = super().request(method, url, *args, **kwargs)
                     return self.last_response
 
+            http_client = _BaseUrlHttpClient(timeout=self.settings.smtp_timeout_seconds)
+            for scheme in ("https://", "http://"):
+                http_client.session.mount(scheme, _deadline_adapter())
             # The requests session of one client is not shared between threads.
             client = Client(
                 self.settings.twilio_account_sid,
                 self.settings.twilio_auth_token.get_secret_value(),
-                http_client=_BaseUrlHttpClient(timeout=self.settings.smtp_timeout_seconds),
+                http_client=http_client,
             )
             self._local.client = client
         return client
@@ -410,10 +497,14 @@ class WhatsAppChannel:
             )
         from twilio.base.exceptions import TwilioException, TwilioRestException
 
+        client = self._client()
         try:
-            message = self._client().messages.create(
-                from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
-            )
+            with SendDeadline(self.settings.send_timeout_seconds) as deadline:
+                message = client.messages.create(
+                    from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
+                )
+            if deadline.expired:  # http.client reads a header block cut short as a complete one
+                raise TimeoutError("the answer was cut at the deadline")
         except TwilioRestException as exc:
             status = exc.status or 0
             text = f"Twilio error {exc.code or status}: {exc.msg}"
@@ -423,8 +514,50 @@ class WhatsAppChannel:
         except TwilioException as exc:
             raise NotificationError(f"Twilio request failed: {exc}") from None
         except Exception as exc:  # requests' connection and timeout errors, without importing requests here
+            if deadline.expired:
+                raise NotificationError(
+                    f"Twilio did not answer within SEND_TIMEOUT_SECONDS ({self.settings.send_timeout_seconds:g}s)"
+                ) from None
             raise NotificationError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         return message.sid
+
+
+def _deadline_adapter():
+    """A requests adapter whose connections are shut down at the current SendDeadline (a trickled response
+    never trips the per-read timeout)."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                self._watch()
+
+            def request(self, *args, **kwargs):
+                self._watch()  # a kept-alive connection is not connected again
+                return super().request(*args, **kwargs)
+
+            def _watch(self):
+                deadline = SendDeadline.current()
+                if deadline is not None:
+                    deadline.watch(lambda: self.sock)
+
+        return Watched
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = watched(HTTPConnection)
+
+    class TlsPool(HTTPSConnectionPool):
+        ConnectionCls = watched(HTTPSConnection)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TlsPool}
+
+    return Adapter()
 
 
 def _retry_after(response: Any) -> float | None:
@@ -467,7 +600,7 @@ class Dispatcher:
 
     def lease_seconds(self, channel: str) -> float:
         """How long a claim lasts: longer than any send can take, so a live sender is never overtaken."""
-        return self.settings.smtp_timeout_seconds * 4 + 30
+        return self.settings.send_timeout_seconds + self.settings.smtp_timeout_seconds + 30
 
     def start(self) -> None:
         """Start the dispatch loop in a background thread."""
