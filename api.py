@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, mo
 import database
 import query_analysis
 import rules
+import templating
 from config import Settings, is_e164, load_settings
 import notification
 from notification import Dispatcher
@@ -59,6 +60,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     # Fail at start-up, not at the first alert, when the key cannot read what is stored.
     database.check_stored_secrets(pool, box)
     sources = database.SourcePools(pool, size=settings.workers + 1, box=box)
+    # Started in the background: the first templated message should not wait for them, nor start-up.
+    templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
+                     memory_mb=settings.template_memory_mb)
     dispatcher = Dispatcher(pool, settings)
     scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     dispatcher.start()
@@ -69,6 +73,8 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
 
 def stop_services(services: Services) -> None:
     """Stop background threads, then close every connection."""
+    # First, so that an evaluation rendering a runaway template ends now instead of holding up the stop.
+    templating.stop()
     services.scheduler.stop()
     services.dispatcher.stop()
     services.sources.close()

@@ -20,7 +20,9 @@ from typing import Any, Protocol, Sequence
 
 import database
 import rules
+import templating
 from config import Settings
+from templating import TemplateFailed
 
 logger = logging.getLogger(__name__)
 
@@ -138,45 +140,7 @@ def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[s
             f"<tbody>{body}</tbody></table>"]
 
 
-class TemplateFailed(Exception):
-    """A message template could not be compiled or rendered."""
-
-
-_TEMPLATE_ENV = None
 TEMPLATE_MAX_ROWS = 1000
-TEMPLATE_MAX_CHARS = 50_000
-TEMPLATE_MAX_RANGE = 1000
-
-
-def _environment():
-    global _TEMPLATE_ENV
-    if _TEMPLATE_ENV is None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-            """Sandboxed (no Python internals, nothing mutable) and bounded, since templates are user input:
-            no huge ranges, string repetition or powers."""
-
-            intercepted_binops = frozenset(["*", "**"])
-
-            def call_binop(self, context, operator, left, right):
-                if operator == "**" and isinstance(right, (int, float)) and abs(right) > 100:
-                    raise TemplateFailed("exponent over 100")
-                if operator == "*" and any(isinstance(v, (str, list, tuple)) for v in (left, right)):
-                    count = right if isinstance(left, (str, list, tuple)) else left
-                    if isinstance(count, int) and count > TEMPLATE_MAX_CHARS:
-                        raise TemplateFailed(f"repetition over {TEMPLATE_MAX_CHARS}")
-                return super().call_binop(context, operator, left, right)
-
-        def bounded_range(*args):
-            values = range(*args)
-            if len(values) > TEMPLATE_MAX_RANGE:
-                raise TemplateFailed(f"range over {TEMPLATE_MAX_RANGE} items")
-            return values
-
-        _TEMPLATE_ENV = _BoundedEnvironment(autoescape=False, trim_blocks=True, lstrip_blocks=True)
-        _TEMPLATE_ENV.globals["range"] = bounded_range
-    return _TEMPLATE_ENV
 
 
 def template_context(*, alert: dict, notice: rules.Notice) -> dict:
@@ -193,23 +157,8 @@ def template_context(*, alert: dict, notice: rules.Notice) -> dict:
 
 
 def render_template(template: str, context: dict) -> str:
-    """Render a message template in the sandbox; TemplateFailed says what went wrong."""
-    from jinja2 import TemplateError
-
-    try:
-        parts, size = [], 0
-        for part in _environment().from_string(template).generate(**context):
-            parts.append(part)
-            size += len(part)
-            if size > TEMPLATE_MAX_CHARS:
-                raise TemplateFailed(f"output over {TEMPLATE_MAX_CHARS} characters")
-        return "".join(parts)
-    except TemplateFailed:
-        raise
-    except TemplateError as exc:
-        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # templates can raise anything a filter raises (ZeroDivisionError, …)
-        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
+    """Render a message template in a render process, within its time, memory and output limits."""
+    return templating.render(template, context)
 
 
 def check_template(template: str) -> None:
