@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     workers: int = Field(4, ge=1, le=64)
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
+    max_result_bytes: int = Field(16_000_000, ge=10_000, le=2_000_000_000)
     template_timeout_seconds: float = Field(2.0, gt=0, le=60)
     template_memory_mb: int = Field(256, ge=64, le=16_384)
     template_processes: int = Field(2, ge=1, le=32)

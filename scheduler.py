@@ -411,13 +411,15 @@ class AlertScheduler:
             columns, rows, truncated = database.run_query(
                 self.sources.get(alert["data_source_id"]), query=alert["query"],
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
+                max_bytes=self.settings.max_result_bytes,
             )
             condition = rules.parse_condition(alert["condition"])
             rules.check_condition_columns(condition, columns)
             if truncated and condition.type in ("row_count", "threshold"):
                 # Judging a count or a threshold on part of the result would be a guess.
-                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows}) rows and "
-                        f"{condition.type} needs every row: aggregate in the query or raise MAX_RESULT_ROWS")
+                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows} rows) or "
+                        f"MAX_RESULT_BYTES ({self.settings.max_result_bytes} bytes) and {condition.type} needs "
+                        "every row: aggregate in the query or raise the limit")
             return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
         except (database.DatabaseError, rules.RuleError) as exc:
             return str(exc)
