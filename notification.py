@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 WHATSAPP_MAX_CHARS = 1600
 EMAIL_MAX_ROWS = 100
 WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the API for every row)"
+# A stored alert returning a 5 MB value must not store 5 MB in every message copy: values shown in a message are
+# cut at MESSAGE_MAX_VALUE_CHARS, an email's text at EMAIL_MAX_CHARS, each with a visible note.
+MESSAGE_MAX_VALUE_CHARS = 1_000
+EMAIL_MAX_CHARS = 100_000
+EMAIL_TRUNCATION_NOTE = "\n… (message cut at 100,000 characters; see the API for every row)\n"
 MAX_BACKOFF_SECONDS = 6 * 3600
 # Servers commonly drop idle sessions after a minute or more; a kept session is used for 30 s at most.
 SMTP_IDLE_SECONDS = 30.0
@@ -67,7 +72,12 @@ class Rendered:
 
 
 def _cell(value: Any) -> str:
-    return "NULL" if value is None else str(value)
+    return "NULL" if value is None else cut_text(str(value), MESSAGE_MAX_VALUE_CHARS)
+
+
+def cut_text(text: str, limit: int) -> str:
+    """The text, or its first `limit` characters and a note saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… (cut, {len(text):,} characters in all)"
 
 
 def _plural(count: int, word: str) -> str:
@@ -92,7 +102,7 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
     columns, rows = notice.columns, notice.rows
     intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(rows), "row"))
     paragraphs = [intro] + [p for p in (notice.detail, alert.get("description")) if p]
-    shown = rows[:EMAIL_MAX_ROWS]
+    shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
     hidden = len(rows) - len(shown)
     more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
 
@@ -115,11 +125,30 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
             html_parts.append(f"<p>{html.escape(more)}</p>")
         html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
         wa_lines = [f"*{subject}*"] + ([notice.detail] if notice.detail else [])
-        wa_lines += ["• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)) for row in rows]
+        length = sum(len(line) + 1 for line in wa_lines)
+        for row in rows:  # only as many as can be shown: a result can have 10,000 rows
+            if length > WHATSAPP_MAX_CHARS:
+                break
+            wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
+            length += len(wa_lines[-1]) + 1
         whatsapp = "\n".join(wa_lines)
+    if len(text) > EMAIL_MAX_CHARS:
+        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+    if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
+        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
     if len(whatsapp) > WHATSAPP_MAX_CHARS:
         whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
     return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+
+
+def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
+    """How many of the rows fit a table of about `limit` characters (at least one)."""
+    size = sum(len(c) + 2 for c in columns)
+    for count, row in enumerate(rows):
+        size += sum(len(_cell(v)) + 2 for v in row)
+        if size > limit:
+            return max(count, 1)
+    return len(rows)
 
 
 def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

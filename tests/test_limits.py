@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 
+from notification import EMAIL_MAX_CHARS, MESSAGE_MAX_VALUE_CHARS
+from scheduler import INCIDENT_MAX_VALUE_CHARS
 from tests.conftest import Service, eventually, execute
 
 
@@ -30,3 +32,26 @@ def test_a_result_over_max_result_bytes_is_cut_and_the_evaluation_records_it(set
         assert evaluation["truncated"] is True and evaluation["row_count"] == 2, evaluation
     finally:
         service.stop()
+
+
+def test_a_5_mb_value_is_stored_and_sent_cut_to_the_documented_limits(service, smtp_server, twilio_server, db_dsn):
+    execute(db_dsn, "CREATE TABLE blob (id int, v text)")
+    service.create_alert(query="SELECT id, v FROM blob")
+    service.wait_idle()
+    execute(db_dsn, "INSERT INTO blob VALUES (1, repeat('x', 5000000))")
+    eventually(lambda: service.sql("SELECT count(*) AS n FROM incident WHERE incident_data->>'kind' = 'incident'")
+               [0]["n"] == 1, message="the incident")
+    service.wait_idle()
+
+    [incident] = service.sql("SELECT incident_data, octet_length(description) + octet_length(incident_data::text) "
+                             "AS bytes FROM incident WHERE incident_data->>'kind' = 'incident'")
+    value = incident["incident_data"]["new_rows"][0]["v"]
+    assert value.startswith("x" * INCIDENT_MAX_VALUE_CHARS) and value.endswith("(cut, 5,000,000 characters in all)")
+    assert "rows kept" in incident["incident_data"]["cut"] and incident["bytes"] < 20_000
+    for row in service.sql("SELECT channel, octet_length(body) + coalesce(octet_length(html), 0) AS bytes "
+                           "FROM notification WHERE kind = 'incident'"):
+        assert row["bytes"] < 3 * EMAIL_MAX_CHARS, row
+    mail = smtp_server.wait_for(2)[-1].message.get_body(("plain",)).get_content()
+    assert "x" * MESSAGE_MAX_VALUE_CHARS + "… (cut, 5,000,000 characters in all)" in mail
+    assert "(cut, 5,000,000 characters in all)" in twilio_server.wait_for(2)[-1].body or \
+        "message cut at 1600" in twilio_server.wait_for(2)[-1].body
