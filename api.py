@@ -202,9 +202,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_middleware(_Gate)
 
 
-PUBLIC_PATHS = frozenset({"/health", "/api/docs", "/api/docs/oauth2-redirect", "/api/openapi.json"})
-
-
 class _Gate:
     """Refuses a request before a byte of its body is read: 401 without a valid key, 413 for a declared length
     over the limit. (FastAPI reads the body before it runs dependencies such as require_api_key.)"""
@@ -216,7 +213,9 @@ class _Gate:
         if scope["type"] == "http":
             request = Request(scope)
             refusal = None
-            problem = None if scope["path"] in PUBLIC_PATHS else _key_refusal(request)
+            app = scope["app"]
+            public = ("/health", app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+            problem = None if scope["path"] in public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
                                        headers={"WWW-Authenticate": "Bearer"})
