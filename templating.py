@@ -180,6 +180,8 @@ class RenderPool:
             try:
                 reply = worker.replies.recv_bytes(_MAX_REPLY_BYTES)
             except OSError:
+                if self._closed:
+                    raise
                 raise TemplateFailed(f"output over {TEMPLATE_MAX_CHARS:,} characters") from None
             status, payload = reply[:1], reply[1:]
             if status == b"m":
@@ -188,15 +190,15 @@ class RenderPool:
             if status == b"f":
                 raise TemplateFailed(payload.decode("utf-8", "replace"))
             return payload.decode("utf-8", "surrogatepass")
-        except (EOFError, BrokenPipeError, ConnectionResetError):
+        except (EOFError, OSError):  # the process died, or close() killed it and closed its pipes
+            if self._closed:
+                raise TemplateFailed("the service is stopping") from None
             try:
                 worker.process.wait(0.5)
             except subprocess.TimeoutExpired:
                 pass
             if worker.process.returncode == -signal.SIGXCPU:
                 raise TemplateFailed("rendering used more CPU time than TEMPLATE_TIMEOUT_SECONDS allows") from None
-            if self._closed:
-                raise TemplateFailed("the service is stopping") from None
             raise TemplateFailed(f"the render process ended (exit code {worker.process.returncode}), probably "
                                  f"over TEMPLATE_MEMORY_MB ({self.memory_bytes >> 20} MB)") from None
         finally:
