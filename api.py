@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 import database
 import query_analysis
 import rules
+import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
@@ -30,6 +31,7 @@ from scheduler import AlertScheduler
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
+MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
@@ -58,6 +60,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     # Fail at start-up, not at the first alert, when the key cannot read what is stored.
     database.check_stored_secrets(pool, box)
     sources = database.SourcePools(pool, size=settings.workers + 1, box=box)
+    # Started in the background: the first templated message should not wait for them, nor start-up.
+    templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
+                     memory_mb=settings.template_memory_mb)
     dispatcher = Dispatcher(pool, settings)
     scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     dispatcher.start()
@@ -68,6 +73,8 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
 
 def stop_services(services: Services) -> None:
     """Stop background threads, then close every connection."""
+    # First, so that an evaluation rendering a runaway template ends now instead of holding up the stop.
+    templating.stop()
     services.scheduler.stop()
     services.dispatcher.stop()
     services.sources.close()
@@ -87,6 +94,8 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
 
     app = FastAPI(
         title="Alert service for TimescaleDB and PostgreSQL",
+        # Counts bytes as they arrive, so a chunked body without Content-Length is cut at the limit too.
+        max_body_size=MAX_BODY_BYTES,
         description="Register SQL queries; get email and WhatsApp alerts when their results change.",
         version="1.0.0",
         docs_url="/api/docs",
@@ -120,8 +129,7 @@ def require_api_key(
         return
     offered = header_key or (bearer.credentials if bearer else None)
     if offered is None:
-        raise HTTPException(401, "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, MISSING_KEY, headers={"WWW-Authenticate": "Bearer"})
     if not _key_matches(offered, keys):
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -136,14 +144,21 @@ def _key_matches(offered: str, keys: list[str]) -> bool:
 
 def _authenticated(request: Request) -> bool:
     """Whether a request carries a valid key (always true when API_KEY is unset)."""
+    return _key_refusal(request) is None
+
+
+def _key_refusal(request: Request) -> str | None:
+    """Why a request's key is not accepted, or None when it is (or API_KEY is unset)."""
     keys = request.app.state.services.settings.api_keys
     if not keys:
-        return True
+        return None
     offered = request.headers.get("x-api-key")
     authorization = request.headers.get("authorization", "")
     if offered is None and authorization.lower().startswith("bearer "):
         offered = authorization[7:].strip()
-    return offered is not None and _key_matches(offered, keys)
+    if offered is None:
+        return MISSING_KEY
+    return None if _key_matches(offered, keys) else "invalid API key"
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -180,12 +195,39 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
-        return await call_next(request)
+    @app.exception_handler(413)
+    async def _too_large(request: Request, exc: HTTPException):
+        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+
+    app.add_middleware(_Gate)
+
+
+class _Gate:
+    """Refuses a request before a byte of its body is read: 401 without a valid key, 413 for a declared length
+    over the limit. (FastAPI reads the body before it runs dependencies such as require_api_key.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            refusal = None
+            app = scope["app"]
+            public = ("/health", app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+            problem = None if scope["path"] in public else _key_refusal(request)
+            if problem is not None:
+                refusal = JSONResponse(status_code=401, content={"detail": problem},
+                                       headers={"WWW-Authenticate": "Bearer"})
+            else:
+                length = request.headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                    refusal = JSONResponse(status_code=413,
+                                           content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- schemas ---------------------------------------------------------------------------------------------------

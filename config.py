@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     smtp_security: Literal["starttls", "ssl", "none"] = "starttls"
     smtp_ca_file: Path | None = None
     smtp_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    send_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     workers: int = Field(4, ge=1, le=64)
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
+    max_result_bytes: int = Field(16_000_000, ge=10_000, le=2_000_000_000)
+    template_timeout_seconds: float = Field(2.0, gt=0, le=60)
+    template_memory_mb: int = Field(256, ge=64, le=16_384)
+    template_processes: int = Field(2, ge=1, le=32)
 
     error_notify_after: int = Field(3, ge=1, le=1000)
     evaluation_retention_days: float = Field(30.0, gt=0, le=3650)

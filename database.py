@@ -1049,25 +1049,52 @@ def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str
             _reset_session(conn)
 
 
-def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int) -> tuple[list[str], list[tuple], bool]:
-    """Run an alert query read-only through a server-side cursor; return columns, at most max_rows rows, and
-    whether the result was cut."""
+FIRST_FETCH_ROWS = 10
+
+
+def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
+              max_bytes: int = 16_000_000) -> tuple[list[str], list[tuple], bool]:
+    """Run an alert query read-only through a server-side cursor; return columns, at most max_rows rows of at
+    most max_bytes in all (about: text and bytes by length), and whether the result was cut."""
     with pool.connection() as conn:
         try:
             with conn.cursor() as setup:
                 _read_only_transaction(setup, timeout_seconds=timeout_seconds)
             with conn.cursor(name="alert_query") as cur:
-                cur.itersize = min(max_rows + 1, 10_000)
                 cur.execute(query)
-                rows = cur.fetchmany(max_rows + 1)
+                # Fetched in batches sized to what is left of the byte budget, so a result of huge values stops
+                # after the first of them instead of arriving whole (one FETCH is held in memory at once).
+                rows: list[tuple] = []
+                size, cut, batch = 0, False, FIRST_FETCH_ROWS
+                while len(rows) <= max_rows and not cut:
+                    asked = min(batch, max_rows + 1 - len(rows))
+                    fetched = cur.fetchmany(asked)
+                    for row in fetched:
+                        size += sum(_value_size(value) for value in row)
+                        if size > max_bytes:
+                            cut = True
+                            break
+                        rows.append(row)
+                    if len(fetched) < asked:
+                        break
+                    batch = max(1, min(10_000, (max_bytes - size) // max(size // max(len(rows), 1), 1)))
                 columns = [column.name for column in cur.description] if cur.description else []
-            return columns, rows[:max_rows], len(rows) > max_rows
+            return columns, rows[:max_rows], cut or len(rows) > max_rows
         except psycopg2.DatabaseError as exc:
             if conn.closed:
                 raise
             raise QueryFailed(_pg_message(exc)) from None
         finally:
             _reset_session(conn)
+
+
+def _value_size(value: object) -> int:
+    """About how many bytes a result value takes: its length for text and binary values, a few bytes otherwise."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, dict)):  # arrays and JSON
+        return len(str(value))
+    return 8
 
 
 def ping(pool: Pool) -> None:

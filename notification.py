@@ -20,13 +20,20 @@ from typing import Any, Protocol, Sequence
 
 import database
 import rules
+import templating
 from config import Settings, ascii_email
+from templating import TemplateFailed
 
 logger = logging.getLogger(__name__)
 
 WHATSAPP_MAX_CHARS = 1600
 EMAIL_MAX_ROWS = 100
 WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the API for every row)"
+# A stored alert returning a 5 MB value must not store 5 MB in every message copy: values shown in a message are
+# cut at MESSAGE_MAX_VALUE_CHARS, an email's text at EMAIL_MAX_CHARS, each with a visible note.
+MESSAGE_MAX_VALUE_CHARS = 1_000
+EMAIL_MAX_CHARS = 100_000
+EMAIL_TRUNCATION_NOTE = "\n… (message cut at 100,000 characters; see the API for every row)\n"
 MAX_BACKOFF_SECONDS = 6 * 3600
 # Servers commonly drop idle sessions after a minute or more; a kept session is used for 30 s at most.
 SMTP_IDLE_SECONDS = 30.0
@@ -65,7 +72,12 @@ class Rendered:
 
 
 def _cell(value: Any) -> str:
-    return "NULL" if value is None else str(value)
+    return "NULL" if value is None else cut_text(str(value), MESSAGE_MAX_VALUE_CHARS)
+
+
+def cut_text(text: str, limit: int) -> str:
+    """The text, or its first `limit` characters and a note saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… (cut, {len(text):,} characters in all)"
 
 
 def _plural(count: int, word: str) -> str:
@@ -90,7 +102,7 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
     columns, rows = notice.columns, notice.rows
     intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(rows), "row"))
     paragraphs = [intro] + [p for p in (notice.detail, alert.get("description")) if p]
-    shown = rows[:EMAIL_MAX_ROWS]
+    shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
     hidden = len(rows) - len(shown)
     more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
 
@@ -113,11 +125,30 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
             html_parts.append(f"<p>{html.escape(more)}</p>")
         html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
         wa_lines = [f"*{subject}*"] + ([notice.detail] if notice.detail else [])
-        wa_lines += ["• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)) for row in rows]
+        length = sum(len(line) + 1 for line in wa_lines)
+        for row in rows:  # only as many as can be shown: a result can have 10,000 rows
+            if length > WHATSAPP_MAX_CHARS:
+                break
+            wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
+            length += len(wa_lines[-1]) + 1
         whatsapp = "\n".join(wa_lines)
+    if len(text) > EMAIL_MAX_CHARS:
+        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+    if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
+        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
     if len(whatsapp) > WHATSAPP_MAX_CHARS:
         whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
     return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+
+
+def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
+    """How many of the rows fit a table of about `limit` characters (at least one)."""
+    size = sum(len(c) + 2 for c in columns)
+    for count, row in enumerate(rows):
+        size += sum(len(_cell(v)) + 2 for v in row)
+        if size > limit:
+            return max(count, 1)
+    return len(rows)
 
 
 def _text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -138,45 +169,7 @@ def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[s
             f"<tbody>{body}</tbody></table>"]
 
 
-class TemplateFailed(Exception):
-    """A message template could not be compiled or rendered."""
-
-
-_TEMPLATE_ENV = None
 TEMPLATE_MAX_ROWS = 1000
-TEMPLATE_MAX_CHARS = 50_000
-TEMPLATE_MAX_RANGE = 1000
-
-
-def _environment():
-    global _TEMPLATE_ENV
-    if _TEMPLATE_ENV is None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-            """Sandboxed (no Python internals, nothing mutable) and bounded, since templates are user input:
-            no huge ranges, string repetition or powers."""
-
-            intercepted_binops = frozenset(["*", "**"])
-
-            def call_binop(self, context, operator, left, right):
-                if operator == "**" and isinstance(right, (int, float)) and abs(right) > 100:
-                    raise TemplateFailed("exponent over 100")
-                if operator == "*" and any(isinstance(v, (str, list, tuple)) for v in (left, right)):
-                    count = right if isinstance(left, (str, list, tuple)) else left
-                    if isinstance(count, int) and count > TEMPLATE_MAX_CHARS:
-                        raise TemplateFailed(f"repetition over {TEMPLATE_MAX_CHARS}")
-                return super().call_binop(context, operator, left, right)
-
-        def bounded_range(*args):
-            values = range(*args)
-            if len(values) > TEMPLATE_MAX_RANGE:
-                raise TemplateFailed(f"range over {TEMPLATE_MAX_RANGE} items")
-            return values
-
-        _TEMPLATE_ENV = _BoundedEnvironment(autoescape=False, trim_blocks=True, lstrip_blocks=True)
-        _TEMPLATE_ENV.globals["range"] = bounded_range
-    return _TEMPLATE_ENV
 
 
 def template_context(*, alert: dict, notice: rules.Notice) -> dict:
@@ -193,23 +186,8 @@ def template_context(*, alert: dict, notice: rules.Notice) -> dict:
 
 
 def render_template(template: str, context: dict) -> str:
-    """Render a message template in the sandbox; TemplateFailed says what went wrong."""
-    from jinja2 import TemplateError
-
-    try:
-        parts, size = [], 0
-        for part in _environment().from_string(template).generate(**context):
-            parts.append(part)
-            size += len(part)
-            if size > TEMPLATE_MAX_CHARS:
-                raise TemplateFailed(f"output over {TEMPLATE_MAX_CHARS} characters")
-        return "".join(parts)
-    except TemplateFailed:
-        raise
-    except TemplateError as exc:
-        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # templates can raise anything a filter raises (ZeroDivisionError, …)
-        raise TemplateFailed(f"{type(exc).__name__}: {exc}") from None
+    """Render a message template in a render process, within its time, memory and output limits."""
+    return templating.render(template, context)
 
 
 def check_template(template: str) -> None:
@@ -244,6 +222,83 @@ def retry_delay(*, attempts: int, base_seconds: float, retry_after: float | None
 # --- channels --------------------------------------------------------------------------------------------------
 
 
+class SendDeadline:
+    """A total time limit for one send. Socket timeouts bound each read, so a server that trickles a line a second
+    never trips them; at the deadline this shuts the send's sockets down, which ends any read in progress."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list = []
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "SendDeadline":
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        SendDeadline._current.value = self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        SendDeadline._current.value = None
+
+    @classmethod
+    def current(cls) -> "SendDeadline | None":
+        """The deadline of the send running on this thread, if any."""
+        return getattr(cls._current, "value", None)
+
+    def watch(self, get_socket) -> None:
+        """Shut down `get_socket()` (read at the deadline: STARTTLS replaces a socket) when time is up."""
+        with self._lock:
+            self._sockets.append(get_socket)
+            expired = self.expired
+        if expired:
+            _shut_down(get_socket())
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for get_socket in sockets:
+            _shut_down(get_socket())
+
+
+def _shut_down(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        # The plain socket's shutdown, also for an SSL socket: it only needs the read in the sender thread to end.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+class _WatchedSMTP(smtplib.SMTP):
+    """smtplib.SMTP whose socket is shut down at the send's deadline (the greeting can trickle too)."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        deadline = SendDeadline.current()
+        if deadline is not None:
+            deadline.watch(lambda: self.sock or sock)
+        return sock
+
+
+class _WatchedSMTP_SSL(smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL whose socket is shut down at the send's deadline."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        deadline = SendDeadline.current()
+        if deadline is not None:
+            deadline.watch(lambda: self.sock or sock)
+        return sock
+
+
 class EmailChannel:
     """Email through SMTP. Each sender thread keeps its session open for SMTP_IDLE_SECONDS, so an alert does not
     pay for TCP, TLS and AUTH every time; a kept session that the server closed is replaced and retried once."""
@@ -262,10 +317,10 @@ class EmailChannel:
     def _open(self) -> smtplib.SMTP:
         s = self.settings
         if s.smtp_security == "ssl":
-            client = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
+            client = _WatchedSMTP_SSL(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
                                       timeout=s.smtp_timeout_seconds, context=self._tls_context())
         else:
-            client = smtplib.SMTP(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
+            client = _WatchedSMTP(s.smtp_host, s.smtp_port, local_hostname=self._hostname,
                                   timeout=s.smtp_timeout_seconds)
         try:
             if s.smtp_security == "starttls":
@@ -307,32 +362,39 @@ class EmailChannel:
             raise NotificationError(str(exc), permanent=True) from None
         message, message_id = build_email(sender=s.email_sender, recipient=recipient, subject=subject or "Alert",
                                           body=body, html_body=html_body)
-        try:
-            for _ in range(2):
-                client, kept = self._session()
-                try:
-                    client.sendmail(s.email_sender, [recipient], message)
-                except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                    self.close_session()
-                    if kept:
-                        continue  # the server dropped the idle session: one fresh try, not a failed attempt
-                    raise exc
-                except BaseException:
-                    self.close_session()
-                    raise
-                self._local.used = time.monotonic()
-                return message_id
-        except smtplib.SMTPRecipientsRefused as exc:
-            code, reply = next(iter(exc.recipients.values()))
-            raise NotificationError(f"SMTP refused recipient: {code} {_decode(reply)}", permanent=code >= 500) from None
-        except smtplib.SMTPResponseException as exc:
-            raise NotificationError(
-                f"SMTP error {exc.smtp_code}: {_decode(exc.smtp_error)}", permanent=exc.smtp_code >= 500
-            ) from None
-        except (socket.timeout, TimeoutError):
-            raise NotificationError(f"SMTP server did not answer within {s.smtp_timeout_seconds:g}s") from None
-        except (OSError, smtplib.SMTPException) as exc:
-            raise NotificationError(f"SMTP failed: {type(exc).__name__}: {exc}") from None
+        with SendDeadline(s.send_timeout_seconds) as deadline:
+            try:
+                for _ in range(2):
+                    client, kept = self._session()
+                    deadline.watch(lambda: client.sock)
+                    try:
+                        client.sendmail(s.email_sender, [recipient], message)
+                    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                        self.close_session()
+                        if kept and not deadline.expired:
+                            continue  # the server dropped the idle session: one fresh try, not a failed attempt
+                        raise exc
+                    except BaseException:
+                        self.close_session()
+                        raise
+                    self._local.used = time.monotonic()
+                    return message_id
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, reply = next(iter(exc.recipients.values()))
+                raise NotificationError(f"SMTP refused recipient: {code} {_decode(reply)}",
+                                        permanent=code >= 500) from None
+            except smtplib.SMTPResponseException as exc:
+                raise NotificationError(
+                    f"SMTP error {exc.smtp_code}: {_decode(exc.smtp_error)}", permanent=exc.smtp_code >= 500
+                ) from None
+            except (OSError, smtplib.SMTPException) as exc:
+                if deadline.expired:
+                    raise NotificationError(
+                        f"SMTP send did not finish within SEND_TIMEOUT_SECONDS ({s.send_timeout_seconds:g}s): the "
+                        "server answers too slowly; the session was dropped") from None
+                if isinstance(exc, (socket.timeout, TimeoutError)):
+                    raise NotificationError(f"SMTP server did not answer within {s.smtp_timeout_seconds:g}s") from None
+                raise NotificationError(f"SMTP failed: {type(exc).__name__}: {exc}") from None
         raise NotificationError("SMTP server closed the connection twice")
 
 
@@ -397,11 +459,14 @@ class WhatsAppChannel:
                     self.last_response = super().request(method, url, *args, **kwargs)
                     return self.last_response
 
+            http_client = _BaseUrlHttpClient(timeout=self.settings.smtp_timeout_seconds)
+            for scheme in ("https://", "http://"):
+                http_client.session.mount(scheme, _deadline_adapter())
             # The requests session of one client is not shared between threads.
             client = Client(
                 self.settings.twilio_account_sid,
                 self.settings.twilio_auth_token.get_secret_value(),
-                http_client=_BaseUrlHttpClient(timeout=self.settings.smtp_timeout_seconds),
+                http_client=http_client,
             )
             self._local.client = client
         return client
@@ -415,10 +480,14 @@ class WhatsAppChannel:
             )
         from twilio.base.exceptions import TwilioException, TwilioRestException
 
+        client = self._client()
         try:
-            message = self._client().messages.create(
-                from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
-            )
+            with SendDeadline(self.settings.send_timeout_seconds) as deadline:
+                message = client.messages.create(
+                    from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
+                )
+            if deadline.expired:  # http.client reads a header block cut short as a complete one
+                raise TimeoutError("the answer was cut at the deadline")
         except TwilioRestException as exc:
             status = exc.status or 0
             text = f"Twilio error {exc.code or status}: {exc.msg}"
@@ -428,8 +497,50 @@ class WhatsAppChannel:
         except TwilioException as exc:
             raise NotificationError(f"Twilio request failed: {exc}") from None
         except Exception as exc:  # requests' connection and timeout errors, without importing requests here
+            if deadline.expired:
+                raise NotificationError(
+                    f"Twilio did not answer within SEND_TIMEOUT_SECONDS ({self.settings.send_timeout_seconds:g}s)"
+                ) from None
             raise NotificationError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         return message.sid
+
+
+def _deadline_adapter():
+    """A requests adapter whose connections are shut down at the current SendDeadline (a trickled response
+    never trips the per-read timeout)."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                self._watch()
+
+            def request(self, *args, **kwargs):
+                self._watch()  # a kept-alive connection is not connected again
+                return super().request(*args, **kwargs)
+
+            def _watch(self):
+                deadline = SendDeadline.current()
+                if deadline is not None:
+                    deadline.watch(lambda: self.sock)
+
+        return Watched
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = watched(HTTPConnection)
+
+    class TlsPool(HTTPSConnectionPool):
+        ConnectionCls = watched(HTTPSConnection)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TlsPool}
+
+    return Adapter()
 
 
 def _retry_after(response: Any) -> float | None:
@@ -472,7 +583,7 @@ class Dispatcher:
 
     def lease_seconds(self, channel: str) -> float:
         """How long a claim lasts: longer than any send can take, so a live sender is never overtaken."""
-        return self.settings.smtp_timeout_seconds * 4 + 30
+        return self.settings.send_timeout_seconds + self.settings.smtp_timeout_seconds + 30
 
     def start(self) -> None:
         """Start the dispatch loop in a background thread."""

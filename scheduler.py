@@ -411,6 +411,7 @@ class AlertScheduler:
             columns, rows, truncated = database.run_query(
                 self.sources.get(alert["data_source_id"]), query=alert["query"],
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
+                max_bytes=self.settings.max_result_bytes,
             )
             # `SELECT a.id, b.id` must keep both values in incidents, templates and messages.
             columns = rules.unique_columns(columns)
@@ -418,8 +419,9 @@ class AlertScheduler:
             rules.check_condition_columns(condition, columns)
             if truncated and condition.type in ("row_count", "threshold"):
                 # Judging a count or a threshold on part of the result would be a guess.
-                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows}) rows and "
-                        f"{condition.type} needs every row: aggregate in the query or raise MAX_RESULT_ROWS")
+                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows} rows) or "
+                        f"MAX_RESULT_BYTES ({self.settings.max_result_bytes} bytes) and {condition.type} needs "
+                        "every row: aggregate in the query or raise the limit")
             return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
         except (database.DatabaseError, rules.RuleError) as exc:
             return str(exc)
@@ -700,12 +702,34 @@ def _same_state(fields: dict, prior_row: dict | None) -> bool:
     return True
 
 
+INCIDENT_MAX_ROWS = 1_000
+INCIDENT_MAX_VALUE_CHARS = 1_000
+
+
 def _incident_data(notice: rules.Notice, decision: rules.Decision, is_state: bool) -> dict:
     """What an incident keeps: the rows that caused it (as objects under the original design's `new_rows` for
-    change conditions, as lists under `rows` for state conditions) and the evaluation's summary."""
+    change conditions, as lists under `rows` for state conditions) and the evaluation's summary; at most
+    INCIDENT_MAX_ROWS rows with values cut at INCIDENT_MAX_VALUE_CHARS, saying so under `cut`."""
     data: dict = {"kind": notice.kind, "columns": notice.columns, "summary": decision.summary or {}}
+    rows, values_cut = [], False
+    for row in notice.rows[:INCIDENT_MAX_ROWS]:
+        kept = [_kept_value(v) for v in row]
+        values_cut = values_cut or any(k is not v for k, v in zip(kept, row))
+        rows.append(kept)
     if is_state:
-        data.update(rows=notice.rows, row_count=len(notice.rows))
+        data.update(rows=rows, row_count=len(notice.rows))
     else:
-        data.update(new_rows=[dict(zip(notice.columns, r)) for r in notice.rows], new_row_count=len(notice.rows))
+        data.update(new_rows=[dict(zip(notice.columns, r)) for r in rows], new_row_count=len(notice.rows))
+    if len(rows) < len(notice.rows) or values_cut:
+        data["cut"] = (f"… {len(rows):,} of {len(notice.rows):,} rows kept, values cut at "
+                       f"{INCIDENT_MAX_VALUE_CHARS:,} characters")
     return data
+
+
+def _kept_value(value):
+    """A result value as an incident keeps it: text (and arrays or JSON, as text) cut when too long."""
+    if isinstance(value, str):
+        return notification.cut_text(value, INCIDENT_MAX_VALUE_CHARS)
+    if isinstance(value, (list, dict)) and len(text := str(value)) > INCIDENT_MAX_VALUE_CHARS:
+        return notification.cut_text(text, INCIDENT_MAX_VALUE_CHARS)
+    return value

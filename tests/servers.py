@@ -342,6 +342,89 @@ class BannerServer(_LoopbackServer):
                 self._thread.join(5)
 
 
+class TricklingSmtpServer(_LoopbackServer):
+    """Plain SMTP on 127.0.0.1 without AUTH that accepts mail, except that DATA for a recipient containing 'slow'
+    is answered with a `250-` continuation line every second, for ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self.delivered: list[str] = []  # recipients of accepted messages
+        self.trickled = 0  # DATA replies trickled so far
+
+    def start(self) -> None:
+        """Listen on the kept port and serve each connection on its own thread."""
+        if self._listener is None:
+            self._stopping.clear()
+            self._listener = socket.create_server((LOCALHOST, self.port))
+            threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listener and every open connection."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._cond:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with self._cond:
+                self._connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            reader = conn.makefile("rb")
+            conn.sendall(b"220 localhost trickling ESMTP\r\n")
+            recipients: list[str] = []
+            while not self._stopping.is_set():
+                line = reader.readline()
+                if not line:
+                    return
+                command = line.decode(errors="replace").strip()
+                verb = command[:4].upper()
+                if verb in ("EHLO", "HELO"):
+                    conn.sendall(b"250-localhost\r\n250 8BITMIME\r\n")
+                elif verb == "MAIL":
+                    recipients = []
+                    conn.sendall(b"250 OK\r\n")
+                elif verb == "RCPT":
+                    recipients.append(command.split(":", 1)[1].strip(" <>"))
+                    conn.sendall(b"250 OK\r\n")
+                elif verb == "DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    while reader.readline() not in (b".\r\n", b""):
+                        pass
+                    if any("slow" in r for r in recipients):
+                        with self._cond:
+                            self.trickled += 1
+                        while not self._stopping.wait(1.0):
+                            conn.sendall(b"250-still working\r\n")
+                        return
+                    with self._cond:
+                        self.delivered.extend(recipients)
+                    conn.sendall(b"250 OK\r\n")
+                elif verb == "QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 OK\r\n")
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
 @dataclass(frozen=True)
 class TwilioRequest:
     """One request seen by TwilioServer and the HTTP status it was answered with."""
@@ -382,6 +465,17 @@ class _TwilioHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         received = (time.monotonic(), time.time())
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        if self.server.owner._take_trickle():
+            # A header line a second: every read gets a byte well within any read timeout, and no answer ends.
+            self.wfile.write(b"HTTP/1.0 201 Created\r\n")
+            while not self.server.owner._stopping.is_set():
+                try:
+                    self.wfile.write(b"X-Still-Working: yes\r\n")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                self.server.owner._stopping.wait(1.0)
+            return
         form = {key: values[0] for key, values in parse_qs(raw, keep_blank_values=True).items()}
         status, payload, headers = self.server.owner._answer(self.path, self.headers.get("Authorization"), form,
                                                              received)
@@ -408,6 +502,8 @@ class TwilioServer(_LoopbackServer):
         self._thread: threading.Thread | None = None
         self._requests: list[TwilioRequest] = []
         self._scripted: list[tuple[int, dict[str, Any], dict[str, str]]] = []
+        self._trickles = 0
+        self._stopping = threading.Event()
 
     @property
     def base_url(self) -> str:
@@ -432,12 +528,14 @@ class TwilioServer(_LoopbackServer):
             self._httpd = _TwilioHTTPServer(self, self.port)
             self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                             name=f"twilio-{self.port}", daemon=True)
+            self._stopping.clear()
             self._thread.start()
             logger.debug("Twilio server listening on %s", self.base_url)
 
     def stop(self) -> None:
         """Stop serving; the port stays reserved for start()."""
         if self._httpd is not None and self._thread is not None:
+            self._stopping.set()
             self._httpd.shutdown()
             self._httpd.server_close()
             self._thread.join()
@@ -455,6 +553,18 @@ class TwilioServer(_LoopbackServer):
         headers = {} if retry_after is None else {"Retry-After": retry_after}
         with self._cond:
             self._scripted.extend([(status, _twilio_error(status, code, message), headers)] * times)
+
+    def trickle(self, times: int = 1) -> None:
+        """Answer the next `times` requests with a header line a second, for ever (a server too slow to use)."""
+        with self._cond:
+            self._trickles += times
+
+    def _take_trickle(self) -> bool:
+        with self._cond:
+            if self._trickles:
+                self._trickles -= 1
+                return True
+            return False
 
     def wait_for(self, count: int, timeout: float = 10) -> list[TwilioRequest]:
         """Block until at least count requests were answered 201; return those."""

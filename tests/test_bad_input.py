@@ -199,3 +199,17 @@ def test_data_source_secrets_other_than_the_password_are_refused(service, empty_
     response = service.client.post("/data-sources/", json={"name": "x", "dsn": empty_dsn + " sslpassword=s3cr3t"})
     assert response.status_code == 422 and "sslpassword" in response.text and "s3cr3t" not in response.text
     assert service.client.post("/teams/", json={"name": "a\x00b"}).status_code == 422
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_changes_nothing(service, db_dsn):
+    create_orders_table(db_dsn)
+
+    def chunks():  # no Content-Length: the body arrives chunked, as a streaming client sends it
+        yield b'{"name": "x", "description": "'
+        for _ in range(20):
+            yield b"x" * 100_000
+        yield b'", "query": "SELECT 1", "schedule": "interval:1m", "notification_channels": {"email": ["a@b.co"]}}'
+
+    response = service.client.post("/alert-configs/", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "1000000 bytes" in response.json()["detail"], response.text
+    assert service.sql("SELECT count(*) AS n FROM alert_config")[0]["n"] == 0

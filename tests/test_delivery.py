@@ -194,3 +194,47 @@ def test_email_refuses_a_certificate_it_cannot_verify(tmp_path, smtp_server):
     with pytest.raises(NotificationError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
         channel.send(recipient="a@example.com", subject="s", body="text", html_body=None)
     assert smtp_server.messages == []
+
+
+def test_a_trickling_smtp_server_cannot_hold_emails_past_the_send_deadline(settings, db_dsn):
+    from tests.servers import TricklingSmtpServer
+
+    trickling = TricklingSmtpServer()
+    trickling.start()
+    # Each `250-` line comes well within SMTP_TIMEOUT_SECONDS: only the total deadline can end these sends.
+    quick = settings.model_copy(update={"smtp_port": trickling.port, "smtp_security": "none", "smtp_username": None,
+                                        "smtp_password": None, "smtp_timeout_seconds": 5.0,
+                                        "send_timeout_seconds": 2.0, "retry_delay_minutes": 1.0})
+    queue_emails(db_dsn, [f"slow {i}" for i in range(4)], recipient="slow@example.com")
+    queue_emails(db_dsn, ["quick"], recipient="quick@example.com")
+    pool = database.Pool(db_dsn, size=4)
+    dispatcher = Dispatcher(pool, quick, threads_per_channel=4)
+    started = time.monotonic()
+    dispatcher.start()
+    try:
+        def retried():
+            with pool.transaction() as cur:
+                cur.execute("SELECT status, error FROM notification WHERE recipient = 'slow@example.com'")
+                return [r for r in cur.fetchall() if r["status"] == "RETRY"]
+        rows = eventually(lambda: len(retried()) == 4 and retried(), timeout=6, message="the slow emails in RETRY")
+        assert time.monotonic() - started < 4.0
+        assert all("SEND_TIMEOUT_SECONDS (2s)" in r["error"] for r in rows), rows
+        eventually(lambda: trickling.delivered == ["quick@example.com"], timeout=2, message="the quick email")
+        assert time.monotonic() - started < 5.0
+    finally:
+        dispatcher.stop()
+        pool.close()
+        trickling.stop()
+
+
+def test_a_trickling_twilio_answer_ends_at_the_send_deadline_and_the_next_message_goes_out(twilio_server):
+    channel = WhatsAppChannel(load_settings(
+        _env_file=None, twilio_account_sid=twilio_server.account_sid, twilio_auth_token=twilio_server.auth_token,
+        twilio_from_number="+14155238886", twilio_api_base_url=twilio_server.base_url, smtp_timeout_seconds=5,
+        send_timeout_seconds=2))
+    twilio_server.trickle()
+    started = time.monotonic()
+    with pytest.raises(NotificationError, match="SEND_TIMEOUT_SECONDS") as error:
+        channel.send(recipient="+14155550123", subject=None, body="hi", html_body=None)
+    assert error.value.permanent is False and time.monotonic() - started < 3.0
+    assert channel.send(recipient="+14155550123", subject=None, body="hi", html_body=None).startswith("SM")

@@ -184,3 +184,46 @@ def test_a_data_source_that_stops_answering_is_reported_without_the_servers_word
     assert response.status_code == 422, response.text
     assert "could not connect to the data source warehouse" in response.text
     assert "accepting" not in response.text and name not in response.text
+
+
+def test_a_200_mb_chunked_body_without_a_key_is_401_before_it_is_read(db_dsn):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, wait_for_health
+    from tests.test_processes import ROOT, run_env
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env=run_env(DB_CONNECTION=db_dsn, API_HOST="127.0.0.1", API_PORT=str(port),
+                                           API_KEY=KEY_A, LOG_FILE=""))
+    try:
+        wait_for_health(port, "main.py")
+        before = _rss_mb(process.pid)
+        chunk = b"x" * 1_000_000
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /alert-configs/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(200):
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+            except OSError:
+                pass  # the server answered and closed the connection without reading the rest
+            answer = conn.recv(4096)
+        after = _rss_mb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert after - before < 30, f"RSS grew from {before:.0f} MB to {after:.0f} MB after {sent // 1_000_000} MB sent"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
