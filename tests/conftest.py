@@ -264,7 +264,7 @@ def insert_orders(dsn: str, numbers: list[str], table: str = "dc_order") -> None
 
 def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.com") -> None:
     """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would."""
-    pool = database.Pool(dsn, size=1)
+    pool = database.service_pool(dsn, size=1)
     try:
         with pool.transaction() as cur:
             cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "

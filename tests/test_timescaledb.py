@@ -103,7 +103,7 @@ def test_the_continuous_aggregate_mapping_query_runs_on_a_stand_in_catalog(db_ds
                     "CREATE SCHEMA timescaledb_information; "
                     "CREATE VIEW timescaledb_information.continuous_aggregates AS SELECT 'public'::name AS view_schema, "
                     "'agg'::name AS view_name, 'public'::name AS hypertable_schema, 'raw'::name AS hypertable_name")
-    pool = database.Pool(db_dsn, size=1)
+    pool = database.service_pool(db_dsn, size=1)
     try:
         assert database.resolve_tables(pool, refs=[(None, "agg")]) == ["public.mat", "public.raw"]
         assert database.resolve_tables(pool, refs=[("public", "raw")]) == ["public.raw"]
