@@ -119,12 +119,19 @@ def _new_database(pg_admin_dsn: str, template: str | None = None) -> str:
     return name
 
 
+def drop_database(pg_admin_dsn: str, name: str) -> None:
+    """Drop a test database and the alert query role the service made for it (roles belong to the server)."""
+    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    admin_execute(pg_admin_dsn, sql.SQL("DROP ROLE IF EXISTS {}").format(
+        sql.Identifier(database.reader_role_name(name))))
+
+
 @pytest.fixture
 def db_dsn(pg_admin_dsn: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = _new_database(pg_admin_dsn, template_database)
     yield dsn_with(pg_admin_dsn, dbname=name)
-    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture
@@ -132,7 +139,7 @@ def empty_dsn(pg_admin_dsn: str) -> Iterator[str]:
     """A fresh database without the service's schema (a second data source, or for migration tests)."""
     name = _new_database(pg_admin_dsn)
     yield dsn_with(pg_admin_dsn, dbname=name)
-    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture
