@@ -140,10 +140,16 @@ def with_session_settings(dsn: str, **settings: str) -> str:
     return psycopg2.extensions.make_dsn(**params)
 
 
+def service_dsn(dsn: str) -> str:
+    """The DSN of the service's own sessions: they find the service's tables first, so a user table of the same
+    name in public can neither shadow them nor be written by the service (public stays on the path for the
+    TimescaleDB functions)."""
+    return with_session_settings(dsn, search_path=f"{SERVICE_SCHEMA},public")
+
+
 def service_pool(dsn: str, *, size: int, name: str = "service database") -> "Pool":
-    """A pool on the service's own database whose sessions find the service's tables first, so a user table of
-    the same name in public can neither shadow them nor be written by the service."""
-    return Pool(with_session_settings(dsn, search_path=f"{SERVICE_SCHEMA},public"), size, name=name)
+    """A pool of the service's own sessions on its database."""
+    return Pool(service_dsn(dsn), size, name=name)
 
 
 def read_only_dsn(dsn: str) -> str:
