@@ -26,6 +26,16 @@ def tsdb_dsn(db_dsn):
     return db_dsn
 
 
+def fetch_one(dsn: str, query: str):
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def make_hypertable(dsn: str) -> None:
     result = subprocess.run([sys.executable, "insert_test.py", "--count", "2"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "DB_CONNECTION": dsn})
@@ -99,6 +109,8 @@ def test_the_continuous_aggregate_mapping_query_runs_on_a_stand_in_catalog(db_ds
     """Plain PostgreSQL with a stand-in for TimescaleDB's catalog view, so CI checks the mapping SQL itself."""
     import database
 
+    if fetch_one(db_dsn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'timescaledb_information'"):
+        pytest.skip("TimescaleDB's own catalog is installed; the tests above use it")
     execute(db_dsn, "CREATE TABLE raw (x int); CREATE TABLE mat (x int); CREATE VIEW agg AS SELECT x FROM mat; "
                     "CREATE SCHEMA timescaledb_information; "
                     "CREATE VIEW timescaledb_information.continuous_aggregates AS SELECT 'public'::name AS view_schema, "
@@ -128,3 +140,17 @@ def test_the_evaluation_history_becomes_a_hypertable_with_a_retention_policy(set
         assert service.client.get(f"/alert-configs/{alert['id']}/evaluations").json()
     finally:
         service.stop()
+
+
+def test_alert_queries_cannot_read_the_chunks_of_the_evaluation_history(service, tsdb_dsn):
+    """The history is a hypertable in the service's schema; its chunks live in TimescaleDB's own schema."""
+    service.create_alert(query="SELECT 1 AS one")
+    service.wait_idle()
+    chunks = service.sql("SELECT format('%I.%I', chunk_schema, chunk_name) AS chunk "
+                         "FROM timescaledb_information.chunks WHERE hypertable_schema = 'alert_service' "
+                         "AND hypertable_name = 'evaluation'")
+    assert chunks, "the evaluation of the initial report made a chunk"
+    response = service.client.post("/alert-configs/test", json={
+        "name": "peek", "query": f"SELECT alert_config_id FROM {chunks[0]['chunk']}", "schedule": "interval:1h",
+        "notification_channels": {"email": ["ops@example.com"]}})
+    assert response.status_code == 422 and "permission denied" in response.text, response.text
