@@ -413,6 +413,10 @@ class DataSourceIn(RequestBody):
     allow_privileged_role: bool = Field(
         False, description="Accept a role that is a superuser or can write or administer the database (refused "
                            "otherwise); alert queries still run in read-only transactions")
+    trigger_dsn: str | None = Field(
+        None, max_length=2000,
+        description="Optional libpq string of a role that owns the watched tables, used only to install the change "
+                    "triggers that wake alerts within milliseconds; alert queries never run as it")
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> "DataSourceIn":
@@ -426,19 +430,32 @@ class DataSourceIn(RequestBody):
     def connection_params(self) -> tuple[dict, str | None]:
         """libpq keywords without the password, and the password."""
         if self.dsn:
-            try:
-                params = psycopg2.extensions.parse_dsn(self.dsn)
-            except psycopg2.ProgrammingError:
-                raise field_error("dsn", "not a valid libpq connection string or URI") from None
+            params = _parse_dsn(self.dsn, "dsn")
         else:
             params = {k: v for k, v in {"host": self.host, "port": self.port, "dbname": self.dbname,
                                         "user": self.user, "sslmode": self.sslmode}.items() if v is not None}
         password = params.pop("password", None) or self.password
-        for secret in ("sslpassword", "passfile", "sslkey"):
-            if secret in params:
-                # Only the password is stored encrypted; other secrets would be returned and kept in clear.
-                raise field_error("dsn", f"{secret} is not supported in a data source; use a password")
         return {k: str(v) for k, v in params.items()}, password
+
+    def trigger_params(self) -> tuple[dict | None, str | None]:
+        """The trigger role's libpq keywords without the password, and its password (None, None without one)."""
+        if not self.trigger_dsn:
+            return None, None
+        params = _parse_dsn(self.trigger_dsn, "trigger_dsn")
+        password = params.pop("password", None)
+        return {k: str(v) for k, v in params.items()}, password
+
+
+def _parse_dsn(text: str, field: str) -> dict:
+    try:
+        params = psycopg2.extensions.parse_dsn(text)
+    except psycopg2.ProgrammingError:
+        raise field_error(field, "not a valid libpq connection string or URI") from None
+    for secret in ("sslpassword", "passfile", "sslkey"):
+        if secret in params:
+            # Only the password is stored encrypted; other secrets would be returned and kept in clear.
+            raise field_error(field, f"{secret} is not supported in a data source; use a password")
+    return params
 
 
 class RoleRights(BaseModel):
@@ -466,6 +483,8 @@ class DataSourceOut(BaseModel):
     has_password: bool
     allow_privileged_role: bool = False
     role: RoleRights | None = Field(None, description="null for a data source added before roles were checked")
+    trigger_connection_params: dict[str, str] | None = Field(
+        None, description="The role that installs change triggers, when it is not the data source's own")
     created_at: datetime
 
 
@@ -677,6 +696,21 @@ def privileged_role_message(role: str, problems: list[str]) -> str:
             f"\"allow_privileged_role\": true to accept this role")
 
 
+def check_trigger_role(params: dict, password: str | None, *, database_name: str) -> None:
+    """A 422 unless the trigger DSN connects, to the same database as the data source."""
+    probe = database.Pool(psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {})),
+                          size=1, name="trigger role")
+    try:
+        connected_to = database.describe_role(probe)["database"]
+    except database.DatabaseUnavailable as exc:
+        raise field_error("trigger_dsn", f"cannot connect: {exc}") from None
+    finally:
+        probe.close()
+    if connected_to != database_name:
+        raise field_error("trigger_dsn", f"connects to database {connected_to}, not {database_name} where the "
+                                         "alert queries run")
+
+
 def service_schema_error(tables: list[str]) -> HTTPException | None:
     """A 422 when a query reads the service's own tables: they change at every evaluation, so an alert on them
     would wake itself."""
@@ -869,13 +903,19 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         problems = database.role_problems(rights)
         if problems and not body.allow_privileged_role:
             raise field_error("dsn" if body.dsn else "user", privileged_role_message(rights["role"], problems))
+        trigger_params, trigger_password = body.trigger_params()
+        if trigger_params is not None:
+            check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
         try:
             sealed = services.box.seal(password) if password else None
+            trigger_sealed = services.box.seal(trigger_password) if trigger_password else None
         except database.SecretKeyError as exc:
             raise field_error("password", str(exc)) from None
         with services.pool.transaction() as cur:
-            return database.insert_data_source(cur, name=body.name, connection_params=params, password=sealed,
-                                               allow_privileged_role=body.allow_privileged_role, role_rights=rights)
+            return database.insert_data_source(
+                cur, name=body.name, connection_params=params, password=sealed,
+                allow_privileged_role=body.allow_privileged_role, role_rights=rights,
+                trigger_connection_params=trigger_params, trigger_password=trigger_sealed)
 
     @router.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
     def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):

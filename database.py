@@ -494,7 +494,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """
         ALTER TABLE data_source
             ADD COLUMN allow_privileged_role boolean NOT NULL DEFAULT false,
-            ADD COLUMN role_rights jsonb;
+            ADD COLUMN role_rights jsonb,
+            -- An optional second role, used only to install change triggers (it must own the watched tables).
+            ADD COLUMN trigger_connection_params jsonb,
+            ADD COLUMN trigger_password text;
         -- The password of the role alert queries on the default data source run as (see ensure_reader_role).
         CREATE TABLE reader_credential (
             role_name text PRIMARY KEY,
@@ -554,19 +557,23 @@ def init_db(dsn: str | None = None) -> str:
 # --- data sources, teams and users -----------------------------------------------------------------------------
 
 _DATA_SOURCE_COLUMNS = ("id, name, type, is_default, connection_params, created_at, password IS NOT NULL AS has_password, "
-                        "allow_privileged_role, role_rights AS role")
+                        "allow_privileged_role, role_rights AS role, trigger_connection_params")
 
 
 def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None,
-                       allow_privileged_role: bool = False, role_rights: dict | None = None) -> dict:
-    """Store a data source; the (already encrypted) password goes to its own column and is never selected by the
-    read functions."""
+                       allow_privileged_role: bool = False, role_rights: dict | None = None,
+                       trigger_connection_params: dict | None = None, trigger_password: str | None = None) -> dict:
+    """Store a data source; the (already encrypted) passwords go to their own columns and are never selected by
+    the read functions."""
     try:
         cur.execute(
-            f"INSERT INTO data_source (name, connection_params, password, allow_privileged_role, role_rights) "
-            f"VALUES (%s, %s, %s, %s, %s) RETURNING {_DATA_SOURCE_COLUMNS}",
+            f"INSERT INTO data_source (name, connection_params, password, allow_privileged_role, role_rights, "
+            f"trigger_connection_params, trigger_password) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            f"RETURNING {_DATA_SOURCE_COLUMNS}",
             (name, psycopg2.extras.Json(connection_params), password, allow_privileged_role,
-             None if role_rights is None else psycopg2.extras.Json(role_rights)),
+             None if role_rights is None else psycopg2.extras.Json(role_rights),
+             None if trigger_connection_params is None else psycopg2.extras.Json(trigger_connection_params),
+             trigger_password),
         )
     except psycopg2.errors.UniqueViolation:
         raise Conflict(f"a data source named {name!r} already exists") from None
@@ -594,7 +601,8 @@ def get_data_source(cur, *, data_source_id: UUID | None) -> dict | None:
 def get_data_source_connection(cur, *, data_source_id: UUID) -> dict | None:
     """A data source's connection parameters and password, for opening connections only."""
     cur.execute(
-        "SELECT id, name, is_default, connection_params, password FROM data_source WHERE id = %s", (data_source_id,)
+        "SELECT id, name, is_default, connection_params, password, trigger_connection_params, trigger_password "
+        "FROM data_source WHERE id = %s", (data_source_id,)
     )
     return cur.fetchone()
 
@@ -1380,8 +1388,9 @@ def listener_ping(conn: psycopg2.extensions.connection) -> None:
 def check_stored_secrets(pool: Pool, box: SecretBox) -> int:
     """Raise SecretKeyError unless every stored data source password decrypts; return how many there are."""
     with pool.transaction() as cur:
-        cur.execute("SELECT password FROM data_source WHERE password IS NOT NULL")
-        tokens = [row["password"] for row in cur.fetchall()]
+        cur.execute("SELECT password AS token FROM data_source WHERE password IS NOT NULL UNION ALL "
+                    "SELECT trigger_password FROM data_source WHERE trigger_password IS NOT NULL")
+        tokens = [row["token"] for row in cur.fetchall()]
     for token in tokens:
         box.open(token)
     return len(tokens)
@@ -1398,7 +1407,7 @@ def describe_role(pool: Pool) -> dict:
     """What the role a pool connects as may do in its database: the rights shown on a data source."""
     with pool.transaction() as cur:
         cur.execute(
-            "SELECT current_user AS role, r.rolsuper AS superuser, "
+            "SELECT current_user AS role, current_database() AS database, r.rolsuper AS superuser, "
             "ARRAY_REMOVE(ARRAY[CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END, "
             " CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END, "
             " CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL) AS attributes, "
@@ -1541,6 +1550,7 @@ class SourcePools:
         self.box = box
         self.reader_dsn = reader_dsn
         self._trigger_pools: dict[UUID, Pool] = {}
+        self._trigger_dsns: dict[UUID, str] = {}
         self._default_id: UUID | None = None
         self._pools: dict[UUID, Pool] = {}
         self._dsns: dict[UUID, str] = {}
@@ -1559,13 +1569,20 @@ class SourcePools:
             dsn = self.service_pool.dsn
             self._default_id = data_source_id
         else:
-            params = dict(row["connection_params"])
-            if row["password"] is not None:
-                params["password"] = self.box.open(row["password"])
-            dsn = psycopg2.extensions.make_dsn(**params)
+            dsn = self._make_dsn(row["connection_params"], row["password"])
+        trigger_dsn = dsn
+        if row["trigger_connection_params"] is not None:
+            trigger_dsn = self._make_dsn(row["trigger_connection_params"], row["trigger_password"])
         with self._lock:
             self._dsns[data_source_id] = dsn
+            self._trigger_dsns[data_source_id] = trigger_dsn
         return dsn
+
+    def _make_dsn(self, params: dict, sealed_password: str | None) -> str:
+        params = dict(params)
+        if sealed_password is not None:
+            params["password"] = self.box.open(sealed_password)
+        return psycopg2.extensions.make_dsn(**params)
 
     def get(self, data_source_id: UUID) -> Pool:
         """The pool alert queries of a data source run on: read-only sessions of its reader role."""
@@ -1580,14 +1597,16 @@ class SourcePools:
             return pool
 
     def triggers(self, data_source_id: UUID) -> Pool:
-        """The pool change triggers of a data source are installed through (never used for alert queries)."""
-        dsn = self.dsn(data_source_id)
+        """The pool change triggers of a data source are installed through (never used for alert queries): its
+        trigger role when it has one, else its own role in read-write sessions."""
+        self.dsn(data_source_id)
         if data_source_id == self._default_id:
             return self.service_pool
         with self._lock:
             pool = self._trigger_pools.get(data_source_id)
             if pool is None:
-                pool = self._trigger_pools[data_source_id] = Pool(dsn, 1, name=f"data source {data_source_id}")
+                pool = self._trigger_pools[data_source_id] = Pool(
+                    self._trigger_dsns[data_source_id], 1, name=f"data source {data_source_id} (triggers)")
             return pool
 
     def close(self) -> None:

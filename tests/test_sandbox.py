@@ -352,24 +352,47 @@ def readme_recipe() -> str:
     return re.search(r"```sql\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_recipe_makes_a_role_the_service_accepts_as_read_only(service, empty_dsn, make_role, smtp_server):
-    create_orders_table(empty_dsn)
-    insert_orders(empty_dsn, ["ORD-1"])
+@pytest.fixture
+def recipe_role(empty_dsn: str) -> Iterator[str]:
+    """A role made in the data source database by the README's recipe, under a name of its own."""
     role = f"alert_reader_{uuid.uuid4().hex[:8]}"
     recipe = (readme_recipe().replace("alert_reader", role).replace("choose-a-password", "recipe-pass-1234")
               .replace("ON DATABASE tsdb", f"ON DATABASE {dbname(empty_dsn)}"))
-    try:
-        admin_execute(empty_dsn, recipe)
-        source = add_source(service, dsn_with(empty_dsn, user=role, password="recipe-pass-1234"))
-        assert source["role"]["read_only"] and source["allow_privileged_role"] is False, source
-        execute(empty_dsn, "CREATE TABLE later (x int)")  # covered by the recipe's default privileges
-        response = service.client.post("/alert-configs/test", json=alert_body(
-            "SELECT order_number, (SELECT count(*) FROM later) AS n FROM dc_order", source["id"]))
-        assert response.status_code == 200 and response.json()["rows"] == [["ORD-1", 0]], response.text
-    finally:
-        admin_execute(empty_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-        admin_execute(empty_dsn, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        admin_execute(empty_dsn, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    admin_execute(empty_dsn, recipe)
+    yield role
+    admin_execute(empty_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+    admin_execute(empty_dsn, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+    admin_execute(empty_dsn, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_the_readme_recipe_makes_a_role_the_service_accepts_as_read_only(service, empty_dsn, recipe_role):
+    create_orders_table(empty_dsn)
+    insert_orders(empty_dsn, ["ORD-1"])
+    source = add_source(service, dsn_with(empty_dsn, user=recipe_role, password="recipe-pass-1234"))
+    assert source["role"]["read_only"] and source["allow_privileged_role"] is False, source
+    execute(empty_dsn, "CREATE TABLE later (x int)")  # covered by the recipe's default privileges
+    response = service.client.post("/alert-configs/test", json=alert_body(
+        "SELECT order_number, (SELECT count(*) FROM later) AS n FROM dc_order", source["id"]))
+    assert response.status_code == 200 and response.json()["rows"] == [["ORD-1", 0]], response.text
+
+
+def test_a_trigger_role_gives_a_read_only_source_events_without_running_its_queries(
+        service, empty_dsn, recipe_role, smtp_server):
+    create_orders_table(empty_dsn)
+    reader_dsn = dsn_with(empty_dsn, user=recipe_role, password="recipe-pass-1234")
+    elsewhere = service.client.post("/data-sources/", json={
+        "name": "wrong", "dsn": reader_dsn, "trigger_dsn": dsn_with(empty_dsn, dbname="postgres")})
+    assert elsewhere.status_code == 422 and "not " + dbname(empty_dsn) in elsewhere.text, elsewhere.text
+
+    source = add_source(service, reader_dsn, trigger_dsn=empty_dsn)
+    assert source["trigger_connection_params"]["dbname"] == dbname(empty_dsn)
+    alert = service.create_alert(data_source_id=source["id"], query="SELECT order_number, current_user AS ran_as "
+                                 "FROM dc_order", notification_channels={"email": ["ops@example.com"]})
+    assert alert["events_enabled"], alert
+    smtp_server.wait_for(1)
+    insert_orders(empty_dsn, ["ORD-EVENT"])
+    body = smtp_server.wait_for(2)[1].message.get_body(("plain",)).get_content()
+    assert "ORD-EVENT" in body and recipe_role in body
 
 
 # --- the service's own schema ----------------------------------------------------------------------------------
