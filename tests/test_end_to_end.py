@@ -289,8 +289,8 @@ def test_a_second_data_source_has_its_own_listener(service, smtp_server, empty_d
     create_orders_table(empty_dsn)
     params = psycopg2.extensions.parse_dsn(empty_dsn)
     source = service.client.post("/data-sources/", json={
-        "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-        "password": "s3cret-value", "allow_privileged_role": True})
+        "name": "warehouse", "host": params["host"], "port": params.get("port"), "dbname": params["dbname"],
+        "user": params["user"], "password": "s3cret-value", "allow_privileged_role": True})
     assert source.status_code == 201, source.text
     assert "s3cret-value" not in source.text and source.json()["has_password"] is True
     assert "s3cret-value" not in service.client.get("/data-sources/").text

@@ -80,8 +80,8 @@ def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings
     try:
         params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-            "password": "pa55-word-in-clear", "allow_privileged_role": True})
+            "name": "warehouse", "host": params["host"], "port": params.get("port"), "dbname": params["dbname"],
+            "user": params["user"], "password": "pa55-word-in-clear", "allow_privileged_role": True})
         assert response.status_code == 201, response.text
         assert "pa55-word-in-clear" not in response.text
         stored = service.sql("SELECT password FROM data_source WHERE name = 'warehouse'")[0]["password"]
@@ -107,8 +107,8 @@ def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empt
     try:
         params = psycopg2.extensions.parse_dsn(empty_dsn)
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", "host": params["host"], "dbname": params["dbname"], "user": params["user"],
-            "password": "pa55", "allow_privileged_role": True})
+            "name": "warehouse", "host": params["host"], "port": params.get("port"), "dbname": params["dbname"],
+            "user": params["user"], "password": "pa55", "allow_privileged_role": True})
         assert response.status_code == 422 and "SECRET_KEY" in response.text
         assert len(service.client.get("/data-sources/").json()) == 1
     finally:
