@@ -70,7 +70,7 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
         default = database.get_data_source(cur, data_source_id=None)
         database.store_role_rights(cur, data_source_id=default["id"], rights=rights)
     logger.info("alert queries on the default data source run as role %s", rights["role"])
-    sources = database.SourcePools(pool, size=settings.workers + 1, box=box, reader_dsn=reader_dsn)
+    sources = database.SourcePools(pool, size=settings.workers + 1, box=box, database_dsn=dsn, reader_dsn=reader_dsn)
     dispatcher = Dispatcher(pool, settings)
     scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     dispatcher.start()

@@ -1544,10 +1544,13 @@ class SourcePools:
     installed through the data source's role in read-write sessions (on the default source, the service's own
     connections)."""
 
-    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox, reader_dsn: str) -> None:
+    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox, database_dsn: str, reader_dsn: str) -> None:
         self.service_pool = service_pool
         self.size = size
         self.box = box
+        # The service database's DSN as configured (the service pool's adds the search path): the default source's
+        # identity, which another data source on the same database shares, and what its listener connects with.
+        self.database_dsn = database_dsn
         self.reader_dsn = reader_dsn
         self._trigger_pools: dict[UUID, Pool] = {}
         self._trigger_dsns: dict[UUID, str] = {}
@@ -1566,7 +1569,7 @@ class SourcePools:
         if row is None:
             raise QueryFailed(f"data source {data_source_id} does not exist")
         if row["is_default"]:
-            dsn = self.service_pool.dsn
+            dsn = self._make_dsn(psycopg2.extensions.parse_dsn(self.database_dsn), None)
             self._default_id = data_source_id
         else:
             dsn = self._make_dsn(row["connection_params"], row["password"])
@@ -1579,10 +1582,11 @@ class SourcePools:
         return dsn
 
     def _make_dsn(self, params: dict, sealed_password: str | None) -> str:
+        # Keywords in one order (jsonb keeps its own), so two data sources on one database have equal DSNs.
         params = dict(params)
         if sealed_password is not None:
             params["password"] = self.box.open(sealed_password)
-        return psycopg2.extensions.make_dsn(**params)
+        return psycopg2.extensions.make_dsn(**dict(sorted(params.items())))
 
     def get(self, data_source_id: UUID) -> Pool:
         """The pool alert queries of a data source run on: read-only sessions of its reader role."""

@@ -482,3 +482,16 @@ def test_an_install_from_before_the_schema_moves_its_tables_in_place(settings, e
                                       "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')")
     assert left_in_public == []
     assert fetch(empty_dsn, "SELECT count(*) FROM alert_service.schema_migrations") == [(len(database.MIGRATIONS),)]
+
+
+def test_a_data_source_on_the_services_own_database_shares_its_triggers_with_the_default(
+        service, db_dsn, smtp_server):
+    create_orders_table(db_dsn)
+    same_database = add_source(service, db_dsn, allow_privileged_role=True)
+    other = service.create_alert(data_source_id=same_database["id"], notification_channels={"email": ["a@example.com"]})
+    service.create_alert(name="Default", notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(2)
+    assert service.client.delete(f"/alert-configs/{other['id']}").status_code == 204
+    service.wait_idle()
+    insert_orders(db_dsn, ["ORD-SHARED"])
+    assert "ORD-SHARED" in smtp_server.wait_for(3)[2].message.get_body(("plain",)).get_content()
