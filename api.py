@@ -704,6 +704,8 @@ def check_trigger_role(params: dict, password: str | None, *, database_name: str
         connected_to = database.describe_role(probe)["database"]
     except database.DatabaseUnavailable as exc:
         raise field_error("trigger_dsn", f"cannot connect: {exc}") from None
+    except database.QueryFailed as exc:
+        raise field_error("trigger_dsn", str(exc)) from None
     finally:
         probe.close()
     if connected_to != database_name:
@@ -898,6 +900,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             rights = database.describe_role(probe)
         except database.DatabaseUnavailable as exc:
             raise field_error("dsn" if body.dsn else "host", f"cannot connect: {exc}") from None
+        except database.QueryFailed as exc:
+            raise field_error("dsn" if body.dsn else "host", str(exc)) from None
         finally:
             probe.close()
         problems = database.role_problems(rights)

@@ -556,8 +556,9 @@ def init_db(dsn: str | None = None) -> str:
 
 # --- data sources, teams and users -----------------------------------------------------------------------------
 
-_DATA_SOURCE_COLUMNS = ("id, name, type, is_default, connection_params, created_at, password IS NOT NULL AS has_password, "
-                        "allow_privileged_role, role_rights AS role, trigger_connection_params")
+_DATA_SOURCE_COLUMNS = ("id, name, type, is_default, connection_params, created_at, "
+                        "password IS NOT NULL AS has_password, allow_privileged_role, role_rights AS role, "
+                        "trigger_connection_params")
 
 
 def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None,
@@ -1404,31 +1405,41 @@ _PRIVILEGED_ROLES = ("pg_write_all_data", "pg_execute_server_program", "pg_read_
 
 
 def describe_role(pool: Pool) -> dict:
-    """What the role a pool connects as may do in its database: the rights shown on a data source."""
-    with pool.transaction() as cur:
-        cur.execute(
-            "SELECT current_user AS role, current_database() AS database, r.rolsuper AS superuser, "
-            "ARRAY_REMOVE(ARRAY[CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END, "
-            " CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END, "
-            " CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL) AS attributes, "
-            "ARRAY(SELECT p.rolname FROM pg_roles p WHERE p.rolname = ANY(%(privileged)s) "
-            " AND pg_has_role(current_user, p.oid, 'MEMBER') ORDER BY 1) AS member_of, "
-            "ARRAY(SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c "
-            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', 'f') "
-            " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)' "
-            " AND (has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') "
-            "  OR has_any_column_privilege(c.oid, 'INSERT, UPDATE')) ORDER BY 1 LIMIT 5) AS writable_tables, "
-            "ARRAY(SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE n.nspname !~ '^pg_(toast_)?temp' "
-            " AND has_schema_privilege(n.oid, 'CREATE') ORDER BY 1 LIMIT 5) AS creatable_schemas, "
-            "has_database_privilege(current_database(), 'CREATE') AS can_create_schemas "
-            "FROM pg_roles r WHERE r.rolname = current_user",
-            {"privileged": list(_PRIVILEGED_ROLES)},
-        )
-        row = dict(cur.fetchone())
+    """What the role a pool connects as may do in its database: the rights shown on a data source. QueryFailed
+    when the server cannot say (not PostgreSQL, or too old)."""
+    try:
+        with pool.transaction() as cur:
+            row = _describe_role(cur)
+    except psycopg2.DatabaseError as exc:
+        if isinstance(exc, psycopg2.OperationalError):
+            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+        raise QueryFailed(f"cannot tell what the role may do: {_pg_message(exc)}") from None
     row["can_write"] = bool(row["superuser"] or row["writable_tables"])
     row["can_create"] = bool(row["superuser"] or row["creatable_schemas"] or row["can_create_schemas"])
     row["read_only"] = not role_problems(row)
     return row
+
+
+def _describe_role(cur) -> dict:
+    cur.execute(
+        "SELECT current_user AS role, current_database() AS database, r.rolsuper AS superuser, "
+        "ARRAY_REMOVE(ARRAY[CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END, "
+        " CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END, "
+        " CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL) AS attributes, "
+        "ARRAY(SELECT p.rolname FROM pg_roles p WHERE p.rolname = ANY(%(privileged)s) "
+        " AND pg_has_role(current_user, p.oid, 'MEMBER') ORDER BY 1) AS member_of, "
+        "ARRAY(SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c "
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', 'f') "
+        " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)' "
+        " AND (has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') "
+        "  OR has_any_column_privilege(c.oid, 'INSERT, UPDATE')) ORDER BY 1 LIMIT 5) AS writable_tables, "
+        "ARRAY(SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE n.nspname !~ '^pg_(toast_)?temp' "
+        " AND has_schema_privilege(n.oid, 'CREATE') ORDER BY 1 LIMIT 5) AS creatable_schemas, "
+        "has_database_privilege(current_database(), 'CREATE') AS can_create_schemas "
+        "FROM pg_roles r WHERE r.rolname = current_user",
+        {"privileged": list(_PRIVILEGED_ROLES)},
+    )
+    return dict(cur.fetchone())
 
 
 def role_problems(rights: dict) -> list[str]:
