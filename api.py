@@ -54,12 +54,25 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
     dsn = dsn or database.resolve_dsn(settings)
     logger.info("service database: %s", database.describe_dsn(dsn))
-    pool = database.Pool(dsn, size=settings.workers + 8, name="service database")
+    pool = database.service_pool(dsn, size=settings.workers + 8)
     database.migrate(pool)
     box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
     # Fail at start-up, not at the first alert, when the key cannot read what is stored.
     database.check_stored_secrets(pool, box)
-    sources = database.SourcePools(pool, size=settings.workers + 1, box=box)
+    # Alert queries on the default source never run as the service's own role: fail here rather than run them so.
+    try:
+        reader_dsn = (settings.reader_dsn.get_secret_value() if settings.reader_dsn
+                      else database.ensure_reader_role(pool))
+        rights = database.check_reader(reader_dsn)
+    except database.ReaderRoleError as exc:
+        logger.error("cannot start: %s", exc)
+        pool.close()
+        raise
+    with pool.transaction() as cur:
+        default = database.get_data_source(cur, data_source_id=None)
+        database.store_role_rights(cur, data_source_id=default["id"], rights=rights)
+    logger.info("alert queries on the default data source run as role %s", rights["role"])
+    sources = database.SourcePools(pool, size=settings.workers + 1, box=box, database_dsn=dsn, reader_dsn=reader_dsn)
     # Started in the background: the first templated message should not wait for them, nor start-up.
     templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
                      memory_mb=settings.template_memory_mb)
@@ -444,6 +457,13 @@ class DataSourceIn(RequestBody):
     user: str | None = Field(None, max_length=255)
     password: str | None = Field(None, max_length=1000)
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    allow_privileged_role: bool = Field(
+        False, description="Accept a role that is a superuser or can write or administer the database (refused "
+                           "otherwise); alert queries still run in read-only transactions")
+    trigger_dsn: str | None = Field(
+        None, max_length=2000,
+        description="Optional libpq string of a role that owns the watched tables, used only to install the change "
+                    "triggers that wake alerts within milliseconds; alert queries never run as it")
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> "DataSourceIn":
@@ -457,19 +477,46 @@ class DataSourceIn(RequestBody):
     def connection_params(self) -> tuple[dict, str | None]:
         """libpq keywords without the password, and the password."""
         if self.dsn:
-            try:
-                params = psycopg2.extensions.parse_dsn(self.dsn)
-            except psycopg2.ProgrammingError:
-                raise field_error("dsn", "not a valid libpq connection string or URI") from None
+            params = _parse_dsn(self.dsn, "dsn")
         else:
             params = {k: v for k, v in {"host": self.host, "port": self.port, "dbname": self.dbname,
                                         "user": self.user, "sslmode": self.sslmode}.items() if v is not None}
         password = params.pop("password", None) or self.password
-        for secret in ("sslpassword", "passfile", "sslkey"):
-            if secret in params:
-                # Only the password is stored encrypted; other secrets would be returned and kept in clear.
-                raise field_error("dsn", f"{secret} is not supported in a data source; use a password")
         return {k: str(v) for k, v in params.items()}, password
+
+    def trigger_params(self) -> tuple[dict | None, str | None]:
+        """The trigger role's libpq keywords without the password, and its password (None, None without one)."""
+        if not self.trigger_dsn:
+            return None, None
+        params = _parse_dsn(self.trigger_dsn, "trigger_dsn")
+        password = params.pop("password", None)
+        return {k: str(v) for k, v in params.items()}, password
+
+
+def _parse_dsn(text: str, field: str) -> dict:
+    try:
+        params = psycopg2.extensions.parse_dsn(text)
+    except psycopg2.ProgrammingError:
+        raise field_error(field, "not a valid libpq connection string or URI") from None
+    for secret in ("sslpassword", "passfile", "sslkey"):
+        if secret in params:
+            # Only the password is stored encrypted; other secrets would be returned and kept in clear.
+            raise field_error(field, f"{secret} is not supported in a data source; use a password")
+    return params
+
+
+class RoleRights(BaseModel):
+    """What the role a data source connects as may do: checked when the data source is added (for the default
+    source, the role alert queries run as, at every start)."""
+
+    role: str
+    read_only: bool = Field(description="True when none of the rights below is held")
+    superuser: bool
+    can_write: bool = Field(description="INSERT, UPDATE, DELETE or TRUNCATE on some table")
+    can_create: bool = Field(description="CREATE on a schema or on the database")
+    attributes: list[str] = Field(description="CREATEROLE, CREATEDB, REPLICATION, BYPASSRLS when held")
+    member_of: list[str] = Field(description="Predefined roles that can write, run programs, read files or signal")
+    writable_tables: list[str] = Field(description="Up to five tables it can write")
 
 
 class DataSourceOut(BaseModel):
@@ -481,6 +528,10 @@ class DataSourceOut(BaseModel):
     is_default: bool
     connection_params: dict[str, str]
     has_password: bool
+    allow_privileged_role: bool = False
+    role: RoleRights | None = Field(None, description="null for a data source added before roles were checked")
+    trigger_connection_params: dict[str, str] | None = Field(
+        None, description="The role that installs change triggers, when it is not the data source's own")
     created_at: datetime
 
 
@@ -683,6 +734,42 @@ def _alert_out(row: dict) -> AlertConfigOut:
     })
 
 
+def privileged_role_message(role: str, problems: list[str]) -> str:
+    """Why a data source's role is refused, and what to do instead."""
+    return (f"the role {role} can do more than read: {'; '.join(problems)}. Alert queries need a read-only role: "
+            f"CREATE ROLE alert_reader LOGIN PASSWORD '...'; GRANT CONNECT ON DATABASE <db> TO alert_reader; "
+            f"GRANT USAGE ON SCHEMA public TO alert_reader; GRANT SELECT ON ALL TABLES IN SCHEMA public TO "
+            f"alert_reader (README: 'Recommended: a read-only role per data source'), or send "
+            f"\"allow_privileged_role\": true to accept this role")
+
+
+def check_trigger_role(params: dict, password: str | None, *, database_name: str) -> None:
+    """A 422 unless the trigger DSN connects, to the same database as the data source."""
+    probe = database.Pool(psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {})),
+                          size=1, name="trigger role")
+    try:
+        connected_to = database.describe_role(probe)["database"]
+    except database.DatabaseUnavailable as exc:
+        raise field_error("trigger_dsn", f"cannot connect: {exc}") from None
+    except database.QueryFailed as exc:
+        raise field_error("trigger_dsn", str(exc)) from None
+    finally:
+        probe.close()
+    if connected_to != database_name:
+        raise field_error("trigger_dsn", f"connects to database {connected_to}, not {database_name} where the "
+                                         "alert queries run")
+
+
+def service_schema_error(tables: list[str]) -> HTTPException | None:
+    """A 422 when a query reads the service's own tables: they change at every evaluation, so an alert on them
+    would wake itself."""
+    own = [table for table in tables if database.in_service_schema(table)]
+    if not own:
+        return None
+    return field_error("query", f"alerts cannot read the service's own schema {database.SERVICE_SCHEMA} "
+                                f"({', '.join(own)}): the service writes it at every evaluation")
+
+
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     router = APIRouter(dependencies=[Depends(require_api_key)])
     def validate_alert(services: Services, body: AlertConfigIn) -> dict:
@@ -693,11 +780,15 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
             if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
                 raise field_error("created_by", f"user {body.created_by} does not exist")
+        refs = query_analysis.analyse_query(body.query)
+        # Named outright: refused before the query is sent (on the default source the reader could not read it).
+        named = service_schema_error([database.table_key(r.schema, r.name) for r in refs if r.schema is not None])
+        if named is not None:
+            raise named
         try:
             pool = services.sources.get(source["id"])
             columns = rules.unique_columns(database.compile_query(
                 pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
-            refs = query_analysis.analyse_query(body.query)
             tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
         except database.QueryFailed as exc:
             raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
@@ -709,6 +800,10 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                            exc)
             raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
                                                 "not accept a login; the service's log has the reason") from None
+        # Through a view, or on a data source that is the service's own database with a privileged role.
+        watched = service_schema_error(tables)
+        if watched is not None:
+            raise watched
         try:
             rules.key_indexes(columns, body.key_columns)
         except rules.RuleError as exc:
@@ -851,16 +946,37 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
         params, password = body.connection_params()
         dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
+        field = "dsn" if body.dsn else "host"
         try:
             database.probe(dsn)
         except database.DatabaseUnavailable as exc:
-            raise field_error("dsn" if body.dsn else "host", str(exc)) from None
+            raise field_error(field, str(exc)) from None
+        probe = database.Pool(dsn, size=1, name=f"data source {body.name}")
+        try:
+            rights = database.describe_role(probe)
+        except database.DatabaseUnavailable:
+            # It answered the probe a moment ago: say no more about it now than the probe would.
+            raise field_error(field, database.PROBE_FAILED) from None
+        except database.QueryFailed as exc:
+            raise field_error(field, str(exc)) from None
+        finally:
+            probe.close()
+        problems = database.role_problems(rights)
+        if problems and not body.allow_privileged_role:
+            raise field_error("dsn" if body.dsn else "user", privileged_role_message(rights["role"], problems))
+        trigger_params, trigger_password = body.trigger_params()
+        if trigger_params is not None:
+            check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
         try:
             sealed = services.box.seal(password) if password else None
+            trigger_sealed = services.box.seal(trigger_password) if trigger_password else None
         except database.SecretKeyError as exc:
             raise field_error("password", str(exc)) from None
         with services.pool.transaction() as cur:
-            return database.insert_data_source(cur, name=body.name, connection_params=params, password=sealed)
+            return database.insert_data_source(
+                cur, name=body.name, connection_params=params, password=sealed,
+                allow_privileged_role=body.allow_privileged_role, role_rights=rights,
+                trigger_connection_params=trigger_params, trigger_password=trigger_sealed)
 
     @router.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
     def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):

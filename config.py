@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     db_connection: SecretStr | None = None
+    # Alert queries on the default data source run as this role; unset, the service creates and manages one.
+    reader_dsn: SecretStr | None = None
 
     smtp_host: str | None = None
     smtp_port: int = Field(587, ge=1, le=65535)
@@ -68,7 +70,7 @@ class Settings(BaseSettings):
         return value.strip() if isinstance(value, str) else value
 
     @field_validator(
-        "db_connection", "smtp_password", "twilio_auth_token", "smtp_ca_file", "api_key", "secret_key", mode="before"
+        "db_connection", "reader_dsn", "smtp_password", "twilio_auth_token", "smtp_ca_file", "api_key", "secret_key", mode="before"
     )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
@@ -100,6 +102,18 @@ class Settings(BaseSettings):
                     "must be a Fernet key: 32 url-safe base64-encoded bytes "
                     "(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
                 ) from None
+        return value
+
+    @field_validator("reader_dsn")
+    @classmethod
+    def _reader_dsn_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            import psycopg2.extensions
+
+            try:
+                psycopg2.extensions.parse_dsn(value.get_secret_value())
+            except psycopg2.ProgrammingError:
+                raise ValueError("not a libpq connection string or URI") from None
         return value
 
     @field_validator("smtp_ca_file")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import secrets
 import select
 import threading
 import time
@@ -38,7 +40,9 @@ psycopg2.extensions.register_type(psycopg2.extensions.new_type(psycopg2.BINARY.v
 
 NOTIFY_CHANNEL = "alert_service_table_change"
 TRIGGER_NAME = "alert_service_notify"
-TRIGGER_SCHEMA = "alert_service"
+# The service's own tables live in this schema; on a data source it holds only the trigger function.
+SERVICE_SCHEMA = "alert_service"
+TRIGGER_SCHEMA = SERVICE_SCHEMA
 TRIGGER_FUNCTION = "notify_change"
 _DDL_LOCK_KEY = 0x616C6572  # advisory lock serialising our DDL on a data source ("aler")
 _MIGRATION_LOCK_KEY = 0x616C6573
@@ -62,6 +66,10 @@ class Conflict(DatabaseError):
 
 class SecretKeyError(DatabaseError):
     """SECRET_KEY is missing or is not the key stored passwords were encrypted with."""
+
+
+class ReaderRoleError(DatabaseError):
+    """The role that alert queries on the default data source run as cannot be set up, or may do too much."""
 
 
 class SecretBox:
@@ -114,9 +122,11 @@ def _pg_message(exc: psycopg2.Error) -> str:
 def connect(dsn: str, *, application_name: str = "alert-service") -> psycopg2.extensions.connection:
     """Open one connection, translating failures into DatabaseUnavailable."""
     try:
+        # client_encoding in the startup packet overrides the DSN's options and role or database settings, so the
+        # server decodes query texts in the encoding psycopg2 encodes them in (see _read_only_transaction).
         return psycopg2.connect(
             dsn, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            application_name=application_name,
+            application_name=application_name, client_encoding="UTF8",
         )
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
@@ -155,6 +165,33 @@ def probe(dsn: str) -> None:
                    outcome.get("error") or f"no login within {PROBE_SECONDS:g} s")
     time.sleep(max(0.0, started + PROBE_SECONDS - time.monotonic()))
     raise DatabaseUnavailable(PROBE_FAILED)
+
+
+def with_session_settings(dsn: str, **settings: str) -> str:
+    """The DSN with `-c name=value` appended to its options: session defaults that win over the DSN's own options
+    and ALTER ROLE/DATABASE ... SET, and that DISCARD ALL returns to rather than clears."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    switches = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    params["options"] = f"{params.get('options', '')} {switches}".strip()
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def service_dsn(dsn: str) -> str:
+    """The DSN of the service's own sessions: they find the service's tables first, so a user table of the same
+    name in public can neither shadow them nor be written by the service (public stays on the path for the
+    TimescaleDB functions)."""
+    return with_session_settings(dsn, search_path=f"{SERVICE_SCHEMA},public")
+
+
+def service_pool(dsn: str, *, size: int, name: str = "service database") -> "Pool":
+    """A pool of the service's own sessions on its database."""
+    return Pool(service_dsn(dsn), size, name=name)
+
+
+def read_only_dsn(dsn: str) -> str:
+    """The DSN of a session for alert queries: every transaction read-only by default, so that even a COMMIT
+    smuggled past the parser would leave the statements after it unable to write."""
+    return with_session_settings(dsn, default_transaction_read_only="on")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -462,6 +499,48 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             CHECK (kind IN ('initial_report', 'incident', 'digest', 'repeat', 'resolved', 'failing', 'recovered'));
         """,
     ),
+    (
+        4,
+        "the service's tables move to their own schema",
+        # migrate() creates the schema first, so a new install creates every table there already; an install from
+        # before this migration has them in public, and they move in place (a hypertable, its indexes, sequences
+        # and triggers move with it). Alert queries run as a role with no USAGE on this schema.
+        """
+        DO $$
+        DECLARE
+            name text;
+        BEGIN
+            IF to_regclass('alert_service.alert_config') IS NULL THEN
+                FOREACH name IN ARRAY ARRAY['data_source', 'team', 'users', 'alert_config', 'alert_state',
+                                            'incident', 'notification', 'activity', 'evaluation'] LOOP
+                    EXECUTE format('ALTER TABLE public.%I SET SCHEMA alert_service', name);
+                END LOOP;
+                FOREACH name IN ARRAY ARRAY['priority_enum', 'status_enum', 'notification_status_enum'] LOOP
+                    EXECUTE format('ALTER TYPE public.%I SET SCHEMA alert_service', name);
+                END LOOP;
+            END IF;
+        END $$;
+        -- Older versions granted it to PUBLIC for the trigger function, which fires without it.
+        REVOKE ALL ON SCHEMA alert_service FROM PUBLIC;
+        """,
+    ),
+    (
+        5,
+        "data sources record their role's rights; the default source's reader role",
+        """
+        ALTER TABLE data_source
+            ADD COLUMN allow_privileged_role boolean NOT NULL DEFAULT false,
+            ADD COLUMN role_rights jsonb,
+            -- An optional second role, used only to install change triggers (it must own the watched tables).
+            ADD COLUMN trigger_connection_params jsonb,
+            ADD COLUMN trigger_password text;
+        -- The password of the role alert queries on the default data source run as (see ensure_reader_role).
+        CREATE TABLE reader_credential (
+            role_name text PRIMARY KEY,
+            password text NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -469,8 +548,16 @@ def migrate(pool: Pool) -> list[int]:
     """Apply the migrations this database has not had yet, each in its own transaction; return those applied."""
     applied: list[int] = []
     with pool.transaction() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SERVICE_SCHEMA)))
+        # An install from before migration 4 keeps its history in public, beside the tables that move.
+        cur.execute("SELECT to_regclass('alert_service.schema_migrations') IS NULL "
+                    "AND to_regclass('public.schema_migrations') IS NOT NULL "
+                    "AND to_regclass('public.alert_config') IS NOT NULL AS legacy")
+        if cur.fetchone()["legacy"]:
+            cur.execute("ALTER TABLE public.schema_migrations SET SCHEMA alert_service")
         cur.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "CREATE TABLE IF NOT EXISTS alert_service.schema_migrations ("
             " version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
         )
     for version, description, statements in MIGRATIONS:
@@ -495,7 +582,7 @@ def init_db(dsn: str | None = None) -> str:
         from config import load_settings
 
         dsn = resolve_dsn(load_settings())
-    pool = Pool(dsn, size=1, name="service database")
+    pool = service_pool(dsn, size=1)
     try:
         migrate(pool)
     finally:
@@ -505,17 +592,25 @@ def init_db(dsn: str | None = None) -> str:
 
 # --- data sources, teams and users -----------------------------------------------------------------------------
 
-_DATA_SOURCE_COLUMNS = "id, name, type, is_default, connection_params, created_at, password IS NOT NULL AS has_password"
+_DATA_SOURCE_COLUMNS = ("id, name, type, is_default, connection_params, created_at, "
+                        "password IS NOT NULL AS has_password, allow_privileged_role, role_rights AS role, "
+                        "trigger_connection_params")
 
 
-def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None) -> dict:
-    """Store a data source; the (already encrypted) password goes to its own column and is never selected by the
-    read functions."""
+def insert_data_source(cur, *, name: str, connection_params: dict, password: str | None,
+                       allow_privileged_role: bool = False, role_rights: dict | None = None,
+                       trigger_connection_params: dict | None = None, trigger_password: str | None = None) -> dict:
+    """Store a data source; the (already encrypted) passwords go to their own columns and are never selected by
+    the read functions."""
     try:
         cur.execute(
-            f"INSERT INTO data_source (name, connection_params, password) VALUES (%s, %s, %s) "
+            f"INSERT INTO data_source (name, connection_params, password, allow_privileged_role, role_rights, "
+            f"trigger_connection_params, trigger_password) VALUES (%s, %s, %s, %s, %s, %s, %s) "
             f"RETURNING {_DATA_SOURCE_COLUMNS}",
-            (name, psycopg2.extras.Json(connection_params), password),
+            (name, psycopg2.extras.Json(connection_params), password, allow_privileged_role,
+             None if role_rights is None else psycopg2.extras.Json(role_rights),
+             None if trigger_connection_params is None else psycopg2.extras.Json(trigger_connection_params),
+             trigger_password),
         )
     except psycopg2.errors.UniqueViolation:
         raise Conflict(f"a data source named {name!r} already exists") from None
@@ -543,7 +638,8 @@ def get_data_source(cur, *, data_source_id: UUID | None) -> dict | None:
 def get_data_source_connection(cur, *, data_source_id: UUID) -> dict | None:
     """A data source's connection parameters and password, for opening connections only."""
     cur.execute(
-        "SELECT id, name, is_default, connection_params, password FROM data_source WHERE id = %s", (data_source_id,)
+        "SELECT id, name, is_default, connection_params, password, trigger_connection_params, trigger_password "
+        "FROM data_source WHERE id = %s", (data_source_id,)
     )
     return cur.fetchone()
 
@@ -1007,14 +1103,39 @@ def mark_notification_failed(cur, *, notification_id: UUID, claimant_pid: int, e
 # --- queries against a data source -----------------------------------------------------------------------------
 
 
+# Every setting that changes how the server cuts a query text into statements and tokens, pinned for the
+# transaction (set_config(..., true)) in the round trip before any alert query text is sent. The parser checked
+# the text as a server with these values reads it; the pins win over the DSN's options and ALTER ROLE/DATABASE
+# ... SET, and are made again in every transaction, so neither the data source nor a previous query can undo them.
+# - standard_conforming_strings: off makes a backslash escape a quote inside '...', so a text the parser reads as
+#   one SELECT with a string literal would reach the server as several statements (COMMIT, DDL, COPY TO PROGRAM).
+# - backslash_quote: only decides whether \' inside E'...' is an error, never where a token ends; pinned to the
+#   default so the server accepts what the parser accepted, not for safety.
+# - escape_string_warning: a warning only; not pinned.
+# - client_encoding: the text is converted from it before it is lexed. It is not set here (psycopg2 would keep
+#   encoding in the old one); every connection asks for UTF8 in its startup packet, and this round trip checks it.
+_PINNED_SETTINGS = (("standard_conforming_strings", "on"), ("backslash_quote", "safe_encoding"))
+
+
 def _read_only_transaction(cur, *, timeout_seconds: float) -> None:
-    # One round trip: the transaction's first statement makes it read-only, the rest set its time limits.
+    # One round trip: the transaction's first statement makes it read-only, the rest pin how the query text is read
+    # and set its time limits. pg_catalog is named so that a search_path from the DSN cannot substitute a function.
     milliseconds = int(timeout_seconds * 1000)
+    pins = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in _PINNED_SETTINGS)
     cur.execute(
-        "SET TRANSACTION READ ONLY; SELECT set_config('statement_timeout', %s, true), "
-        "set_config('lock_timeout', %s, true), set_config('idle_in_transaction_session_timeout', %s, true)",
-        (f"{milliseconds}ms", f"{min(milliseconds, 5000)}ms", f"{milliseconds + 5000}ms"),
+        f"SET TRANSACTION READ ONLY; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
+        "pg_catalog.set_config('statement_timeout', %s, true), pg_catalog.set_config('lock_timeout', %s, true), "
+        "pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true)",
+        (*(item for pair in _PINNED_SETTINGS for item in pair),
+         f"{milliseconds}ms", f"{min(milliseconds, 5000)}ms", f"{milliseconds + 5000}ms"),
     )
+    row = cur.fetchone()
+    expected = (*(value for _, value in _PINNED_SETTINGS), "UTF8")
+    got = tuple(row[:len(expected)])
+    if got != expected:
+        # A proxy or extension that ignores the pins would let the text be read differently: refuse to send it.
+        raise QueryFailed(f"the data source's session did not take the settings alert queries need "
+                          f"(standard_conforming_strings, backslash_quote, client_encoding: {', '.join(got)})")
 
 
 def _reset_session(conn: psycopg2.extensions.connection) -> None:
@@ -1152,6 +1273,22 @@ def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> lis
         return [row["key"] for row in cur.fetchall()]
 
 
+def table_key(schema: str, table: str) -> str:
+    """A `schema.table` key in the form format('%I.%I') gives (keywords aside), for a name as the parser read it."""
+    return ".".join(_quote_ident(part) for part in (schema, table))
+
+
+def _quote_ident(name: str) -> str:
+    plain = name.isascii() and (name[:1].islower() or name[:1] == "_") and all(
+        c.islower() or c.isdigit() or c == "_" for c in name)
+    return name if plain else '"' + name.replace('"', '""') + '"'
+
+
+def in_service_schema(key: str) -> bool:
+    """Whether a `schema.table` key names a table in the service's own schema."""
+    return _parse_qualified(key)[0] == SERVICE_SCHEMA
+
+
 def _split_key(key: str) -> sql.Composable:
     """A `schema.table` key as produced by format('%I.%I') back into a quoted identifier."""
     schema, _, table = _parse_qualified(key)
@@ -1211,6 +1348,10 @@ def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
 
 def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
     errors: dict[str, str] = {}
+    # The service writes its own tables at every evaluation: a trigger there would wake alerts forever.
+    refused = {table for table in wanted if in_service_schema(table)}
+    errors.update({table: f"the service's own schema {SERVICE_SCHEMA} cannot be watched" for table in refused})
+    wanted = wanted - refused
     with conn.cursor() as cur:
         try:
             _ensure_trigger_function(cur)
@@ -1220,7 +1361,7 @@ def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
                 raise
             conn.rollback()
             message = f"cannot create the trigger function: {_pg_message(exc)}"
-            return {table: message for table in wanted}
+            return {**errors, **{table: message for table in wanted}}
         # TimescaleDB copies only row-level triggers to chunks, so every statement trigger named ours is ours.
         cur.execute(
             "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
@@ -1302,9 +1443,9 @@ def _ensure_trigger_function(cur) -> None:
     row = cur.fetchone()
     if row is not None and row[0] == TRIGGER_FUNCTION_BODY:
         return
+    # No USAGE for anyone else: a trigger calls its function by oid, so writers of watched tables need none, and in
+    # the service's own database this schema holds the service's tables.
     cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(TRIGGER_SCHEMA)))
-    # Writers of watched tables run the trigger function with their own rights.
-    cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(TRIGGER_SCHEMA)))
     # Replacing an older version in place keeps every trigger that already calls it.
     cur.execute(
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
@@ -1330,20 +1471,183 @@ def listener_ping(conn: psycopg2.extensions.connection) -> None:
 def check_stored_secrets(pool: Pool, box: SecretBox) -> int:
     """Raise SecretKeyError unless every stored data source password decrypts; return how many there are."""
     with pool.transaction() as cur:
-        cur.execute("SELECT password FROM data_source WHERE password IS NOT NULL")
-        tokens = [row["password"] for row in cur.fetchall()]
+        cur.execute("SELECT password AS token FROM data_source WHERE password IS NOT NULL UNION ALL "
+                    "SELECT trigger_password FROM data_source WHERE trigger_password IS NOT NULL")
+        tokens = [row["token"] for row in cur.fetchall()]
     for token in tokens:
         box.open(token)
     return len(tokens)
 
 
-class SourcePools:
-    """One connection pool per data source, opened on first use; the default source is the service's database."""
+# --- who alert queries run as ----------------------------------------------------------------------------------
 
-    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox) -> None:
+# Predefined roles whose members can write, run programs, read files or signal other sessions.
+_PRIVILEGED_ROLES = ("pg_write_all_data", "pg_execute_server_program", "pg_read_server_files",
+                     "pg_write_server_files", "pg_signal_backend", "pg_checkpoint", "pg_create_subscription")
+
+
+def describe_role(pool: Pool) -> dict:
+    """What the role a pool connects as may do in its database: the rights shown on a data source. QueryFailed
+    when the server cannot say (not PostgreSQL, or too old)."""
+    try:
+        with pool.transaction() as cur:
+            row = _describe_role(cur)
+    except psycopg2.DatabaseError as exc:
+        if isinstance(exc, psycopg2.OperationalError):
+            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+        raise QueryFailed(f"cannot tell what the role may do: {_pg_message(exc)}") from None
+    row["can_write"] = bool(row["superuser"] or row["writable_tables"])
+    row["can_create"] = bool(row["superuser"] or row["creatable_schemas"] or row["can_create_schemas"])
+    row["read_only"] = not role_problems(row)
+    return row
+
+
+def _describe_role(cur) -> dict:
+    cur.execute(
+        "SELECT current_user AS role, current_database() AS database, r.rolsuper AS superuser, "
+        "ARRAY_REMOVE(ARRAY[CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END, "
+        " CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END, "
+        " CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL) AS attributes, "
+        "ARRAY(SELECT p.rolname FROM pg_roles p WHERE p.rolname = ANY(%(privileged)s) "
+        " AND pg_has_role(current_user, p.oid, 'MEMBER') ORDER BY 1) AS member_of, "
+        "ARRAY(SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c "
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'v', 'f') "
+        " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)' "
+        " AND (has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') "
+        "  OR has_any_column_privilege(c.oid, 'INSERT, UPDATE')) ORDER BY 1 LIMIT 5) AS writable_tables, "
+        "ARRAY(SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE n.nspname !~ '^pg_(toast_)?temp' "
+        " AND has_schema_privilege(n.oid, 'CREATE') ORDER BY 1 LIMIT 5) AS creatable_schemas, "
+        "has_database_privilege(current_database(), 'CREATE') AS can_create_schemas "
+        "FROM pg_roles r WHERE r.rolname = current_user",
+        {"privileged": list(_PRIVILEGED_ROLES)},
+    )
+    return dict(cur.fetchone())
+
+
+def role_problems(rights: dict) -> list[str]:
+    """Why a role with these rights is more than a reader; empty for a read-only role."""
+    if rights["superuser"]:
+        return ["it is a superuser"]  # which implies all the rest
+    problems = []
+    if rights["writable_tables"]:
+        problems.append(f"it can write to tables ({', '.join(rights['writable_tables'])}"
+                        f"{', ...' if len(rights['writable_tables']) >= 5 else ''})")
+    if rights["creatable_schemas"]:
+        problems.append(f"it can create objects in schemas ({', '.join(rights['creatable_schemas'])})")
+    if rights["can_create_schemas"]:
+        problems.append("it can create schemas in the database")
+    if rights["attributes"]:
+        problems.append(f"it has {', '.join(rights['attributes'])}")
+    if rights["member_of"]:
+        problems.append(f"it is a member of {', '.join(rights['member_of'])}")
+    return problems
+
+
+def store_role_rights(cur, *, data_source_id: UUID, rights: dict) -> None:
+    """Record what a data source's role may do, as shown by GET /data-sources/{id}."""
+    cur.execute("UPDATE data_source SET role_rights = %s WHERE id = %s",
+                (psycopg2.extras.Json(rights), data_source_id))
+
+
+def reader_role_name(database_name: str) -> str:
+    """The role alert queries on the default data source run as. Roles belong to the whole server and several
+    service databases may share one, so each database gets its own (hashed when the name would pass 63 bytes)."""
+    name = f"alert_reader_{database_name}"
+    if len(name.encode()) <= 63:
+        return name
+    return "alert_reader_" + hashlib.sha256(database_name.encode()).hexdigest()[:32]
+
+
+def ensure_reader_role(pool: Pool) -> str:
+    """Create or update the login role that alert queries on the default data source run as: it can read every
+    user schema and nothing else, not the service's schema, files or administrative functions. Returns its DSN
+    (with a password: never log it). Needs a superuser or CREATEROLE; raises ReaderRoleError otherwise."""
+    with pool.transaction() as cur:
+        # Several instances may start at once on one database; they must agree on one password.
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        cur.execute("SELECT current_database() AS db, current_user AS me, rolsuper, rolcreaterole "
+                    "FROM pg_roles WHERE rolname = current_user")
+        me = cur.fetchone()
+        role = reader_role_name(me["db"])
+        if not (me["rolsuper"] or me["rolcreaterole"]):
+            raise ReaderRoleError(
+                f"alert queries on the default data source run as a read-only role of their own, and the service's "
+                f"role {me['me']} may not create it: grant it CREATEROLE (ALTER ROLE {me['me']} CREATEROLE), or "
+                f"create a read-only role as in the README's 'Recommended: a read-only role per data source' and "
+                f"set READER_DSN to its connection string")
+        # The password is random and kept in the service's schema, which only the service's role can read.
+        cur.execute("INSERT INTO reader_credential (role_name, password) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    (role, secrets.token_urlsafe(32)))
+        cur.execute("SELECT password FROM reader_credential WHERE role_name = %s", (role,))
+        password = cur.fetchone()["password"]
+        # Sent as a SCRAM verifier, never as the password itself (statements may be logged by the server).
+        verifier = psycopg2.extensions.encrypt_password(password, role, cur.connection, "scram-sha-256")
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+        verb = sql.SQL("ALTER" if cur.fetchone() else "CREATE")
+        # Only a superuser may name REPLICATION and BYPASSRLS, even to switch them off; the check after this
+        # (read_only_reader) refuses a role that has them.
+        attributes = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT" + (
+            " NOREPLICATION NOBYPASSRLS" if me["rolsuper"] else "")
+        cur.execute(sql.SQL("{} ROLE {} " + attributes + " PASSWORD {}").format(
+            verb, sql.Identifier(role), sql.Literal(verifier)))
+        reader = sql.Identifier(role)
+        cur.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('information_schema', %s) "
+            "AND nspname !~ '^(pg_|_timescaledb|timescaledb_)' ORDER BY 1", (SERVICE_SCHEMA,))
+        for schema in [row["nspname"] for row in cur.fetchall()]:
+            # Objects the service's role does not own and may not grant on are skipped with a server warning.
+            cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {0} TO {1}; GRANT SELECT ON ALL TABLES IN SCHEMA {0} TO {1}")
+                        .format(sql.Identifier(schema), reader))
+        # Schemas, tables and views the service's role creates later are readable too.
+        cur.execute(sql.SQL("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {0}; "
+                            "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {0}").format(reader))
+        # ... except the service's own: a table a later migration adds would otherwise carry that default.
+        cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {0} FROM {1}; REVOKE ALL ON ALL TABLES IN SCHEMA {0} FROM {1}; "
+                            "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {0} FROM {1}").format(
+            sql.Identifier(SERVICE_SCHEMA), reader))
+    params = psycopg2.extensions.parse_dsn(pool.dsn)
+    params.pop("options", None)  # the service's search_path is not the reader's
+    params.update(user=role, password=password)
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def check_reader(dsn: str) -> dict:
+    """The rights of the role alert queries on the default data source run as; ReaderRoleError unless it only
+    reads."""
+    pool = Pool(read_only_dsn(dsn), 1, name="alert query role")
+    try:
+        rights = describe_role(pool)
+        with pool.transaction() as cur:
+            cur.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s "
+                        "AND has_schema_privilege(oid, 'USAGE')) AS sees_service", (SERVICE_SCHEMA,))
+            sees_service = cur.fetchone()["sees_service"]
+    finally:
+        pool.close()
+    problems = role_problems(rights) + (
+        [f"it can use the service's schema {SERVICE_SCHEMA}"] if sees_service or rights["superuser"] else [])
+    if problems:
+        raise ReaderRoleError(f"alert queries on the default data source would run as role {rights['role']}, "
+                              f"which must only read, but {'; '.join(problems)}")
+    return rights
+
+
+class SourcePools:
+    """Two connection pools per data source, opened on first use: alert queries run on read-only sessions of the
+    reader role (on the default source, the service's database, a role of their own); change triggers are
+    installed through the data source's role in read-write sessions (on the default source, the service's own
+    connections)."""
+
+    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox, database_dsn: str, reader_dsn: str) -> None:
         self.service_pool = service_pool
         self.size = size
         self.box = box
+        # The service database's DSN as configured (the service pool's adds the search path): the default source's
+        # identity, which another data source on the same database shares, and what its listener connects with.
+        self.database_dsn = database_dsn
+        self.reader_dsn = reader_dsn
+        self._trigger_pools: dict[UUID, Pool] = {}
+        self._trigger_dsns: dict[UUID, str] = {}
+        self._default_id: UUID | None = None
         self._pools: dict[UUID, Pool] = {}
         self._dsns: dict[UUID, str] = {}
         self._lock = threading.Lock()
@@ -1358,28 +1662,54 @@ class SourcePools:
         if row is None:
             raise QueryFailed(f"data source {data_source_id} does not exist")
         if row["is_default"]:
-            dsn = self.service_pool.dsn
+            dsn = self._make_dsn(psycopg2.extensions.parse_dsn(self.database_dsn), None)
+            self._default_id = data_source_id
         else:
-            params = dict(row["connection_params"])
-            if row["password"] is not None:
-                params["password"] = self.box.open(row["password"])
-            dsn = psycopg2.extensions.make_dsn(**params)
+            dsn = self._make_dsn(row["connection_params"], row["password"])
+        trigger_dsn = dsn
+        if row["trigger_connection_params"] is not None:
+            trigger_dsn = self._make_dsn(row["trigger_connection_params"], row["trigger_password"])
         with self._lock:
             self._dsns[data_source_id] = dsn
+            self._trigger_dsns[data_source_id] = trigger_dsn
         return dsn
 
+    def _make_dsn(self, params: dict, sealed_password: str | None) -> str:
+        # Keywords in one order (jsonb keeps its own), so two data sources on one database have equal DSNs.
+        params = dict(params)
+        if sealed_password is not None:
+            params["password"] = self.box.open(sealed_password)
+        return psycopg2.extensions.make_dsn(**dict(sorted(params.items())))
+
     def get(self, data_source_id: UUID) -> Pool:
-        """The pool of a data source."""
+        """The pool alert queries of a data source run on: read-only sessions of its reader role."""
         dsn = self.dsn(data_source_id)
+        if data_source_id == self._default_id:
+            dsn = self.reader_dsn
         with self._lock:
             pool = self._pools.get(data_source_id)
             if pool is None:
-                pool = self._pools[data_source_id] = Pool(dsn, self.size, name=f"data source {data_source_id}")
+                pool = self._pools[data_source_id] = Pool(read_only_dsn(dsn), self.size,
+                                                          name=f"data source {data_source_id}")
+            return pool
+
+    def triggers(self, data_source_id: UUID) -> Pool:
+        """The pool change triggers of a data source are installed through (never used for alert queries): its
+        trigger role when it has one, else its own role in read-write sessions."""
+        self.dsn(data_source_id)
+        if data_source_id == self._default_id:
+            return self.service_pool
+        with self._lock:
+            pool = self._trigger_pools.get(data_source_id)
+            if pool is None:
+                pool = self._trigger_pools[data_source_id] = Pool(
+                    self._trigger_dsns[data_source_id], 1, name=f"data source {data_source_id} (triggers)")
             return pool
 
     def close(self) -> None:
         """Close every pool."""
         with self._lock:
-            for pool in self._pools.values():
+            for pool in (*self._pools.values(), *self._trigger_pools.values()):
                 pool.close()
             self._pools.clear()
+            self._trigger_pools.clear()

@@ -255,7 +255,7 @@ class AlertScheduler:
                 wanted = {t for (s, t) in self._by_table if s == source_id}
                 wanted_here = {t for (s, t) in self._by_table if s in same_database}
                 alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
-            errors = database.sync_triggers(self.sources.get(source_id), wanted=wanted_here)
+            errors = database.sync_triggers(self.sources.triggers(source_id), wanted=wanted_here)
         except database.DatabaseError as exc:
             with self._state_lock:
                 wanted = {t for (s, t) in self._by_table if s == source_id}

@@ -244,6 +244,11 @@ def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
         yield dsn_with(admin_dsn, dbname=name)
     finally:
         admin_execute(admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        # The role the service made for alert queries there belongs to the server, not to the database.
+        import database
+
+        admin_execute(admin_dsn, sql.SQL("DROP ROLE IF EXISTS {}").format(
+            sql.Identifier(database.reader_role_name(name))))
 
 
 def timescaledb_on_server(dsn: str) -> tuple[bool, str]:
@@ -554,7 +559,9 @@ def migrate(dsn: str) -> None:
 def insert_alerts_sql(dsn: str, alerts: Sequence[dict]) -> None:
     """Insert alert definitions straight into alert_config (the API's per-alert trigger sync is O(alerts))."""
     migrate(dsn)
-    conn = psycopg2.connect(dsn)
+    import database
+
+    conn = psycopg2.connect(database.service_dsn(dsn))
     try:
         with conn, conn.cursor() as cur:
             cur.execute("SELECT id FROM data_source WHERE is_default")

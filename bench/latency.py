@@ -42,7 +42,7 @@ def run(ctx: ScenarioContext) -> list[Metric]:
     with ctx.database() as dsn, ctx.service_environment(dsn) as (service, servers):
         ctx.progress("starting the service")
         service.start()
-        service.sql(f"CREATE TABLE {TABLE} (id bigint PRIMARY KEY, order_number text NOT NULL, "
+        service.sql(f"CREATE TABLE public.{TABLE} (id bigint PRIMARY KEY, order_number text NOT NULL, "
                     "created_at timestamptz NOT NULL DEFAULT now())")
         service.create_alert(name="Latency", query=f"SELECT order_number FROM {TABLE}",
                              notification_channels={"email": [EMAIL_TO], "whatsapp": [WHATSAPP_TO]})

@@ -46,8 +46,10 @@ def initialise_with_sql(dsn: str) -> None:
     10,000 alerts takes minutes to do): the fingerprints of QUERY's one row, computed with rules.py."""
     import rules
 
+    import database
+
     packed = rules.pack_fingerprints(rules.identities([(1,)], None))
-    conn = psycopg2.connect(dsn)
+    conn = psycopg2.connect(database.service_dsn(dsn))
     try:
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO alert_state (alert_config_id, config_version, fingerprints, row_count) "

@@ -128,12 +128,19 @@ def _new_database(pg_admin_dsn: str, template: str | None = None) -> str:
     return name
 
 
+def drop_database(pg_admin_dsn: str, name: str) -> None:
+    """Drop a test database and the alert query role the service made for it (roles belong to the server)."""
+    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    admin_execute(pg_admin_dsn, sql.SQL("DROP ROLE IF EXISTS {}").format(
+        sql.Identifier(database.reader_role_name(name))))
+
+
 @pytest.fixture
 def db_dsn(pg_admin_dsn: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = _new_database(pg_admin_dsn, template_database)
     yield dsn_with(pg_admin_dsn, dbname=name)
-    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture
@@ -141,7 +148,7 @@ def empty_dsn(pg_admin_dsn: str) -> Iterator[str]:
     """A fresh database without the service's schema (a second data source, or for migration tests)."""
     name = _new_database(pg_admin_dsn)
     yield dsn_with(pg_admin_dsn, dbname=name)
-    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture
@@ -273,7 +280,7 @@ def insert_orders(dsn: str, numbers: list[str], table: str = "dc_order") -> None
 
 def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.com") -> None:
     """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would."""
-    pool = database.Pool(dsn, size=1)
+    pool = database.service_pool(dsn, size=1)
     try:
         with pool.transaction() as cur:
             cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "

@@ -307,7 +307,7 @@ def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, 
 def test_a_second_data_source_has_its_own_listener(service, smtp_server, empty_dsn):
     create_orders_table(empty_dsn)
     source = service.client.post("/data-sources/", json={
-        "name": "warehouse", **data_source_parts(empty_dsn), "password": "s3cret-value"})
+        "name": "warehouse", **data_source_parts(empty_dsn), "password": "s3cret-value", "allow_privileged_role": True})
     assert source.status_code == 201, source.text
     assert "s3cret-value" not in source.text and source.json()["has_password"] is True
     assert "s3cret-value" not in service.client.get("/data-sources/").text

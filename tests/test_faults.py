@@ -173,7 +173,7 @@ def test_sigkill_with_100_notifications_due_delivers_every_one_after_restart(set
     assert duplicates <= 4, "at most the sends in flight at the kill (4 email threads) are repeated"
     conn = psycopg2.connect(db_dsn)
     with conn.cursor() as cur:
-        cur.execute("SELECT status, count(*) FROM notification GROUP BY 1")
+        cur.execute("SELECT status, count(*) FROM alert_service.notification GROUP BY 1")
         assert dict(cur.fetchall()) == {"SUCCESS": 100}
     conn.close()
 
@@ -217,7 +217,7 @@ def test_claims_of_a_live_dispatcher_are_not_taken_over(settings, db_dsn, smtp_s
     from notification import Dispatcher
 
     queue_emails(db_dsn, [f"s{i}" for i in range(12)])
-    pool = database.Pool(db_dsn, size=8)
+    pool = database.service_pool(db_dsn, size=8)
     gate = threading.Semaphore(0)
 
     class SlowEmail:

@@ -38,9 +38,9 @@ def test_init_db_creates_the_schema_once_and_is_a_no_op_afterwards(empty_dsn):
         assert result.returncode == 0, result.stderr
     conn = psycopg2.connect(empty_dsn)
     with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM schema_migrations")
+        cur.execute("SELECT count(*) FROM alert_service.schema_migrations")
         assert cur.fetchone()[0] == len(database.MIGRATIONS)
-        cur.execute("SELECT count(*) FROM data_source WHERE is_default")
+        cur.execute("SELECT count(*) FROM alert_service.data_source WHERE is_default")
         assert cur.fetchone()[0] == 1
         cur.execute("SELECT typname FROM pg_type WHERE typtype = 'e' ORDER BY 1")
         assert [r[0] for r in cur.fetchall()] == ["notification_status_enum", "priority_enum", "status_enum"]

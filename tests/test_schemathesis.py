@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 import api
 from config import load_settings
-from tests.conftest import TEST_SECRET_KEY, admin_execute, dsn_with, free_port, wait_for_health
+from tests.conftest import TEST_SECRET_KEY, admin_execute, drop_database, dsn_with, free_port, wait_for_health
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def api_url(pg_admin_dsn, template_database, tmp_path_factory):
     yield url
     server.should_exit = True
     thread.join(20)
-    admin_execute(pg_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_data_source_passwords_are_encrypted_at_rest_and_never_returned(settings
         _env_file=None, secret_key=key).secret_key})).start()
     try:
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55-word-in-clear"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55-word-in-clear", "allow_privileged_role": True})
         assert response.status_code == 201, response.text
         assert "pa55-word-in-clear" not in response.text
         stored = service.sql("SELECT password FROM data_source WHERE name = 'warehouse'")[0]["password"]
@@ -123,7 +123,7 @@ def test_a_password_without_secret_key_is_refused_with_what_to_do(settings, empt
     service = Service(settings.model_copy(update={"secret_key": None})).start()
     try:
         response = service.client.post("/data-sources/", json={
-            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55"})
+            "name": "warehouse", **data_source_parts(empty_dsn), "password": "pa55", "allow_privileged_role": True})
         assert response.status_code == 422 and "SECRET_KEY" in response.text
         assert len(service.client.get("/data-sources/").json()) == 1
     finally:

@@ -296,3 +296,17 @@ def test_an_extension_update_and_drop_under_the_running_service_lose_no_alert_an
     assert errors and all('relation "orders_daily" does not exist' in e for e in errors), errors
     assert service.client.get(f"/alert-configs/{orders['id']}").json()["events_enabled"]
     assert service.client.get("/health").status_code == 200
+
+
+def test_alert_queries_cannot_read_the_chunks_of_the_evaluation_history(service, tsdb_dsn):
+    """The history is a hypertable in the service's schema; its chunks live in TimescaleDB's own schema."""
+    service.create_alert(query="SELECT 1 AS one")
+    service.wait_idle()
+    history_chunks = service.sql("SELECT format('%I.%I', chunk_schema, chunk_name) AS chunk "
+                                 "FROM timescaledb_information.chunks WHERE hypertable_schema = 'alert_service' "
+                                 "AND hypertable_name = 'evaluation'")
+    assert history_chunks, "the evaluation of the initial report made a chunk"
+    response = service.client.post("/alert-configs/test", json={
+        "name": "peek", "query": f"SELECT alert_config_id FROM {history_chunks[0]['chunk']}", "schedule": "interval:1h",
+        "notification_channels": {"email": ["ops@example.com"]}})
+    assert response.status_code == 422 and "permission denied" in response.text, response.text
