@@ -207,7 +207,7 @@ def test_a_trickling_smtp_server_cannot_hold_emails_past_the_send_deadline(setti
                                         "send_timeout_seconds": 2.0, "retry_delay_minutes": 1.0})
     queue_emails(db_dsn, [f"slow {i}" for i in range(4)], recipient="slow@example.com")
     queue_emails(db_dsn, ["quick"], recipient="quick@example.com")
-    pool = database.Pool(db_dsn, size=4)
+    pool = database.service_pool(db_dsn, size=4)
     dispatcher = Dispatcher(pool, quick, threads_per_channel=4)
     started = time.monotonic()
     dispatcher.start()
