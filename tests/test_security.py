@@ -162,14 +162,16 @@ def test_the_data_source_probe_answers_every_failure_alike_and_echoes_no_server_
     assert "Connection refused" in caplog.text and "no_such_role" in caplog.text, "the operator's log says why"
 
     started = time.monotonic()
-    assert service.client.post("/data-sources/", json={"name": "works", "dsn": empty_dsn}).status_code == 201
+    assert service.client.post("/data-sources/", json={"name": "works", "dsn": empty_dsn,
+                                                        "allow_privileged_role": True}).status_code == 201
     assert time.monotonic() - started < database.PROBE_SECONDS
     assert [s["name"] for s in service.client.get("/data-sources/").json() if not s["is_default"]] == ["works"]
 
 
 def test_a_data_source_that_stops_answering_is_reported_without_the_servers_words(service, pg_admin_dsn, empty_dsn):
     create_orders_table(empty_dsn)
-    source = service.client.post("/data-sources/", json={"name": "warehouse", "dsn": empty_dsn})
+    source = service.client.post("/data-sources/", json={"name": "warehouse", "dsn": empty_dsn,
+                                                           "allow_privileged_role": True})
     assert source.status_code == 201, source.text
     name = psycopg2.extensions.parse_dsn(empty_dsn)["dbname"]
     admin_execute(pg_admin_dsn, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
