@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -25,11 +26,15 @@ import rules
 from config import Settings, is_e164, load_settings
 import notification
 from notification import Dispatcher
-from scheduler import AlertScheduler
+from scheduler import AlertScheduler, DryRunsBusy
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
+# The scheduler and the dispatcher each get this long to stop; what still hangs then is abandoned.
+STOP_SECONDS = 4.0
+# /health waits this long for the service database, so it answers within a second even when the database hangs.
+HEALTH_PING_SECONDS = 0.8
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
@@ -52,12 +57,15 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
     dsn = dsn or database.resolve_dsn(settings)
     logger.info("service database: %s", database.describe_dsn(dsn))
-    pool = database.Pool(dsn, size=settings.workers + 8, name="service database")
+    pool = database.Pool(dsn, size=settings.workers + settings.dry_run_workers + 8, name="service database",
+                         deadline_seconds=database.SERVICE_DEADLINE_SECONDS)
     database.migrate(pool)
     box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
     # Fail at start-up, not at the first alert, when the key cannot read what is stored.
     database.check_stored_secrets(pool, box)
-    sources = database.SourcePools(pool, size=settings.workers + 1, box=box)
+    sources = database.SourcePools(pool, size=settings.workers_per_data_source + 1, box=box,
+                                   deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
+                                   api_size=settings.dry_run_workers + 1)
     dispatcher = Dispatcher(pool, settings)
     scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     dispatcher.start()
@@ -67,9 +75,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
 
 
 def stop_services(services: Services) -> None:
-    """Stop background threads, then close every connection."""
-    services.scheduler.stop()
-    services.dispatcher.stop()
+    """Stop background threads (abandoning any that hang), then close every connection: bounded in time."""
+    services.scheduler.stop(timeout=STOP_SECONDS)
+    services.dispatcher.stop(timeout=STOP_SECONDS)
     services.sources.close()
     services.pool.close()
 
@@ -647,7 +655,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
                 raise field_error("created_by", f"user {body.created_by} does not exist")
         try:
-            pool = services.sources.get(source["id"])
+            pool = services.sources.get(source["id"], for_api=True)
             columns = database.compile_query(pool, query=body.query,
                                              timeout_seconds=services.settings.query_timeout_seconds)
             refs = query_analysis.analyse_query(body.query)
@@ -756,7 +764,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """Dry run of an unsaved definition: the rows, the initial report and messages it would send."""
         fields = validate_alert(services, body)
         alert = {**fields, "id": None, "muted_until": None}
-        return services.scheduler.dry_run(alert, None)
+        return dry_run(services, alert, None)
 
     @router.post("/alert-configs/{alert_id}/test", response_model=TestResult, tags=["alerts"])
     def test_alert(alert_id: UUID, services: ServicesDep):
@@ -766,7 +774,13 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             if alert is None:
                 raise not_found("alert config", alert_id)
             state = database.get_alert_state(cur, alert_id=alert_id)
-        return services.scheduler.dry_run(alert, state)
+        return dry_run(services, alert, state)
+
+    def dry_run(services: Services, alert: dict, state: dict | None) -> dict:
+        try:
+            return services.scheduler.dry_run(alert, state)
+        except DryRunsBusy as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
 
     @router.post("/alert-configs/{alert_id}/run", response_model=AlertConfigOut, tags=["alerts"])
     def run_alert(alert_id: UUID, services: ServicesDep):
@@ -928,9 +942,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     app.include_router(router)
 
     @app.get("/health", tags=["health"])
-    def health(request: Request, services: ServicesDep):
-        """200 when the database answers, 503 when it does not; the scheduler's and listeners' state is included
-        when API_KEY is unset or the request carries a key."""
+    async def health(request: Request):
+        """200 when the database answers, 503 when it does not; the scheduler's, data sources' and listeners'
+        state is included when API_KEY is unset or the request carries a key. Answers within a second whatever
+        hangs: it reads the scheduler's state from memory and waits at most HEALTH_PING_SECONDS for the database."""
+        services = _services(request)
         body: dict[str, Any] = {}
         if _authenticated(request):
             body = {
@@ -941,10 +957,14 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                              "whatsapp": services.settings.whatsapp_enabled},
             }
         try:
-            database.ping(services.pool)
+            # Its own thread, not the request thread pool: requests stuck on a hung server cannot hold it up.
+            await asyncio.wait_for(asyncio.to_thread(database.ping, services.pool), HEALTH_PING_SECONDS)
             body["database"] = "ok"
         except database.DatabaseUnavailable as exc:
             body["database"] = f"unavailable: {exc}"
+            return JSONResponse(status_code=503, content={"status": "unavailable", **body})
+        except asyncio.TimeoutError:
+            body["database"] = f"unavailable: no answer within {HEALTH_PING_SECONDS} s"
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     log_file: str = "app.log"
     workers: int = Field(4, ge=1, le=64)
+    # Unset: WORKERS - 1 (at least 1), so one data source that hangs always leaves a worker to the others.
+    workers_per_data_source: int | None = Field(None, ge=1, le=64)
+    dry_run_workers: int = Field(2, ge=1, le=32)
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
 
@@ -69,6 +72,22 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("workers_per_data_source", mode="before")
+    @classmethod
+    def _blank_number_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _share_within_workers(self) -> "Settings":
+        if self.workers_per_data_source is None:
+            self.workers_per_data_source = max(self.workers - 1, 1)
+        elif self.workers_per_data_source > self.workers:
+            raise ValueError(f"WORKERS_PER_DATA_SOURCE ({self.workers_per_data_source}) must not exceed WORKERS "
+                             f"({self.workers})")
+        return self
 
     @field_validator("api_key")
     @classmethod
