@@ -439,6 +439,21 @@ class AlertScheduler:
                     heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
                 self._tick.set()
                 return
+            if self._queue_behind_others(alert_id, cause):
+                return
+
+    def _queue_behind_others(self, alert_id: UUID, cause: str) -> bool:
+        """When other flights wait for this alert's data source, put its re-run at the back of that queue (it
+        stays marked running) and return True: an alert that keeps firing must not keep the share to itself."""
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+            source_id = entry.data_source_id if entry is not None else None
+        with self._share_lock:
+            share = self._shares.get(source_id)
+            if share is None or not share.waiting:
+                return False
+            share.waiting.append((alert_id, cause))
+            return True
 
     def _resume(self, alert_id: UUID) -> None:
         """Start a deferred re-run of a flight that is still marked running."""

@@ -17,6 +17,7 @@ import psycopg2.extensions
 import pytest
 
 import database
+from config import ConfigError, load_settings
 from tests.conftest import (Service, create_orders_table, eventually, free_port, insert_orders, wait_for_health)
 from tests.servers import TcpProxy
 
@@ -44,6 +45,13 @@ def add_data_source(service: Service, dsn: str, name: str = "warehouse") -> str:
     response = service.client.post("/data-sources/", json={"name": name, "dsn": dsn})
     assert response.status_code == 201, response.text
     return response.json()["id"]
+
+
+def test_workers_per_data_source_may_not_exceed_workers():
+    with pytest.raises(ConfigError, match="WORKERS_PER_DATA_SOURCE"):
+        load_settings(_env_file=None, workers=2, workers_per_data_source=3)
+    assert load_settings(_env_file=None, workers=4).workers_per_data_source == 3
+    assert load_settings(_env_file=None, workers=1).workers_per_data_source == 1
 
 
 def test_a_query_on_a_server_that_stops_answering_ends_at_its_deadline(empty_dsn, proxy):
@@ -104,6 +112,13 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
         errors = eventually(deadline_errors, timeout=15, message="the hung source's evaluations to end in an error")
         # QUERY_TIMEOUT_SECONDS + 2 s, and a second for the cancel request before the connection is dropped.
         assert all(e["outcome"] == "error" and e["duration_ms"] < 6500 for e in errors), errors
+
+        def every_hung_alert_failed() -> bool:
+            return all(any(e["outcome"] == "error" for e in service.client.get(
+                f"/alert-configs/{alert['id']}/evaluations").json()) for alert in hung)
+
+        # Each waited its turn in the source's one-worker share, and none was dropped or starved by the others.
+        eventually(every_hung_alert_failed, timeout=30, interval=0.5, message="every hung alert to be evaluated")
     finally:
         started = time.monotonic()
         service.stop()
@@ -113,6 +128,7 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
 
 def test_slow_dry_runs_do_not_delay_a_real_alert(service, smtp_server, db_dsn):
     create_orders_table(db_dsn)
+    insert_orders(db_dsn, ["ORD0"])  # pg_sleep runs once per row
     service.create_alert(name="Orders", notification_channels={"email": ["ops@example.com"]})
     smtp_server.wait_for(1)
     service.wait_idle()
