@@ -153,7 +153,7 @@ class _Watch:
         self.fileno = conn.fileno()
         self.due = due
         self.dsn = dsn
-        self.cancelled = False  # a cancel request was sent
+        self.cancelled = False  # the deadline passed (a cancel request was sent when it could be)
         self.dropped = False  # the socket was shut down
 
     @property
