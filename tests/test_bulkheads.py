@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psycopg2.extensions
 import pytest
@@ -19,7 +19,7 @@ import pytest
 import database
 from config import ConfigError, load_settings
 from tests.conftest import (Service, create_orders_table, eventually, free_port, insert_orders, wait_for_health)
-from tests.servers import TcpProxy
+from tests.servers import HangingServer, TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,14 +155,17 @@ def test_slow_dry_runs_do_not_delay_a_real_alert(service, smtp_server, db_dsn):
     assert statuses.count(200) >= 2 and set(statuses) <= {200, 429}, statuses
 
 
-def test_sigterm_stops_the_service_and_its_embedded_postgres_within_15_s_while_a_source_hangs(
+def test_sigterm_stops_the_service_and_its_embedded_postgres_within_15_s_while_a_source_and_smtp_hang(
         tmp_path, empty_dsn, proxy):
     create_orders_table(empty_dsn)
     port = free_port()
     data_dir = tmp_path / "data"
+    smtp = HangingServer()
+    smtp.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "TWILIO_", "DB_", "API_"))}
     env.update(API_HOST="127.0.0.1", API_PORT=str(port), DATA_DIR=str(data_dir), LOG_FILE="",
-               QUERY_TIMEOUT_SECONDS="30")
+               QUERY_TIMEOUT_SECONDS="30", SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp.port), SMTP_SECURITY="none",
+               SMTP_FROM="alerts@example.com", SMTP_TIMEOUT_SECONDS="600")
     process = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -177,13 +180,17 @@ def test_sigterm_stops_the_service_and_its_embedded_postgres_within_15_s_while_a
         post(port, "/alert-configs/", {"name": "Warehouse", "query": "SELECT order_number FROM dc_order",
                                  "data_source_id": source["id"], "schedule": "interval:1s",
                                  "notification_channels": {"email": ["ops@example.com"]}})
+        eventually(lambda: get(port, "/notifications/?channel=email"), message="the initial report to be queued")
         proxy.black_hole = True
-        time.sleep(2)  # evaluations on the hung source are waiting on it, with a 32 s deadline
+        # Evaluations on the hung source are waiting on it (a 32 s deadline), and the initial report's email is
+        # stuck on the SMTP server that never says hello (a 600 s timeout).
+        time.sleep(2)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
         elapsed = time.monotonic() - started
     finally:
+        smtp.stop()
         if process.poll() is None:
             process.kill()
             process.communicate()
@@ -198,6 +205,12 @@ def post(port: int, path: str, body: dict) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST",
                                      headers={"Content-Type": "application/json"}, data=json.dumps(body).encode())
     with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def get(port: int, path: str) -> Any:
+    """GET JSON from a service started in another process."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
         return json.load(response)
 
 
