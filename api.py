@@ -80,6 +80,8 @@ def stop_services(services: Services) -> None:
     services.dispatcher.stop(timeout=STOP_SECONDS)
     services.sources.close()
     services.pool.close()
+    # Here and not only at exit: under `uvicorn api:app` a SIGTERM ends the process without running atexit handlers.
+    database.stop_embedded_server()
 
 
 def create_app(settings: Settings | None = None, dsn: str | None = None) -> FastAPI:
