@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -80,13 +80,18 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("workers_per_data_source")
+    @classmethod
+    def _share_within_workers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        workers = info.data.get("workers")
+        if value is not None and workers is not None and value > workers:
+            raise ValueError(f"must not exceed WORKERS ({workers})")
+        return value
+
     @model_validator(mode="after")
-    def _share_within_workers(self) -> "Settings":
+    def _default_share(self) -> "Settings":
         if self.workers_per_data_source is None:
             self.workers_per_data_source = max(self.workers - 1, 1)
-        elif self.workers_per_data_source > self.workers:
-            raise ValueError(f"WORKERS_PER_DATA_SOURCE ({self.workers_per_data_source}) must not exceed WORKERS "
-                             f"({self.workers})")
         return self
 
     @field_validator("api_key")
