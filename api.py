@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -26,12 +27,16 @@ import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
-from scheduler import AlertScheduler
+from scheduler import AlertScheduler, DryRunsBusy
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
 MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
+# The scheduler and the dispatcher each get this long to stop; what still hangs then is abandoned.
+STOP_SECONDS = 4.0
+# /health waits this long for the service database, so it answers within a second even when the database hangs.
+HEALTH_PING_SECONDS = 0.8
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
@@ -54,7 +59,8 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
     dsn = dsn or database.resolve_dsn(settings)
     logger.info("service database: %s", database.describe_dsn(dsn))
-    pool = database.service_pool(dsn, size=settings.workers + 8)
+    pool = database.service_pool(dsn, size=settings.workers + settings.dry_run_workers + 8,
+                                 deadline_seconds=database.SERVICE_DEADLINE_SECONDS)
     database.migrate(pool)
     box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
     # Fail at start-up, not at the first alert, when the key cannot read what is stored.
@@ -72,7 +78,10 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
         default = database.get_data_source(cur, data_source_id=None)
         database.store_role_rights(cur, data_source_id=default["id"], rights=rights)
     logger.info("alert queries on the default data source run as role %s", rights["role"])
-    sources = database.SourcePools(pool, size=settings.workers + 1, box=box, database_dsn=dsn, reader_dsn=reader_dsn)
+    sources = database.SourcePools(pool, size=settings.workers_per_data_source + 1, box=box, database_dsn=dsn,
+                                   reader_dsn=reader_dsn,
+                                   deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
+                                   api_size=settings.dry_run_workers + 1)
     # Started in the background: the first templated message should not wait for them, nor start-up.
     templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
                      memory_mb=settings.template_memory_mb)
@@ -85,13 +94,15 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
 
 
 def stop_services(services: Services) -> None:
-    """Stop background threads, then close every connection."""
+    """Stop background threads (abandoning any that hang), then close every connection: bounded in time."""
     # First, so that an evaluation rendering a runaway template ends now instead of holding up the stop.
     templating.stop()
-    services.scheduler.stop()
-    services.dispatcher.stop()
+    services.scheduler.stop(timeout=STOP_SECONDS)
+    services.dispatcher.stop(timeout=STOP_SECONDS)
     services.sources.close()
     services.pool.close()
+    # Here and not only at exit: under `uvicorn api:app` a SIGTERM ends the process without running atexit handlers.
+    database.stop_embedded_server()
 
 
 def create_app(settings: Settings | None = None, dsn: str | None = None) -> FastAPI:
@@ -786,7 +797,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         if named is not None:
             raise named
         try:
-            pool = services.sources.get(source["id"])
+            pool = services.sources.get(source["id"], for_api=True)
             columns = rules.unique_columns(database.compile_query(
                 pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
             tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
@@ -902,7 +913,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """Dry run of an unsaved definition: the rows, the initial report and messages it would send."""
         fields = validate_alert(services, body)
         alert = {**fields, "id": None, "muted_until": None}
-        return services.scheduler.dry_run(alert, None)
+        return dry_run(services, alert, None)
 
     @router.post("/alert-configs/{alert_id}/test", response_model=TestResult, tags=["alerts"])
     def test_alert(alert_id: UUID, services: ServicesDep):
@@ -912,7 +923,13 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             if alert is None:
                 raise not_found("alert config", alert_id)
             state = database.get_alert_state(cur, alert_id=alert_id)
-        return services.scheduler.dry_run(alert, state)
+        return dry_run(services, alert, state)
+
+    def dry_run(services: Services, alert: dict, state: dict | None) -> dict:
+        try:
+            return services.scheduler.dry_run(alert, state)
+        except DryRunsBusy as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
 
     @router.post("/alert-configs/{alert_id}/run", response_model=AlertConfigOut, tags=["alerts"])
     def run_alert(alert_id: UUID, services: ServicesDep):
@@ -1093,9 +1110,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     app.include_router(router)
 
     @app.get("/health", tags=["health"])
-    def health(request: Request, services: ServicesDep):
-        """200 when the database answers, 503 when it does not; why, and the scheduler's and listeners' state, only
-        when API_KEY is unset or the request carries a key."""
+    async def health(request: Request):
+        """200 when the database answers, 503 when it does not; the scheduler's, data sources' and listeners'
+        state is included when API_KEY is unset or the request carries a key. Answers within a second whatever
+        hangs: it reads the scheduler's state from memory and waits at most HEALTH_PING_SECONDS for the database."""
+        services = _services(request)
         body: dict[str, Any] = {}
         authenticated = _authenticated(request)
         if authenticated:
@@ -1107,11 +1126,16 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                              "whatsapp": services.settings.whatsapp_enabled},
             }
         try:
-            database.ping(services.pool)
+            # Its own thread, not the request thread pool: requests stuck on a hung server cannot hold it up.
+            await asyncio.wait_for(asyncio.to_thread(database.ping, services.pool), HEALTH_PING_SECONDS)
             body["database"] = "ok"
         except database.DatabaseUnavailable as exc:
             # Without a key, only the coarse state: the error names the database's host, port, user and database.
             body["database"] = f"unavailable: {exc}" if authenticated else "unavailable"
+            return JSONResponse(status_code=503, content={"status": "unavailable", **body})
+        except asyncio.TimeoutError:
+            body["database"] = (f"unavailable: no answer within {HEALTH_PING_SECONDS} s" if authenticated
+                                else "unavailable")
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
 

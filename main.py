@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 
 import uvicorn
 
+import database
 from config import ConfigError, Settings, load_settings
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+# After SIGTERM or Ctrl-C, open HTTP requests get this long to finish before they are cancelled.
+HTTP_GRACE_SECONDS = 3
+# Whatever still hangs this long after the signal (a thread stuck in a call that never returns keeps a Python
+# process alive at exit), the embedded PostgreSQL is stopped and the process exits anyway.
+EXIT_DEADLINE_SECONDS = 12.0
 
 
 def configure_logging(settings: Settings) -> None:
@@ -35,9 +45,47 @@ def main() -> int:
     from api import create_app  # after logging, so start-up messages are formatted
 
     host = listen_host(settings)
-    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown, which runs the lifespan's stop.
-    uvicorn.run(create_app(settings), host=host, port=settings.api_port, log_config=None)
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown, which runs the lifespan's stop, and then raises the
+    # signal again with the handler it found: for SIGTERM the default one, which kills the process without running
+    # atexit handlers, and the embedded PostgreSQL is stopped by one. So that handler is ours.
+    signal.signal(signal.SIGTERM, _die_of_signal)
+    config = uvicorn.Config(create_app(settings), host=host, port=settings.api_port, log_config=None,
+                            timeout_graceful_shutdown=HTTP_GRACE_SECONDS)
+    _Server(config).run()
+    database.stop_embedded_server()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a deadline on the whole shutdown once a signal arrives."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        _start_exit_deadline(sig)
+        super().handle_exit(sig, frame)
+
+
+_exit_deadline_started = threading.Event()
+
+
+def _start_exit_deadline(sig: int) -> None:
+    if _exit_deadline_started.is_set():
+        return
+    _exit_deadline_started.set()
+    threading.Thread(target=_exit_at_deadline, args=(sig,), name="exit-deadline", daemon=True).start()
+
+
+def _exit_at_deadline(sig: int) -> None:
+    time.sleep(EXIT_DEADLINE_SECONDS)
+    logging.getLogger(__name__).error("shutdown did not finish within %.0f s; exiting now", EXIT_DEADLINE_SECONDS)
+    database.stop_embedded_server()
+    os._exit(128 + sig)
+
+
+def _die_of_signal(signum: int, frame) -> None:
+    """Stop the embedded PostgreSQL, then die of the signal, so a supervisor sees how the process ended."""
+    database.stop_embedded_server()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def listen_host(settings: Settings) -> str:

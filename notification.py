@@ -591,13 +591,20 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop claiming, and wait for sends in progress."""
+        """Stop claiming, and wait up to `timeout` seconds for sends in progress; a send that hangs longer is
+        abandoned (its claim expires and the message is sent again: a duplicate, never a loss)."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         if self._thread:
             self._thread.join(timeout)
         for executor in self._executors.values():
-            executor.shutdown(wait=True, cancel_futures=False)
+            executor.shutdown(wait=False, cancel_futures=False)
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(self._in_flight.values()):
+                    break
+            time.sleep(0.05)
         if self._session is not None:
             self._session.close()
 

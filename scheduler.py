@@ -5,10 +5,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import queue
 import select
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -32,6 +33,72 @@ EVENT_RERUN_SPACING_SECONDS = 0.1
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 WAKEUP_CHECK_SECONDS = 1
+# A dry run waits this long for one of the DRY_RUN_WORKERS slots before the request is turned away (429).
+DRY_RUN_QUEUE_SECONDS = 5.0
+
+
+class DryRunsBusy(Exception):
+    """Every dry-run slot is taken."""
+
+
+class _Workers:
+    """A fixed number of daemon threads taking jobs from a queue. Unlike ThreadPoolExecutor's threads, which the
+    interpreter joins at exit, a thread stuck in a call that never returns cannot keep the process alive."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, function: Callable, *args) -> None:
+        """Queue a call; RuntimeError once shut down."""
+        if self._closed:
+            raise RuntimeError("the worker pool is shut down")
+        self._jobs.put((function, args))
+
+    def shutdown(self, timeout: float) -> bool:
+        """Drop queued jobs, let running ones finish for up to `timeout` seconds; True when all threads ended."""
+        self._closed = True
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            function, args = job
+            try:
+                function(*args)
+            except Exception:
+                logger.exception("worker job %s failed", getattr(function, "__name__", function))
+
+
+@dataclass
+class _Share:
+    """One data source's share of the workers: evaluations running on it, and those waiting for room."""
+
+    running: int = 0
+    waiting: deque = field(default_factory=deque)
+
+
+@dataclass
+class SourceHealth:
+    """Whether a data source answers, as evaluations and the listener saw it last."""
+
+    not_answering_since: datetime | None = None
+    last_error: str | None = None
 
 
 @dataclass
@@ -69,6 +136,7 @@ class ListenerState:
     reconnects: int = 0
     last_error: str | None = None
     tables: set[str] = field(default_factory=set)
+    disconnected_since: datetime | None = None
 
 
 class AlertScheduler:
@@ -82,7 +150,13 @@ class AlertScheduler:
         self.settings = settings
         self.sources = sources
         self.on_outbox = on_outbox
-        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
+        self._executor = _Workers(settings.workers, "evaluate")
+        # Each data source runs at most WORKERS_PER_DATA_SOURCE evaluations at once; the rest wait in its queue
+        # without holding a worker, so a source that hangs cannot take every worker from the others.
+        self._shares: dict[UUID | None, _Share] = {}
+        self._share_lock = threading.Lock()
+        self._dry_runs = threading.BoundedSemaphore(settings.dry_run_workers)
+        self.source_health: dict[UUID, SourceHealth] = {}
         self._flights: dict[UUID, _Flight] = {}
         self._flight_lock = threading.Lock()
         # Housekeeping runs as `schedule` jobs. Alert runs are kept in a heap of due times: one `schedule.Job` per
@@ -133,17 +207,23 @@ class AlertScheduler:
             self.submit(alert["id"], "catch_up")
         logger.info("scheduler started with %d active alert(s)", len(alerts))
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the schedule thread, the listeners and the workers (waiting for running evaluations)."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the schedule thread, the listeners and the workers within about `timeout` seconds, whatever hangs:
+        queries in progress are interrupted, and a worker that still does not return is abandoned."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._tick.set()
         for stop in list(self._listener_stops.values()):
             stop.set()
+        # Interrupt the queries in flight (cancel, then drop the connection): an evaluation on a hung data source
+        # would otherwise hold its worker until its deadline.
+        self.sources.close()
         if self._thread:
-            self._thread.join(timeout)
+            self._thread.join(max(deadline - time.monotonic(), 0))
         for thread in list(self._listeners.values()):
-            thread.join(timeout)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+            thread.join(max(deadline - time.monotonic(), 0))
+        if not self._executor.shutdown(max(deadline - time.monotonic(), 0.1)):
+            logger.warning("stopped with evaluations still running after %.0f s; they are abandoned", timeout)
 
     @property
     def alive(self) -> bool:
@@ -291,11 +371,40 @@ class AlertScheduler:
                     flight.pending = cause
                 return
             flight.running = True
+        self._start_flight(alert_id, cause)
+
+    def _start_flight(self, alert_id: UUID, cause: str) -> None:
+        """Run a flight on a worker when its data source has room in its share, or queue it there (it stays
+        marked running meanwhile, so later requests join it as its pending re-run: nothing is lost)."""
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+            source_id = entry.data_source_id if entry is not None else None
+        with self._share_lock:
+            share = self._shares.setdefault(source_id, _Share())
+            if share.running >= self.settings.workers_per_data_source:
+                share.waiting.append((alert_id, cause))
+                return
+            share.running += 1
+        self._submit_to_worker(source_id, alert_id, cause)
+
+    def _submit_to_worker(self, source_id: UUID | None, alert_id: UUID, cause: str) -> None:
         try:
-            self._executor.submit(self._fly, alert_id, cause)
-        except RuntimeError:  # the executor is shut down: we are stopping
+            self._executor.submit(self._fly_in_share, source_id, alert_id, cause)
+        except RuntimeError:  # the workers are shut down: we are stopping
             with self._flight_lock:
-                flight.running = False
+                self._flights[alert_id].running = False
+
+    def _fly_in_share(self, source_id: UUID | None, alert_id: UUID, cause: str) -> None:
+        try:
+            self._fly(alert_id, cause)
+        finally:
+            with self._share_lock:
+                share = self._shares[source_id]
+                following = share.waiting.popleft() if share.waiting else None
+                if following is None:
+                    share.running -= 1
+            if following is not None:  # the share's slot passes straight to the next flight in its queue
+                self._submit_to_worker(source_id, *following)
 
     def _fly(self, alert_id: UUID, cause: str) -> None:
         while True:
@@ -330,6 +439,21 @@ class AlertScheduler:
                     heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
                 self._tick.set()
                 return
+            if self._queue_behind_others(alert_id, cause):
+                return
+
+    def _queue_behind_others(self, alert_id: UUID, cause: str) -> bool:
+        """When other flights wait for this alert's data source, put its re-run at the back of that queue (it
+        stays marked running) and return True: an alert that keeps firing must not keep the share to itself."""
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+            source_id = entry.data_source_id if entry is not None else None
+        with self._share_lock:
+            share = self._shares.get(source_id)
+            if share is None or not share.waiting:
+                return False
+            share.waiting.append((alert_id, cause))
+            return True
 
     def _resume(self, alert_id: UUID) -> None:
         """Start a deferred re-run of a flight that is still marked running."""
@@ -338,11 +462,7 @@ class AlertScheduler:
             if flight is None or not flight.running or flight.pending is None:
                 return
             cause, flight.pending = flight.pending, None
-        try:
-            self._executor.submit(self._fly, alert_id, cause)
-        except RuntimeError:  # stopping
-            with self._flight_lock:
-                flight.running = False
+        self._start_flight(alert_id, cause)
 
     # --- evaluation --------------------------------------------------------------------------------------------
 
@@ -363,6 +483,8 @@ class AlertScheduler:
         now = datetime.now(timezone.utc)
         decision, columns, rows, truncated, error = self._run_and_decide(
             alert, prior, now=now, error_notify_after=self.settings.error_notify_after)
+        if self._stop.is_set():
+            return None  # interrupted by shutdown: that is not the data source's failure, so nothing is recorded
         if error:
             logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, error)
         # Rendered before the transaction: a slow template must not hold the alert's row lock.
@@ -394,9 +516,10 @@ class AlertScheduler:
         return decision.outcome
 
     def _run_and_decide(self, alert: dict, prior: rules.AlertState | None, *, now: datetime,
-                        error_notify_after: int) -> tuple[rules.Decision, list[str], list, bool, str | None]:
+                        error_notify_after: int, dry_run: bool = False,
+                        ) -> tuple[rules.Decision, list[str], list, bool, str | None]:
         """Run the query and decide what it means: the decision, columns, rows, whether cut, and the error."""
-        result = self.run_alert_query(alert)
+        result = self.run_alert_query(alert, dry_run=dry_run)
         if isinstance(result, str):
             return rules.decide_error(prior=prior, error=result, error_notify_after=error_notify_after), \
                 [], [], False, result
@@ -405,14 +528,25 @@ class AlertScheduler:
                                 rows=rows, keys=keys, now=now, truncated=truncated)
         return decision, columns, rows, truncated, None
 
-    def run_alert_query(self, alert: dict) -> tuple[list[str], list, bool, list[int] | None] | str:
+    def run_alert_query(self, alert: dict, *, dry_run: bool = False,
+                        ) -> tuple[list[str], list, bool, list[int] | None] | str:
         """The alert's result (columns, rows, whether cut, key positions), or the error as text."""
+        source_id = alert["data_source_id"]
         try:
-            columns, rows, truncated = database.run_query(
-                self.sources.get(alert["data_source_id"]), query=alert["query"],
-                timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
-                max_bytes=self.settings.max_result_bytes,
-            )
+            try:
+                columns, rows, truncated = database.run_query(
+                    self.sources.get(source_id, for_api=dry_run), query=alert["query"],
+                    timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
+                    max_bytes=self.settings.max_result_bytes,
+                )
+            except database.DatabaseUnavailable as exc:
+                if not self._stop.is_set():
+                    self._source_answered(source_id, str(exc))
+                raise
+            except database.QueryFailed:
+                self._source_answered(source_id)  # it answered, with an error
+                raise
+            self._source_answered(source_id)
             # `SELECT a.id, b.id` must keep both values in incidents, templates and messages.
             columns = rules.unique_columns(columns)
             condition = rules.parse_condition(alert["condition"])
@@ -468,11 +602,30 @@ class AlertScheduler:
             database.save_alert_state(cur, alert_id=alert["id"], state=fields)
         return queued
 
+    def _source_answered(self, source_id: UUID, error: str | None = None) -> None:
+        """Record what an evaluation found out about its data source (error: it did not answer)."""
+        health = self.source_health.setdefault(source_id, SourceHealth())
+        if error is None:
+            health.not_answering_since, health.last_error = None, None
+        else:
+            health.last_error = error
+            if health.not_answering_since is None:
+                health.not_answering_since = datetime.now(timezone.utc)
+
     def dry_run(self, alert: dict, state_row: dict | None) -> dict:
-        """What an evaluation would do now (rows, diff, condition, messages) without storing or sending."""
-        # error_notify_after=1: a failing query shows the "alert is failing" message it would eventually send.
-        decision, columns, rows, truncated, error = self._run_and_decide(
-            alert, state_from_row(state_row), now=datetime.now(timezone.utc), error_notify_after=1)
+        """What an evaluation would do now (rows, diff, condition, messages) without storing or sending. Dry runs
+        take one of DRY_RUN_WORKERS slots and their own connections, never an evaluation's; DryRunsBusy when no
+        slot frees up within DRY_RUN_QUEUE_SECONDS."""
+        if not self._dry_runs.acquire(timeout=DRY_RUN_QUEUE_SECONDS):
+            raise DryRunsBusy(f"{self.settings.dry_run_workers} dry run(s) are already running (DRY_RUN_WORKERS); "
+                              "try again when one has finished")
+        try:
+            # error_notify_after=1: a failing query shows the "alert is failing" message it would eventually send.
+            decision, columns, rows, truncated, error = self._run_and_decide(
+                alert, state_from_row(state_row), now=datetime.now(timezone.utc), error_notify_after=1,
+                dry_run=True)
+        finally:
+            self._dry_runs.release()
         messages = []
         for notice in decision.notices:
             rendered = notification.render_message(alert=alert, notice=notice)
@@ -521,7 +674,7 @@ class AlertScheduler:
     def _prune_history(self) -> None:
         if self._history_hypertable:
             return  # TimescaleDB's retention policy drops old chunks
-        with self.pool.transaction() as cur:
+        with self.pool.transaction(deadline_seconds=None) as cur:  # may delete many rows
             deleted = database.prune_evaluations(cur, older_than_days=self.settings.evaluation_retention_days)
         if deleted:
             logger.info("deleted %d evaluation record(s) past retention", deleted)
@@ -581,7 +734,7 @@ class AlertScheduler:
             conn = None
             try:
                 conn = database.open_listener(self.sources.dsn(source_id))
-                state.connected, state.last_error, backoff = True, None, 0.2
+                state.connected, state.last_error, state.disconnected_since, backoff = True, None, None, 0.2
                 connected.set()
                 if ever_connected:
                     state.reconnects += 1
@@ -604,6 +757,8 @@ class AlertScheduler:
             except (psycopg2.Error, database.DatabaseError, OSError) as exc:
                 state.connected = False
                 state.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if state.disconnected_since is None:
+                    state.disconnected_since = datetime.now(timezone.utc)
                 logger.warning("listener for data source %s lost: %s; retrying in %.1fs",
                                source_id, state.last_error, backoff)
                 stop.wait(backoff)
@@ -633,16 +788,35 @@ class AlertScheduler:
             self.submit(alert_id, "catch_up")
 
     def status(self) -> dict:
-        """The scheduler's state for /health."""
+        """The scheduler's state for /health, from memory only: it never waits for a data source."""
         with self._state_lock:
             active = len(self._registered)
+            sources = {e.data_source_id for e in self._registered.values()}
+        listeners = dict(self.listener_states)
+        with self._share_lock:
+            shares = {key: (share.running, len(share.waiting)) for key, share in self._shares.items()}
+        data_sources = {}
+        for source_id in sorted(sources | set(self.source_health) | set(listeners), key=str):
+            health = self.source_health.get(source_id, SourceHealth())
+            listener = listeners.get(source_id)
+            since = [t for t in (health.not_answering_since,
+                                 listener.disconnected_since if listener is not None else None) if t is not None]
+            running, queued = shares.get(source_id, (0, 0))
+            data_sources[str(source_id)] = {
+                "status": "not answering" if since else "ok",
+                "not_answering_since": min(since).isoformat() if since else None,
+                "last_error": health.last_error or (listener.last_error if listener is not None else None),
+                "running_evaluations": running, "queued_evaluations": queued,
+            }
         return {
             "running": self.alive,
             "active_alerts": active,
+            "data_sources": data_sources,
             "listeners": {
                 str(source_id): {"connected": s.connected, "reconnects": s.reconnects, "last_error": s.last_error,
-                                 "watched_tables": sorted(s.tables)}
-                for source_id, s in list(self.listener_states.items())
+                                 "disconnected_since": s.disconnected_since.isoformat() if s.disconnected_since
+                                 else None, "watched_tables": sorted(s.tables)}
+                for source_id, s in listeners.items()
             },
         }
 

@@ -1,4 +1,5 @@
-"""Real loopback servers (SMTP, silent TCP, Twilio API) that tests and benchmarks use instead of mocks."""
+"""Real loopback servers (SMTP, a trickling SMTP, silent TCP, a TCP banner, a TCP proxy that can stop answering, Twilio
+API) that tests and benchmarks use instead of mocks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import ipaddress
 import json
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -423,6 +425,94 @@ class TricklingSmtpServer(_LoopbackServer):
             return
         finally:
             conn.close()
+
+
+class TcpProxy(_LoopbackServer):
+    """TCP listener on 127.0.0.1 forwarding each connection to a target (host and port, or a Unix socket
+    directory and port as libpq names them). In black-hole mode it keeps every socket open and forwards nothing:
+    a server that accepted the connection and then stopped answering."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__()
+        self.target_host = target_host
+        self.target_port = target_port
+        self.black_hole = False
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Listen on the kept port and forward."""
+        if self._listener is None:
+            self._stopped.clear()
+            self._listener = socket.create_server((LOCALHOST, self.port), backlog=128)
+            threading.Thread(target=self._accept, args=(self._listener,), name="proxy-accept", daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listener and every connection."""
+        self._stopped.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._cond:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _upstream(self) -> socket.socket:
+        if self.target_host.startswith("/"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(f"{self.target_host}/.s.PGSQL.{self.target_port}")
+            return sock
+        return socket.create_connection((self.target_host, self.target_port))
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with self._cond:
+                self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), name="proxy-conn", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        # A connection that arrives in black-hole mode is held without ever reaching the target.
+        while self.black_hole and not self._stopped.is_set():
+            time.sleep(0.05)
+        try:
+            upstream = self._upstream()
+        except OSError:
+            client.close()
+            return
+        with self._cond:
+            self._sockets.append(upstream)
+        threading.Thread(target=self._pump, args=(upstream, client), name="proxy-pump", daemon=True).start()
+        self._pump(client, upstream)
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        while not self._stopped.is_set():
+            if self.black_hole:
+                time.sleep(0.05)
+                continue
+            try:
+                readable, _, _ = select.select([source], [], [], 0.1)
+                if not readable:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+            except (OSError, ValueError):
+                break
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)
