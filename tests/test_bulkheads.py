@@ -42,7 +42,7 @@ def proxied_dsn(dsn: str, proxy: TcpProxy) -> str:
 
 
 def add_data_source(service: Service, dsn: str, name: str = "warehouse") -> str:
-    response = service.client.post("/data-sources/", json={"name": name, "dsn": dsn})
+    response = service.client.post("/data-sources/", json={"name": name, "dsn": dsn, "allow_privileged_role": True})
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -176,7 +176,8 @@ def test_sigterm_stops_the_service_and_its_embedded_postgres_within_15_s_while_a
             raise AssertionError(process.communicate()[0]) from None
         postmaster_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
         assert running(postmaster_pid)
-        source = post(port, "/data-sources/", {"name": "warehouse", "dsn": proxied_dsn(empty_dsn, proxy)})
+        source = post(port, "/data-sources/", {"name": "warehouse", "dsn": proxied_dsn(empty_dsn, proxy),
+                                                "allow_privileged_role": True})
         post(port, "/alert-configs/", {"name": "Warehouse", "query": "SELECT order_number FROM dc_order",
                                  "data_source_id": source["id"], "schedule": "interval:1s",
                                  "notification_channels": {"email": ["ops@example.com"]}})
