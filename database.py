@@ -17,6 +17,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Sequence
 from uuid import UUID
@@ -1406,6 +1407,7 @@ def compile_query(pool: Pool, *, query: str, timeout_seconds: float) -> list[str
 
 
 FIRST_FETCH_ROWS = 10
+MAX_FETCH_ROWS = 1_000
 
 
 def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
@@ -1418,22 +1420,25 @@ def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
                 _read_only_transaction(setup, timeout_seconds=timeout_seconds)
             with conn.cursor(name="alert_query") as cur:
                 cur.execute(query)
-                # Fetched in batches sized to what is left of the byte budget, so a result of huge values stops
-                # after the first of them instead of arriving whole (one FETCH is held in memory at once).
+                # Fetched in batches that at most double and fit what is left of the byte budget at the largest
+                # row seen so far, so a result whose values grow stops after a few of them instead of arriving
+                # as one huge FETCH (a whole FETCH is held in memory at once).
                 rows: list[tuple] = []
-                size, cut, batch = 0, False, FIRST_FETCH_ROWS
+                size, largest, cut, batch = 0, 1, False, FIRST_FETCH_ROWS
                 while len(rows) <= max_rows and not cut:
                     asked = min(batch, max_rows + 1 - len(rows))
                     fetched = cur.fetchmany(asked)
                     for row in fetched:
-                        size += sum(_value_size(value) for value in row)
+                        row_size = sum(_value_size(value) for value in row)
+                        largest = max(largest, row_size)
+                        size += row_size
                         if size > max_bytes:
                             cut = True
                             break
                         rows.append(row)
                     if len(fetched) < asked:
                         break
-                    batch = max(1, min(10_000, (max_bytes - size) // max(size // max(len(rows), 1), 1)))
+                    batch = max(1, min(2 * batch, MAX_FETCH_ROWS, (max_bytes - size) // largest))
                 columns = [column.name for column in cur.description] if cur.description else []
             return columns, rows[:max_rows], cut or len(rows) > max_rows
         except psycopg2.DatabaseError as exc:
@@ -1448,7 +1453,7 @@ def _value_size(value: object) -> int:
     """About how many bytes a result value takes: its length for text and binary values, a few bytes otherwise."""
     if isinstance(value, (str, bytes)):
         return len(value)
-    if isinstance(value, (list, dict)):  # arrays and JSON
+    if isinstance(value, (list, dict, Decimal)):  # arrays, JSON, and numerics of up to 131,072 digits
         return len(str(value))
     return 8
 

@@ -55,3 +55,24 @@ def test_a_5_mb_value_is_stored_and_sent_cut_to_the_documented_limits(service, s
     assert "x" * MESSAGE_MAX_VALUE_CHARS + "… (cut, 5,000,000 characters in all)" in mail
     assert "(cut, 5,000,000 characters in all)" in twilio_server.wait_for(2)[-1].body or \
         "message cut at 1600" in twilio_server.wait_for(2)[-1].body
+
+
+def test_a_result_whose_values_grow_after_the_first_rows_is_cut_without_fetching_it_whole(db_dsn):
+    import tracemalloc
+
+    import database
+
+    pool = database.Pool(db_dsn, size=1)
+    try:
+        tracemalloc.start()
+        # Ten one-byte rows first: a batch sized on them alone would next fetch thousands of 50 kB rows at once.
+        columns, rows, cut = database.run_query(
+            pool, query="SELECT CASE WHEN g <= 10 THEN 'x' ELSE repeat('y', 50000) END AS v "
+                        "FROM generate_series(1, 20000) AS g", timeout_seconds=10, max_rows=10_000,
+            max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        pool.close()
+    assert cut and 10 < len(rows) <= 30, len(rows)
+    assert peak < 10_000_000, f"peak {peak / 1e6:.0f} MB for a 1 MB budget"
