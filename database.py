@@ -1876,6 +1876,13 @@ def check_reader(dsn: str) -> dict:
     return rights
 
 
+def database_identity(dsn: str) -> tuple[str, str, str]:
+    """(host, port, database) of a DSN, with libpq's defaults filled in, to tell whether two DSNs reach one database."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    return (params.get("hostaddr") or params.get("host") or "", params.get("port") or "5432",
+            params.get("dbname") or params.get("user") or "")
+
+
 class SourcePools:
     """Two connection pools per data source, opened on first use: alert queries run on read-only sessions of the
     reader role (on the default source, the service's database, a role of their own); change triggers are
@@ -1923,6 +1930,11 @@ class SourcePools:
             self._trigger_dsns[data_source_id] = trigger_dsn
         return dsn
 
+    def database_of(self, data_source_id: UUID) -> tuple[str, str, str]:
+        """Which database a data source reads: data sources on one database share its change triggers, whatever
+        role each connects as."""
+        return database_identity(self.dsn(data_source_id))
+
     def _make_dsn(self, params: dict, sealed_password: str | None) -> str:
         # Keywords in one order (jsonb keeps its own), so two data sources on one database have equal DSNs.
         params = dict(params)
@@ -1950,8 +1962,8 @@ class SourcePools:
     def triggers(self, data_source_id: UUID) -> Pool:
         """The pool change triggers of a data source are installed through (never used for alert queries): its
         trigger role when it has one, else its own role in read-write sessions."""
-        self.dsn(data_source_id)
-        if data_source_id == self._default_id:
+        # On the service's own database the service installs them: its role owns the trigger function there.
+        if self.database_of(data_source_id) == database_identity(self.database_dsn):
             return self.service_pool
         with self._lock:
             if self._closed:

@@ -326,11 +326,11 @@ class AlertScheduler:
         keep a listener running exactly while some alert there is event-driven."""
         errors: dict[str, str] = {}
         try:
-            dsn = self.sources.dsn(source_id)
+            here = self.sources.database_of(source_id)
             with self._state_lock:
                 sources = {s for (s, _) in self._by_table} | {source_id}
             # Data sources that are the same database share its triggers: keep what any of them needs.
-            same_database = {s for s in sources if s == source_id or self.sources.dsn(s) == dsn}
+            same_database = {s for s in sources if s == source_id or self.sources.database_of(s) == here}
             with self._state_lock:
                 wanted = {t for (s, t) in self._by_table if s == source_id}
                 wanted_here = {t for (s, t) in self._by_table if s in same_database}

@@ -395,6 +395,25 @@ def test_a_trigger_role_gives_a_read_only_source_events_without_running_its_quer
     assert "ORD-EVENT" in body and recipe_role in body
 
 
+
+def test_data_sources_on_one_database_with_different_roles_keep_each_others_triggers(
+        service, empty_dsn, recipe_role, smtp_server):
+    create_orders_table(empty_dsn)
+    reader = add_source(service, dsn_with(empty_dsn, user=recipe_role, password="recipe-pass-1234"),
+                        trigger_dsn=empty_dsn)
+    owner = add_source(service, empty_dsn, allow_privileged_role=True)
+    kept = service.create_alert(data_source_id=reader["id"], notification_channels={"email": ["ops@example.com"]})
+    dropped = service.create_alert(name="Other", data_source_id=owner["id"],
+                                   notification_channels={"email": ["other@example.com"]})
+    smtp_server.wait_for(2)
+    assert service.client.delete(f"/alert-configs/{dropped['id']}").status_code == 204
+    service.wait_idle()
+    assert service.client.get(f"/alert-configs/{kept['id']}").json()["events_enabled"]
+
+    insert_orders(empty_dsn, ["ORD-STILL-WATCHED"])
+
+    assert "ORD-STILL-WATCHED" in smtp_server.wait_for(3)[2].message.get_body(("plain",)).get_content()
+
 # --- the service's own schema ----------------------------------------------------------------------------------
 
 
