@@ -35,6 +35,8 @@ MAX_BODY_BYTES = 1_000_000
 MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 # The scheduler and the dispatcher each get this long to stop; what still hangs then is abandoned.
 STOP_SECONDS = 4.0
+# A data source's role check: a server that let us in and then went silent must not hold the request for longer.
+ROLE_CHECK_SECONDS = 15.0
 # /health waits this long for the service database, so it answers within a second even when the database hangs.
 HEALTH_PING_SECONDS = 0.8
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
@@ -95,7 +97,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
 
 def stop_services(services: Services) -> None:
     """Stop background threads (abandoning any that hang), then close every connection: bounded in time."""
-    # First, so that an evaluation rendering a runaway template ends now instead of holding up the stop.
+    # Evaluations store nothing from here on; then the render processes go, so that an evaluation rendering a
+    # runaway template ends now instead of holding up the stop.
+    services.scheduler.stopping()
     templating.stop()
     services.scheduler.stop(timeout=STOP_SECONDS)
     services.dispatcher.stop(timeout=STOP_SECONDS)
@@ -756,19 +760,30 @@ def privileged_role_message(role: str, problems: list[str]) -> str:
 
 def check_trigger_role(params: dict, password: str | None, *, database_name: str) -> None:
     """A 422 unless the trigger DSN connects, to the same database as the data source."""
-    probe = database.Pool(psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {})),
-                          size=1, name="trigger role")
-    try:
-        connected_to = database.describe_role(probe)["database"]
-    except database.DatabaseUnavailable as exc:
-        raise field_error("trigger_dsn", f"cannot connect: {exc}") from None
-    except database.QueryFailed as exc:
-        raise field_error("trigger_dsn", str(exc)) from None
-    finally:
-        probe.close()
+    dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
+    connected_to = describe_role_of(dsn, field="trigger_dsn", name="trigger role")["database"]
     if connected_to != database_name:
         raise field_error("trigger_dsn", f"connects to database {connected_to}, not {database_name} where the "
                                          "alert queries run")
+
+
+def describe_role_of(dsn: str, *, field: str, name: str) -> dict:
+    """What the role a DSN logs in as may do; a 422 on `field` when it cannot log in, alike for every reason (the
+    API user chooses the address: anything more would make this a port scanner)."""
+    try:
+        database.probe(dsn)
+    except database.DatabaseUnavailable as exc:
+        raise field_error(field, str(exc)) from None
+    pool = database.Pool(dsn, size=1, name=name, deadline_seconds=ROLE_CHECK_SECONDS)
+    try:
+        return database.describe_role(pool)
+    except database.DatabaseUnavailable:
+        # It let us in a moment ago: say no more about it now than the probe would.
+        raise field_error(field, database.PROBE_FAILED) from None
+    except database.QueryFailed as exc:
+        raise field_error(field, str(exc)) from None
+    finally:
+        pool.close()
 
 
 def service_schema_error(tables: list[str]) -> HTTPException | None:
@@ -963,21 +978,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
         params, password = body.connection_params()
         dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
-        field = "dsn" if body.dsn else "host"
-        try:
-            database.probe(dsn)
-        except database.DatabaseUnavailable as exc:
-            raise field_error(field, str(exc)) from None
-        probe = database.Pool(dsn, size=1, name=f"data source {body.name}")
-        try:
-            rights = database.describe_role(probe)
-        except database.DatabaseUnavailable:
-            # It answered the probe a moment ago: say no more about it now than the probe would.
-            raise field_error(field, database.PROBE_FAILED) from None
-        except database.QueryFailed as exc:
-            raise field_error(field, str(exc)) from None
-        finally:
-            probe.close()
+        rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
         problems = database.role_problems(rights)
         if problems and not body.allow_privileged_role:
             raise field_error("dsn" if body.dsn else "user", privileged_role_message(rights["role"], problems))

@@ -207,12 +207,16 @@ class AlertScheduler:
             self.submit(alert["id"], "catch_up")
         logger.info("scheduler started with %d active alert(s)", len(alerts))
 
+    def stopping(self) -> None:
+        """From now on, store no evaluation: what is cut short by the shutdown is evaluated again at the next start."""
+        self._stop.set()
+        self._tick.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the schedule thread, the listeners and the workers within about `timeout` seconds, whatever hangs:
         queries in progress are interrupted, and a worker that still does not return is abandoned."""
         deadline = time.monotonic() + timeout
-        self._stop.set()
-        self._tick.set()
+        self.stopping()
         for stop in list(self._listener_stops.values()):
             stop.set()
         # Interrupt the queries in flight (cancel, then drop the connection): an evaluation on a hung data source
@@ -489,6 +493,8 @@ class AlertScheduler:
             logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, error)
         # Rendered before the transaction: a slow template must not hold the alert's row lock.
         rendered = [notification.render_message(alert=alert, notice=notice) for notice in decision.notices]
+        if self._stop.is_set():
+            return None  # a template render cut short by the shutdown is no message to store
         duration_ms = (time.perf_counter() - started) * 1000
         with self.pool.transaction() as cur:
             locked = database.lock_alert_version(cur, alert_id=alert_id)

@@ -229,3 +229,13 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_trigger_dsn_that_cannot_log_in_is_answered_like_the_probe(service, empty_dsn):
+    with BannerServer() as banner:
+        response = service.client.post("/data-sources/", json={
+            "name": "warehouse", "dsn": empty_dsn, "allow_privileged_role": True,
+            "trigger_dsn": f"host=127.0.0.1 port={banner.port} dbname=x user=y sslmode=disable"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["msg"] == database.PROBE_FAILED
+    assert "banner-secret" not in response.text and len(service.client.get("/data-sources/").json()) == 1
