@@ -474,7 +474,8 @@ class DataSourceIn(RequestBody):
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
     allow_privileged_role: bool = Field(
         False, description="Accept a role that is a superuser or can write or administer the database (refused "
-                           "otherwise); alert queries still run in read-only transactions")
+                           "otherwise, and always unless the operator set ALLOW_PRIVILEGED_DATA_SOURCES=true); "
+                           "alert queries still run in read-only transactions")
     trigger_dsn: str | None = Field(
         None, max_length=2000,
         description="Optional libpq string of a role that owns the watched tables, used only to install the change "
@@ -749,13 +750,15 @@ def _alert_out(row: dict) -> AlertConfigOut:
     })
 
 
-def privileged_role_message(role: str, problems: list[str]) -> str:
+def privileged_role_message(role: str, problems: list[str], *, opt_in_allowed: bool) -> str:
     """Why a data source's role is refused, and what to do instead."""
+    opt_in = ("send \"allow_privileged_role\": true to accept this role" if opt_in_allowed else
+              "ask the service's operator to set ALLOW_PRIVILEGED_DATA_SOURCES=true, then send "
+              "\"allow_privileged_role\": true")
     return (f"the role {role} can do more than read: {'; '.join(problems)}. Alert queries need a read-only role: "
             f"CREATE ROLE alert_reader LOGIN PASSWORD '...'; GRANT CONNECT ON DATABASE <db> TO alert_reader; "
             f"GRANT USAGE ON SCHEMA public TO alert_reader; GRANT SELECT ON ALL TABLES IN SCHEMA public TO "
-            f"alert_reader (README: 'Recommended: a read-only role per data source'), or send "
-            f"\"allow_privileged_role\": true to accept this role")
+            f"alert_reader (README: 'Recommended: a read-only role per data source'), or {opt_in}")
 
 
 def check_trigger_role(params: dict, password: str | None, *, database_name: str) -> None:
@@ -980,8 +983,10 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
         rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
         problems = database.role_problems(rights)
-        if problems and not body.allow_privileged_role:
-            raise field_error("dsn" if body.dsn else "user", privileged_role_message(rights["role"], problems))
+        opt_in_allowed = services.settings.allow_privileged_data_sources
+        if problems and not (body.allow_privileged_role and opt_in_allowed):
+            raise field_error("dsn" if body.dsn else "user", privileged_role_message(
+                rights["role"], problems, opt_in_allowed=opt_in_allowed))
         trigger_params, trigger_password = body.trigger_params()
         if trigger_params is not None:
             check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])

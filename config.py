@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     db_connection: SecretStr | None = None
     # Alert queries on the default data source run as this role; unset, the service creates and manages one.
     reader_dsn: SecretStr | None = None
+    # Whether a data source may opt into a privileged role at all: the operator's call, not an API user's.
+    allow_privileged_data_sources: bool = False
 
     smtp_host: str | None = None
     smtp_port: int = Field(587, ge=1, le=65535)

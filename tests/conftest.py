@@ -179,7 +179,7 @@ def settings(db_dsn: str, smtp_server: SmtpServer, twilio_server: TwilioServer, 
         twilio_account_sid=twilio_server.account_sid, twilio_auth_token=twilio_server.auth_token,
         twilio_from_number=TWILIO_FROM, twilio_api_base_url=twilio_server.base_url,
         retry_delay_minutes=0.005, max_retries=3, data_dir=str(tmp_path / "data"), log_file="", workers=4,
-        query_timeout_seconds=5, secret_key=TEST_SECRET_KEY,
+        query_timeout_seconds=5, secret_key=TEST_SECRET_KEY, allow_privileged_data_sources=True,
     )
 
 

@@ -165,7 +165,7 @@ def test_sigterm_stops_the_service_and_its_embedded_postgres_within_15_s_while_a
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "TWILIO_", "DB_", "API_"))}
     env.update(API_HOST="127.0.0.1", API_PORT=str(port), DATA_DIR=str(data_dir), LOG_FILE="",
                QUERY_TIMEOUT_SECONDS="30", SMTP_HOST="127.0.0.1", SMTP_PORT=str(smtp.port), SMTP_SECURITY="none",
-               SMTP_FROM="alerts@example.com", SMTP_TIMEOUT_SECONDS="600")
+               SMTP_FROM="alerts@example.com", SMTP_TIMEOUT_SECONDS="600", ALLOW_PRIVILEGED_DATA_SOURCES="true")
     process = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     try:

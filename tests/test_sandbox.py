@@ -325,6 +325,18 @@ def test_a_superuser_data_source_is_refused_unless_allowed_and_shows_its_rights(
     assert shown["role"]["superuser"] and shown["role"]["can_write"] and not shown["role"]["read_only"]
 
 
+def test_only_the_operator_can_let_data_sources_opt_into_a_privileged_role(settings, empty_dsn):
+    strict = Service(settings.model_copy(update={"allow_privileged_data_sources": False})).start()
+    try:
+        refused = strict.client.post("/data-sources/", json={"name": "admin", "dsn": empty_dsn,
+                                                             "allow_privileged_role": True})
+        assert refused.status_code == 422, refused.text
+        assert "ALLOW_PRIVILEGED_DATA_SOURCES=true" in refused.json()["detail"][0]["msg"]
+        assert len(strict.client.get("/data-sources/").json()) == 1, "nothing was stored"
+    finally:
+        strict.stop()
+
+
 @pytest.mark.parametrize("grant, reason", [
     ("GRANT INSERT ON stock TO {}", "can write to tables (public.stock)"),
     ("GRANT UPDATE (qty) ON stock TO {}", "can write to tables (public.stock)"),
