@@ -35,8 +35,6 @@ MAX_BODY_BYTES = 1_000_000
 MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 # The scheduler and the dispatcher each get this long to stop; what still hangs then is abandoned.
 STOP_SECONDS = 4.0
-# A data source's role check: a server that let us in and then went silent must not hold the request for longer.
-ROLE_CHECK_SECONDS = 15.0
 # /health waits this long for the service database, so it answers within a second even when the database hangs.
 HEALTH_PING_SECONDS = 0.8
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
@@ -63,50 +61,61 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     logger.info("service database: %s", database.describe_dsn(dsn))
     pool = database.service_pool(dsn, size=settings.workers + settings.dry_run_workers + 8,
                                  deadline_seconds=database.SERVICE_DEADLINE_SECONDS)
-    database.migrate(pool)
-    box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
-    # Fail at start-up, not at the first alert, when the key cannot read what is stored.
-    database.check_stored_secrets(pool, box)
-    # Alert queries on the default source never run as the service's own role: fail here rather than run them so.
     try:
-        reader_dsn = (settings.reader_dsn.get_secret_value() if settings.reader_dsn
-                      else database.ensure_reader_role(pool))
-        rights = database.check_reader(reader_dsn)
-    except database.ReaderRoleError as exc:
-        logger.error("cannot start: %s", exc)
+        database.migrate(pool)
+        box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
+        # Fail at start-up, not at the first alert, when the key cannot read what is stored.
+        database.check_stored_secrets(pool, box)
+        # Alert queries on the default source never run as the service's own role: fail here rather than run them so.
+        try:
+            reader_dsn = (settings.reader_dsn.get_secret_value() if settings.reader_dsn
+                          else database.ensure_reader_role(pool, database_dsn=dsn))
+            rights = database.check_reader(reader_dsn)
+        except database.ReaderRoleError as exc:
+            logger.error("cannot start: %s", exc)
+            raise
+        with pool.transaction() as cur:
+            default = database.get_data_source(cur, data_source_id=None)
+            database.store_role_rights(cur, data_source_id=default["id"], rights=rights)
+        logger.info("alert queries on the default data source run as role %s", rights["role"])
+        sources = database.SourcePools(pool, size=settings.workers_per_data_source + 1, box=box, database_dsn=dsn,
+                                       reader_dsn=reader_dsn,
+                                       deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
+                                       api_size=settings.dry_run_workers + 1)
+        dispatcher = Dispatcher(pool, settings)
+        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
+    except BaseException:
         pool.close()
         raise
-    with pool.transaction() as cur:
-        default = database.get_data_source(cur, data_source_id=None)
-        database.store_role_rights(cur, data_source_id=default["id"], rights=rights)
-    logger.info("alert queries on the default data source run as role %s", rights["role"])
-    sources = database.SourcePools(pool, size=settings.workers_per_data_source + 1, box=box, database_dsn=dsn,
-                                   reader_dsn=reader_dsn,
-                                   deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
-                                   api_size=settings.dry_run_workers + 1)
-    # Started in the background: the first templated message should not wait for them, nor start-up.
-    templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
-                     memory_mb=settings.template_memory_mb)
-    dispatcher = Dispatcher(pool, settings)
-    scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
-    dispatcher.start()
-    scheduler.start()
-    return Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
-                    scheduler=scheduler)
+    services = Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
+                        scheduler=scheduler)
+    try:
+        # Started in the background: the first templated message should not wait for them, nor start-up.
+        templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
+                         memory_mb=settings.template_memory_mb)
+        dispatcher.start()
+        scheduler.start()
+    except BaseException:
+        stop_services(services)
+        raise
+    return services
 
 
 def stop_services(services: Services) -> None:
     """Stop background threads (abandoning any that hang), then close every connection: bounded in time."""
     # Evaluations store nothing from here on; then the render processes go, so that an evaluation rendering a
     # runaway template ends now instead of holding up the stop.
-    services.scheduler.stopping()
-    templating.stop()
-    services.scheduler.stop(timeout=STOP_SECONDS)
-    services.dispatcher.stop(timeout=STOP_SECONDS)
-    services.sources.close()
-    services.pool.close()
-    # Here and not only at exit: under `uvicorn api:app` a SIGTERM ends the process without running atexit handlers.
-    database.stop_embedded_server()
+    try:
+        services.scheduler.stopping()
+        templating.stop()
+        services.scheduler.stop(timeout=STOP_SECONDS)
+        services.dispatcher.stop(timeout=STOP_SECONDS)
+    finally:
+        services.sources.close()
+        services.pool.close()
+        # Here and not only at exit: under `uvicorn api:app` a SIGTERM ends the process without running atexit
+        # handlers.
+        database.stop_embedded_server()
 
 
 def create_app(settings: Settings | None = None, dsn: str | None = None) -> FastAPI:
@@ -777,7 +786,7 @@ def describe_role_of(dsn: str, *, field: str, name: str) -> dict:
         database.probe(dsn)
     except database.DatabaseUnavailable as exc:
         raise field_error(field, str(exc)) from None
-    pool = database.Pool(dsn, size=1, name=name, deadline_seconds=ROLE_CHECK_SECONDS)
+    pool = database.Pool(dsn, size=1, name=name, deadline_seconds=database.ROLE_CHECK_DEADLINE_SECONDS)
     try:
         return database.describe_role(pool)
     except database.DatabaseUnavailable:

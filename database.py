@@ -136,6 +136,8 @@ QUERY_DEADLINE_GRACE_SECONDS = 2.0
 # Trigger set-up waits up to 10 s for its lock and 5 s per DDL statement (lock_timeout), on top of its queries.
 TRIGGER_SYNC_DEADLINE_SECONDS = 120.0
 PING_DEADLINE_SECONDS = 5.0
+# What a role may do is a few catalog queries: a server that let us in and went silent must not hold us longer.
+ROLE_CHECK_DEADLINE_SECONDS = 15.0
 # The service's own statements are short; one that has not returned after this long is waiting on a hung server.
 SERVICE_DEADLINE_SECONDS = 60.0
 # After a deadline passes the server is sent a cancel request; if the call has still not returned this much later,
@@ -1803,10 +1805,11 @@ def reader_role_name(database_name: str) -> str:
     return "alert_reader_" + hashlib.sha256(database_name.encode()).hexdigest()[:32]
 
 
-def ensure_reader_role(pool: Pool) -> str:
+def ensure_reader_role(pool: Pool, *, database_dsn: str) -> str:
     """Create or update the login role that alert queries on the default data source run as: it can read every
-    user schema and nothing else, not the service's schema, files or administrative functions. Returns its DSN
-    (with a password: never log it). Needs a superuser or CREATEROLE; raises ReaderRoleError otherwise."""
+    user schema and nothing else, not the service's schema, files or administrative functions. Returns its DSN,
+    the service database's as configured with the reader's login (with a password: never log it). Needs a
+    superuser or CREATEROLE; raises ReaderRoleError otherwise."""
     with pool.transaction() as cur:
         # Several instances may start at once on one database; they must agree on one password.
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
@@ -1850,8 +1853,9 @@ def ensure_reader_role(pool: Pool) -> str:
         cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {0} FROM {1}; REVOKE ALL ON ALL TABLES IN SCHEMA {0} FROM {1}; "
                             "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {0} FROM {1}").format(
             sql.Identifier(SERVICE_SCHEMA), reader))
-    params = psycopg2.extensions.parse_dsn(pool.dsn)
-    params.pop("options", None)  # the service's search_path is not the reader's
+    # The configured DSN, not the pool's: the service's search_path is not the reader's, and any other options the
+    # operator gave (a pooler's routing, say) are.
+    params = psycopg2.extensions.parse_dsn(database_dsn)
     params.update(user=role, password=password)
     return psycopg2.extensions.make_dsn(**params)
 
@@ -1859,7 +1863,7 @@ def ensure_reader_role(pool: Pool) -> str:
 def check_reader(dsn: str) -> dict:
     """The rights of the role alert queries on the default data source run as; ReaderRoleError unless it only
     reads."""
-    pool = Pool(read_only_dsn(dsn), 1, name="alert query role")
+    pool = Pool(read_only_dsn(dsn), 1, name="alert query role", deadline_seconds=ROLE_CHECK_DEADLINE_SECONDS)
     try:
         rights = describe_role(pool)
         with pool.transaction() as cur:

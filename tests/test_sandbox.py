@@ -291,7 +291,7 @@ def test_without_the_right_to_create_roles_start_up_says_what_to_do(db_dsn, make
     pool = database.service_pool(dsn_with(db_dsn, user=plain, password="role-pass-1234"), size=1)
     try:
         with pytest.raises(database.ReaderRoleError, match="CREATEROLE.*READER_DSN"):
-            database.ensure_reader_role(pool)
+            database.ensure_reader_role(pool, database_dsn=db_dsn)
     finally:
         pool.close()
 
