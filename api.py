@@ -53,6 +53,7 @@ class Services:
     sources: database.SourcePools
     dispatcher: Dispatcher
     scheduler: AlertScheduler
+    health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
 
 def start_services(settings: Settings, dsn: str | None = None) -> Services:
@@ -1142,7 +1143,11 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             }
         try:
             # Its own thread, not the request thread pool: requests stuck on a hung server cannot hold it up.
-            await asyncio.wait_for(asyncio.to_thread(database.ping, services.pool), HEALTH_PING_SECONDS)
+            # One ping at a time, shared by every request meanwhile: a flood of /health while the database hangs
+            # holds one pooled connection, not one per request.
+            if services.health_ping is None or services.health_ping.done():
+                services.health_ping = asyncio.ensure_future(asyncio.to_thread(database.ping, services.pool))
+            await asyncio.wait_for(asyncio.shield(services.health_ping), HEALTH_PING_SECONDS)
             body["database"] = "ok"
         except database.DatabaseUnavailable as exc:
             # Without a key, only the coarse state: the error names the database's host, port, user and database.

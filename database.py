@@ -166,6 +166,10 @@ PROBE_FAILED = (
 )
 
 
+PROBE_CONCURRENCY = 4
+_PROBE_SLOTS = threading.BoundedSemaphore(PROBE_CONCURRENCY)
+
+
 def probe(dsn: str) -> None:
     """Log in to a data source once; any failure is DatabaseUnavailable(PROBE_FAILED), PROBE_SECONDS after the start."""
     # The API user chooses the host and port: libpq's own errors (refused, timed out, a banner's first byte,
@@ -180,11 +184,17 @@ def probe(dsn: str) -> None:
             outcome["connected"] = True
         except BaseException as exc:  # noqa: BLE001 - every failure is reported alike
             outcome["error"] = exc
+        finally:
+            _PROBE_SLOTS.release()
 
-    # A thread bounds the whole attempt: libpq's connect_timeout applies to each host and address in turn.
-    thread = threading.Thread(target=attempt, name="data-source-probe", daemon=True)
-    thread.start()
-    thread.join(PROBE_SECONDS)
+    # A thread bounds the whole attempt: libpq's connect_timeout applies to each host and address in turn. The
+    # thread may outlive the answer, so a bounded number run at once: a flood of probes cannot pile them up.
+    if _PROBE_SLOTS.acquire(timeout=PROBE_SECONDS):
+        thread = threading.Thread(target=attempt, name="data-source-probe", daemon=True)
+        thread.start()
+        thread.join(max(0.0, started + PROBE_SECONDS - time.monotonic()))
+    else:
+        outcome["error"] = RuntimeError(f"{PROBE_CONCURRENCY} probes were already running")
     if outcome.get("connected"):
         return
     logger.warning("data source probe of %s failed: %s", describe_dsn(dsn),
