@@ -126,6 +126,52 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
     assert stop_seconds < 6, f"stopping took {stop_seconds:.1f} s"
 
 
+
+def test_while_a_source_hangs_and_a_runaway_template_renders_the_default_source_still_alerts_within_1_s(
+        settings, smtp_server, db_dsn, empty_dsn, proxy):
+    from tests.conftest import execute
+    from tests.test_templates import RUNAWAY, SLEEPER
+
+    create_orders_table(db_dsn)
+    create_orders_table(empty_dsn)
+    execute(db_dsn, "CREATE TABLE stock (sku text, qty int)")
+    service = Service(settings.model_copy(update={
+        "workers": 4, "workers_per_data_source": 2, "query_timeout_seconds": 2.0,
+        "template_timeout_seconds": 1.0})).start()
+    try:
+        source_id = add_data_source(service, proxied_dsn(empty_dsn, proxy))
+        for i in range(2):
+            service.create_alert(name=f"Warehouse {i}", data_source_id=source_id, schedule="interval:1s",
+                                 notification_channels={"email": ["warehouse@example.com"]})
+        service.create_alert(name="Loops", query="SELECT sku FROM stock",
+                             message_template=SLEEPER.replace("RUNAWAY", RUNAWAY[0][1]),
+                             notification_channels={"email": ["loops@example.com"]})
+        service.create_alert(name="Orders", notification_channels={"email": ["ops@example.com"]})
+        smtp_server.wait_for(4)
+        service.wait_idle()
+        smtp_server.clear()
+
+        proxy.black_hole = True
+        time.sleep(1.5)  # the hung source's evaluations are stuck by now
+        execute(db_dsn, "INSERT INTO stock VALUES ('A', 1)")  # its message template runs away as it renders
+        time.sleep(0.2)
+        started = time.monotonic()
+        insert_orders(db_dsn, ["ORD-DEFAULT"])
+        mail = eventually(lambda: [m for m in smtp_server.messages if m.rcpt_tos == ["ops@example.com"]],
+                          timeout=5, interval=0.01, message="the default source's email")[0]
+        delay = time.monotonic() - started
+        assert "ORD-DEFAULT" in mail.message.get_body(("plain",)).get_content() and delay < 1.0, f"{delay:.2f} s"
+        asked = time.monotonic()
+        assert service.client.get("/health").status_code == 200 and time.monotonic() - asked < 1.0
+        loops = eventually(lambda: [m for m in smtp_server.messages if m.rcpt_tos == ["loops@example.com"]],
+                           timeout=10, message="the runaway template's alert, as the default message")[0]
+        assert "template" in loops.message.get_body(("plain",)).get_content()
+    finally:
+        started = time.monotonic()
+        service.stop()
+        stop_seconds = time.monotonic() - started
+    assert stop_seconds < 6, f"stopping took {stop_seconds:.1f} s"
+
 def test_slow_dry_runs_do_not_delay_a_real_alert(service, smtp_server, db_dsn):
     create_orders_table(db_dsn)
     insert_orders(db_dsn, ["ORD0"])  # pg_sleep runs once per row
