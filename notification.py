@@ -277,8 +277,8 @@ def _shut_down(sock: socket.socket | None) -> None:
         pass
 
 
-class _WatchedSMTP(smtplib.SMTP):
-    """smtplib.SMTP whose socket is shut down at the send's deadline (the greeting can trickle too)."""
+class _DeadlineWatched:
+    """Mixed into smtplib's clients: the socket is shut down at the send's deadline (the greeting can trickle too)."""
 
     def _get_socket(self, host, port, timeout):
         sock = super()._get_socket(host, port, timeout)
@@ -288,15 +288,12 @@ class _WatchedSMTP(smtplib.SMTP):
         return sock
 
 
-class _WatchedSMTP_SSL(smtplib.SMTP_SSL):
-    """smtplib.SMTP_SSL whose socket is shut down at the send's deadline."""
+class _WatchedSMTP(_DeadlineWatched, smtplib.SMTP):
+    """smtplib.SMTP under the send's deadline."""
 
-    def _get_socket(self, host, port, timeout):
-        sock = super()._get_socket(host, port, timeout)
-        deadline = SendDeadline.current()
-        if deadline is not None:
-            deadline.watch(lambda: self.sock or sock)
-        return sock
+
+class _WatchedSMTP_SSL(_DeadlineWatched, smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL under the send's deadline."""
 
 
 class EmailChannel:

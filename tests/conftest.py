@@ -257,6 +257,17 @@ def service(settings: Settings) -> Iterator[Service]:
     running.stop()
 
 
+def fetch(dsn: str, statement: str, args: Any = None) -> list[tuple]:
+    """Rows of one query, run as the DSN's role."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
 def execute(dsn: str, statement: str, args: Any = None) -> None:
     """Run one statement in its own committed transaction, as an application would."""
     conn = psycopg2.connect(dsn)

@@ -18,21 +18,10 @@ from pydantic import SecretStr
 
 import database
 from tests.conftest import (
-    Service, admin_execute, create_orders_table, dsn_with, eventually, execute, insert_orders,
+    Service, admin_execute, create_orders_table, dsn_with, eventually, execute, fetch, insert_orders,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def fetch(dsn: str, statement: str, args=None) -> list[tuple]:
-    """Rows of one query, run as the DSN's role."""
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(statement, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def secret(value: str) -> SecretStr:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from tests.conftest import admin_execute, eventually, execute
+from tests.conftest import admin_execute, eventually, execute, fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 EMAIL_ONLY = {"email": ["ops@example.com"]}
@@ -41,19 +41,9 @@ def make_hypertable(dsn: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def query(dsn: str, statement: str, args=None) -> list[tuple]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(statement, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 def chunks(dsn: str, table: str = "dc_order") -> list[tuple[str, bool]]:
     """(chunk name, compressed) for each chunk of a hypertable."""
-    return query(dsn, "SELECT chunk_name, is_compressed FROM timescaledb_information.chunks "
+    return fetch(dsn, "SELECT chunk_name, is_compressed FROM timescaledb_information.chunks "
                       "WHERE hypertable_name = %s ORDER BY range_start", (table,))
 
 
@@ -71,7 +61,7 @@ def start_watching(service, smtp_server, **alert_fields) -> dict:
 
 def test_insert_test_creates_dc_order_as_a_hypertable(tsdb_dsn):
     make_hypertable(tsdb_dsn)
-    assert query(tsdb_dsn, "SELECT count(*) FROM timescaledb_information.hypertables "
+    assert fetch(tsdb_dsn, "SELECT count(*) FROM timescaledb_information.hypertables "
                            "WHERE hypertable_name = 'dc_order'") == [(1,)]
 
 
@@ -91,7 +81,7 @@ def test_an_insert_that_creates_a_new_chunk_alerts_once_under_the_hypertable_nam
     assert len(chunks(tsdb_dsn)) == 2
     service.wait_idle()
     assert len(smtp_server.messages) == 2
-    triggers_on_chunks = query(tsdb_dsn, "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+    triggers_on_chunks = fetch(tsdb_dsn, "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                                          "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = "
                                          "'alert_service_notify' AND n.nspname LIKE '\\_timescaledb%%'")
     assert triggers_on_chunks == [(0,)], "a statement-level trigger is not copied to chunks"
@@ -164,7 +154,7 @@ def test_a_materialized_only_continuous_aggregate_alerts_when_a_refresh_or_its_p
                       "count(*) AS orders FROM dc_order GROUP BY 1 WITH NO DATA")
     admin_execute(tsdb_dsn, "CALL refresh_continuous_aggregate('orders_daily', NULL, NULL)")
     alert = start_watching(service, smtp_server, query="SELECT day, orders FROM orders_daily")
-    [(materialization,)] = query(tsdb_dsn, "SELECT format('%I.%I', materialization_hypertable_schema, "
+    [(materialization,)] = fetch(tsdb_dsn, "SELECT format('%I.%I', materialization_hypertable_schema, "
                                            "materialization_hypertable_name) FROM "
                                            "timescaledb_information.continuous_aggregates")
     assert materialization in alert["watched_tables"] and alert["events_enabled"], alert
@@ -179,7 +169,7 @@ def test_a_materialized_only_continuous_aggregate_alerts_when_a_refresh_or_its_p
     admin_execute(tsdb_dsn, "SELECT add_continuous_aggregate_policy('orders_daily', start_offset => NULL, "
                             "end_offset => NULL, schedule_interval => interval '1 hour')")
     execute(tsdb_dsn, "INSERT INTO dc_order (order_number, created_at) VALUES ('ORD-Y', now() + interval '5 days')")
-    [(job,)] = query(tsdb_dsn, "SELECT job_id FROM timescaledb_information.jobs "
+    [(job,)] = fetch(tsdb_dsn, "SELECT job_id FROM timescaledb_information.jobs "
                                "WHERE proc_name = 'policy_refresh_continuous_aggregate'")
     # run_job runs the policy's own procedure, as TimescaleDB's scheduler does when the job falls due.
     admin_execute(tsdb_dsn, "CALL run_job(%s)", (job,))
