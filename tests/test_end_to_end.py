@@ -283,14 +283,15 @@ def test_interval_schedules_honour_seconds(service, smtp_server):
                timeout=5, message="two scheduled runs within 5 s")
 
 
-def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, db_dsn, pg_admin_dsn):
+def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, empty_dsn, pg_admin_dsn):
     """A data source whose role may not create triggers still alerts, on its schedule, and says why."""
-    create_orders_table(db_dsn)
-    execute(db_dsn, "DO $$ BEGIN CREATE ROLE alert_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
-    execute(db_dsn, "GRANT SELECT ON dc_order TO alert_reader")
+    create_orders_table(empty_dsn)
+    execute(empty_dsn, "DO $$ BEGIN CREATE ROLE alert_reader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    execute(empty_dsn, "GRANT SELECT ON dc_order TO alert_reader")
     from tests.conftest import dsn_with
 
-    reader_dsn = dsn_with(db_dsn, user="alert_reader")
+    # Another database than the service's: there the service installs triggers itself, with its own role.
+    reader_dsn = dsn_with(empty_dsn, user="alert_reader")
     source = service.client.post("/data-sources/", json={"name": "read-only", "dsn": reader_dsn})
     assert source.status_code == 201, source.text
     alert = service.create_alert(data_source_id=source.json()["id"], schedule="interval:1s",
@@ -299,7 +300,7 @@ def test_the_schedule_catches_changes_when_events_are_off(service, smtp_server, 
     assert "permission denied" in alert["events_error"] or "must be owner" in alert["events_error"], alert
     smtp_server.wait_for(1)
 
-    insert_orders(db_dsn, ["ORD-SCHEDULED"])
+    insert_orders(empty_dsn, ["ORD-SCHEDULED"])
     mail = smtp_server.wait_for(2, timeout=10)[1]
     assert "ORD-SCHEDULED" in mail.message.get_body(("plain",)).get_content()
 

@@ -189,8 +189,9 @@ def dry_run(service: Service, query: str):
 
 
 def service_sessions(db_dsn: str) -> list[tuple]:
+    """The sessions of the service's own role (the reader role's own sessions are not the service's)."""
     return fetch(db_dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                         "AND application_name LIKE 'alert-service%%' ORDER BY 1")
+                         "AND application_name LIKE 'alert-service%%' AND usename = current_user ORDER BY 1")
 
 
 @pytest.mark.parametrize("query", [
