@@ -32,6 +32,7 @@ from scheduler import AlertScheduler, DryRunsBusy
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_000_000
+TOO_LARGE = f"request body over {MAX_BODY_BYTES} bytes"
 MISSING_KEY = "missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
 # The scheduler and the dispatcher each get this long to stop; what still hangs then is abandoned.
 STOP_SECONDS = 4.0
@@ -235,7 +236,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(413)
     async def _too_large(request: Request, exc: HTTPException):
-        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+        return JSONResponse(status_code=413, content={"detail": TOO_LARGE})
 
     app.add_middleware(_Gate)
 
@@ -259,9 +260,10 @@ class _Gate:
                                        headers={"WWW-Authenticate": "Bearer"})
             else:
                 length = request.headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                    refusal = JSONResponse(status_code=413,
-                                           content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+                # isdigit() alone admits digits such as '²' that int() refuses.
+                if length is not None and not (length.isascii() and length.isdigit()
+                                               and int(length) <= MAX_BODY_BYTES):
+                    refusal = JSONResponse(status_code=413, content={"detail": TOO_LARGE})
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return

@@ -213,3 +213,23 @@ def test_a_chunked_body_over_the_limit_is_413_and_changes_nothing(service, db_ds
     response = service.client.post("/alert-configs/", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "1000000 bytes" in response.json()["detail"], response.text
     assert service.sql("SELECT count(*) AS n FROM alert_config")[0]["n"] == 0
+
+
+def test_a_content_length_of_non_ascii_digits_is_413_not_500(service):
+    """Servers other than uvicorn may pass such a header through; isdigit() alone would let int() fail."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/alert-configs/", "raw_path": b"/alert-configs/", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", "²".encode("latin-1")), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(service.client.app(scope, receive, send))
+    assert sent[0]["status"] == 413, sent[:1]
