@@ -380,9 +380,7 @@ class AlertScheduler:
     def _start_flight(self, alert_id: UUID, cause: str) -> None:
         """Run a flight on a worker when its data source has room in its share, or queue it there (it stays
         marked running meanwhile, so later requests join it as its pending re-run: nothing is lost)."""
-        with self._state_lock:
-            entry = self._registered.get(alert_id)
-            source_id = entry.data_source_id if entry is not None else None
+        source_id = self._source_of(alert_id)
         with self._share_lock:
             share = self._shares.setdefault(source_id, _Share())
             if share.running >= self.settings.workers_per_data_source:
@@ -390,6 +388,12 @@ class AlertScheduler:
                 return
             share.running += 1
         self._submit_to_worker(source_id, alert_id, cause)
+
+    def _source_of(self, alert_id: UUID) -> UUID | None:
+        """The data source whose share an alert's flights run in (None once the alert is gone)."""
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+            return entry.data_source_id if entry is not None else None
 
     def _submit_to_worker(self, source_id: UUID | None, alert_id: UUID, cause: str) -> None:
         try:
@@ -449,9 +453,7 @@ class AlertScheduler:
     def _queue_behind_others(self, alert_id: UUID, cause: str) -> bool:
         """When other flights wait for this alert's data source, put its re-run at the back of that queue (it
         stays marked running) and return True: an alert that keeps firing must not keep the share to itself."""
-        with self._state_lock:
-            entry = self._registered.get(alert_id)
-            source_id = entry.data_source_id if entry is not None else None
+        source_id = self._source_of(alert_id)
         with self._share_lock:
             share = self._shares.get(source_id)
             if share is None or not share.waiting:
