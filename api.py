@@ -27,7 +27,8 @@ import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
-from scheduler import AlertScheduler, DryRunsBusy
+from evaluation import DryRunsBusy
+from scheduler import AlertScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -957,7 +958,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
 
     def dry_run(services: Services, alert: dict, state: dict | None) -> dict:
         try:
-            return services.scheduler.dry_run(alert, state)
+            return services.scheduler.evaluator.dry_run(alert, state)
         except DryRunsBusy as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 from uuid import UUID
 
 import psycopg2
@@ -438,6 +438,17 @@ class Pool:
                 self._give_back(conn)
         finally:
             self._slots.release()
+
+    @contextmanager
+    def watched(self, conn: psycopg2.extensions.connection, seconds: float) -> Iterator[_Watch]:
+        """A deadline for part of what is done with a lent connection, interrupted like the others when the pool
+        closes. After it fired the connection must not be used again (a late cancel would hit the next call)."""
+        with deadline(conn, seconds, what=self.name, dsn=self.dsn) as watch:
+            self._track(watch)
+            try:
+                yield watch
+            finally:
+                self._untrack(watch)
 
     def _track(self, watch: _Watch | None) -> None:
         if watch is not None:
@@ -1023,8 +1034,11 @@ def list_alerts(cur, *, status: str | None = None, priority: str | None = None, 
 
 
 def list_active_alerts(cur) -> list[dict]:
-    """Every active alert, for the scheduler."""
-    cur.execute("SELECT * FROM alert_config WHERE status = 'ACTIVE' ORDER BY created_at, id")
+    """Every active alert, for the scheduler, with what start-up needs to know of its stored state: the version it
+    was evaluated under (state_version, None when there is none) and whether that evaluation failed."""
+    cur.execute("SELECT a.*, s.config_version AS state_version, "
+                "coalesce(s.initialized AND s.consecutive_errors = 0, false) AS state_clean FROM alert_config a "
+                "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.status = 'ACTIVE' ORDER BY a.created_at, a.id")
     return cur.fetchall()
 
 
@@ -1053,6 +1067,36 @@ def get_alert_with_state(cur, *, alert_id: UUID) -> tuple[dict | None, dict | No
         return None, None
     state = {key[6:]: row.pop(key) for key in list(row) if key.startswith("state_")}
     return row, (state if state.pop("exists") else None)
+
+
+def get_alerts_with_state(cur, *, alert_ids: Sequence[UUID]) -> dict[UUID, tuple[dict, dict | None]]:
+    """Alerts and their stored states in one round trip (a batch's read), by id; deleted alerts are left out."""
+    state_columns = sql.SQL(", ").join(
+        sql.SQL("s.{} AS {}").format(sql.Identifier(name), sql.Identifier("state_" + name))
+        for name in (*_STATE_FIELDS, "evaluated_at")
+    )
+    cur.execute(
+        sql.SQL("SELECT a.*, s.alert_config_id IS NOT NULL AS state_exists, {} FROM alert_config a "
+                "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.id = ANY(%s::uuid[])").format(state_columns),
+        ([str(alert_id) for alert_id in alert_ids],),
+    )
+    loaded = {}
+    for row in cur.fetchall():
+        state = {key[6:]: row.pop(key) for key in list(row) if key.startswith("state_")}
+        loaded[row["id"]] = (row, state if state.pop("exists") else None)
+    return loaded
+
+
+def lock_alert_versions(cur, *, alert_ids: Sequence[UUID]) -> dict[UUID, tuple[int, str, datetime | None]]:
+    """Lock alerts' rows (in id order, so two batches cannot deadlock) for the rest of the transaction; return each
+    one's version, status and when its state was last stored (deleted alerts are left out)."""
+    cur.execute(
+        "SELECT a.id, a.version, a.status, s.evaluated_at FROM alert_config a "
+        "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.id = ANY(%s::uuid[]) ORDER BY a.id "
+        "FOR UPDATE OF a",
+        ([str(alert_id) for alert_id in alert_ids],),
+    )
+    return {row["id"]: (row["version"], row["status"], row["evaluated_at"]) for row in cur.fetchall()}
 
 
 def lock_alert_version(cur, *, alert_id: UUID) -> tuple[int, str, datetime | None] | None:
@@ -1107,6 +1151,55 @@ def insert_evaluation(
         "truncated, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (alert_id, cause, started_at, duration_ms, row_count, new_row_count, truncated, outcome, error),
     )
+
+
+def store_evaluations(
+    cur, *, resolved: Sequence[tuple[UUID, UUID]], incidents: Sequence[dict], activities: Sequence[dict],
+    notifications: Sequence[dict], states: Sequence[tuple[UUID, dict]], evaluations: Sequence[dict],
+) -> None:
+    """Write what a batch of evaluations decided, one statement per table: incidents resolved and opened (with ids
+    chosen by the caller), their activity, outbox rows, alert states and evaluation records."""
+    if resolved:
+        ids = [str(incident_id) for incident_id, _ in resolved]
+        cur.execute(
+            "UPDATE incident SET status = 'RESOLVED', resolved_at = COALESCE(resolved_at, now()) "
+            "WHERE id = ANY(%s::uuid[])", (ids,))
+        activities = [*({"action": "auto_resolved", "incident_id": incident_id, "alert_config_id": alert_id}
+                        for incident_id, alert_id in resolved), *activities]
+    if incidents:
+        psycopg2.extras.execute_values(
+            cur, "INSERT INTO incident (id, alert_config_id, alert_name, title, description, priority, "
+                 "incident_data) VALUES %s",
+            [(i["id"], i["alert_config_id"], i["alert_name"], i["title"], i["description"], i["priority"],
+              psycopg2.extras.Json(i["incident_data"])) for i in incidents],
+            template="(%s, %s, %s, %s, %s, %s::priority_enum, %s)", page_size=1000)
+    if activities:
+        psycopg2.extras.execute_values(
+            cur, "INSERT INTO activity (incident_id, alert_config_id, action, details) VALUES %s",
+            [(a.get("incident_id"), a.get("alert_config_id"), a["action"], psycopg2.extras.Json(a.get("details") or {}))
+             for a in activities], page_size=1000)
+    insert_notifications(cur, notifications=notifications)
+    if states:
+        columns = ("alert_config_id", *_STATE_FIELDS)
+        values = []
+        for alert_id, state in states:
+            row = dict(state)
+            row["fingerprints"] = psycopg2.Binary(row["fingerprints"])
+            for name in ("snapshot", "digest"):
+                row[name] = None if row[name] is None else psycopg2.extras.Json(row[name])
+            values.append((alert_id, *(row[name] for name in _STATE_FIELDS)))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in (*_STATE_FIELDS, "evaluated_at"))
+        statement = sql.SQL("INSERT INTO alert_state ({}) VALUES %s ON CONFLICT (alert_config_id) DO UPDATE SET {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, (*columns, "evaluated_at"))), updates)
+        template = "(" + ", ".join(["%s"] * len(columns)) + ", now())"
+        psycopg2.extras.execute_values(cur, statement.as_string(cur), values, template=template, page_size=1000)
+    if evaluations:
+        psycopg2.extras.execute_values(
+            cur, "INSERT INTO evaluation (alert_config_id, cause, started_at, duration_ms, row_count, new_row_count, "
+                 "truncated, outcome, error) VALUES %s",
+            [(e["alert_config_id"], e["cause"], e["started_at"], e["duration_ms"], e["row_count"],
+              e["new_row_count"], e["truncated"], e["outcome"], e["error"]) for e in evaluations], page_size=1000)
 
 
 def list_evaluations(cur, *, alert_id: UUID, skip: int = 0, limit: int = 100) -> list[dict]:
@@ -1206,6 +1299,7 @@ def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
              n.get("subject"), n["body"], n.get("html"))
             for n in notifications
         ],
+        page_size=1000,
     )
     return len(notifications)
 
@@ -1366,7 +1460,7 @@ def _read_only_transaction(cur, *, timeout_seconds: float) -> None:
     milliseconds = int(timeout_seconds * 1000)
     pins = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in _PINNED_SETTINGS)
     cur.execute(
-        f"SET TRANSACTION READ ONLY; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
+        f"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
         "pg_catalog.set_config('statement_timeout', %s, true), pg_catalog.set_config('lock_timeout', %s, true), "
         "pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true)",
         (*(item for pair in _PINNED_SETTINGS for item in pair),
@@ -1424,41 +1518,91 @@ MAX_FETCH_ROWS = 1_000
 
 def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
               max_bytes: int = 16_000_000) -> tuple[list[str], list[tuple], bool]:
-    """Run an alert query read-only through a server-side cursor; return columns, at most max_rows rows of at
-    most max_bytes in all (about: text and bytes by length), and whether the result was cut."""
-    with pool.connection(deadline_seconds=query_deadline(timeout_seconds)) as conn:
-        try:
-            with conn.cursor() as setup:
-                _read_only_transaction(setup, timeout_seconds=timeout_seconds)
-            with conn.cursor(name="alert_query") as cur:
-                cur.execute(query)
-                # Fetched in batches that at most double and fit what is left of the byte budget at the largest
-                # row seen so far, so a result whose values grow stops after a few of them instead of arriving
-                # as one huge FETCH (a whole FETCH is held in memory at once).
-                rows: list[tuple] = []
-                size, largest, cut, batch = 0, 1, False, FIRST_FETCH_ROWS
-                while len(rows) <= max_rows and not cut:
-                    asked = min(batch, max_rows + 1 - len(rows))
-                    fetched = cur.fetchmany(asked)
-                    for row in fetched:
-                        row_size = sum(_value_size(value) for value in row)
-                        largest = max(largest, row_size)
-                        size += row_size
-                        if size > max_bytes:
-                            cut = True
-                            break
-                        rows.append(row)
-                    if len(fetched) < asked:
-                        break
-                    batch = max(1, min(2 * batch, MAX_FETCH_ROWS, (max_bytes - size) // largest))
-                columns = [column.name for column in cur.description] if cur.description else []
-            return columns, rows[:max_rows], cut or len(rows) > max_rows
-        except psycopg2.DatabaseError as exc:
-            if conn.closed:
+    """Run one alert query (see run_queries); raise QueryFailed or DatabaseUnavailable when it fails."""
+    [(result, _)] = run_queries(pool, queries=[query], timeout_seconds=timeout_seconds, max_rows=max_rows,
+                                max_bytes=max_bytes)
+    if isinstance(result, DatabaseError):
+        raise result
+    return result
+
+
+def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, max_rows: int,
+                max_bytes: int = 16_000_000, proceed: Callable[[int], bool] | None = None,
+                ) -> list[tuple[tuple[list[str], list[tuple], bool] | DatabaseError, float]]:
+    """Run alert queries read-only, one after another on one connection in one snapshot (REPEATABLE READ), each in
+    its own savepoint so that one failing query, or one changing a setting, leaves the others as they were. For each
+    query: (columns, at most max_rows rows of at most max_bytes in all, whether the result was cut), or the error it
+    ended with (QueryFailed: PostgreSQL refused or aborted it, and the next query still runs; DatabaseUnavailable:
+    the connection was lost or a deadline passed, for it and every query after it), with the seconds it took. A
+    query whose rows fit in the first fetch costs one round trip. `proceed(i)` is asked before query i starts; when
+    it says no, that query and the rest are not run (and not in the list)."""
+    results: list = []
+    seconds = query_deadline(timeout_seconds)
+    try:
+        with pool.connection(deadline_seconds=None) as conn:
+            try:
+                with pool.watched(conn, seconds), conn.cursor() as cur:
+                    _read_only_transaction(cur, timeout_seconds=timeout_seconds)
+                for position, query in enumerate(queries):
+                    if proceed is not None and not proceed(position):
+                        return results
+                    began = time.perf_counter()
+                    with pool.watched(conn, seconds) as watch:
+                        try:
+                            with conn.cursor() as cur:
+                                result = _fetch_bounded(cur, query, first=position == 0, max_rows=max_rows,
+                                                        max_bytes=max_bytes)
+                        except psycopg2.DatabaseError as exc:
+                            if conn.closed or watch.fired:
+                                raise
+                            result = QueryFailed(_pg_message(exc))
+                        if watch.fired:  # it ended just as its deadline passed: a cancel may still be on its way
+                            raise DeadlineExceeded(f"{pool.name} did not answer within {seconds:g} s; the query was "
+                                                   "cancelled and the connection dropped")
+                    results.append((result, time.perf_counter() - began))
+            except DeadlineExceeded:
+                _close_quietly(conn)
                 raise
-            raise QueryFailed(_pg_message(exc)) from None
-        finally:
-            _reset_session(conn)
+            finally:
+                _reset_session(conn)
+    except DatabaseError as exc:  # lost the connection, or a session that did not take the pinned settings
+        results += [(exc, 0.0)] * (len(queries) - len(results))
+    except psycopg2.DatabaseError as exc:  # the transaction could not even begin
+        results += [(QueryFailed(_pg_message(exc)), 0.0)] * (len(queries) - len(results))
+    return results
+
+
+def _fetch_bounded(cur, query: str, *, first: bool, max_rows: int, max_bytes: int) -> tuple[list[str], list[tuple], bool]:
+    """Run one query through a cursor inside the savepoint `alert_query` and fetch its rows within the limits."""
+    # The text was checked by the parser to be one read-only SELECT, so it is safe to embed; the line break ends a
+    # trailing comment. Rolling back to the savepoint undoes the previous query (its cursor, any setting it made)
+    # and recovers from its error; the savepoint stays for the next one.
+    asked = min(FIRST_FETCH_ROWS, max_rows + 1)
+    cur.execute(("SAVEPOINT alert_query; " if first else "ROLLBACK TO SAVEPOINT alert_query; ")
+                + "DECLARE alert_query NO SCROLL CURSOR FOR " + query + f"\n; FETCH {asked} FROM alert_query")
+    columns = [column.name for column in cur.description] if cur.description else []
+    # Fetched in batches that at most double and fit what is left of the byte budget at the largest row seen so far,
+    # so a result whose values grow stops after a few of them instead of arriving as one huge FETCH (a whole FETCH
+    # is held in memory at once).
+    rows: list[tuple] = []
+    size, largest, cut, batch = 0, 1, False, FIRST_FETCH_ROWS
+    fetched = cur.fetchall()
+    while True:
+        for row in fetched:
+            row_size = sum(_value_size(value) for value in row)
+            largest = max(largest, row_size)
+            size += row_size
+            if size > max_bytes:
+                cut = True
+                break
+            rows.append(row)
+        if cut or len(fetched) < asked or len(rows) > max_rows:
+            break
+        batch = max(1, min(2 * batch, MAX_FETCH_ROWS, (max_bytes - size) // largest))
+        asked = min(batch, max_rows + 1 - len(rows))
+        cur.execute(f"FETCH {asked} FROM alert_query")
+        fetched = cur.fetchall()
+    return columns, rows[:max_rows], cut or len(rows) > max_rows
 
 
 def _value_size(value: object) -> int:

@@ -539,3 +539,20 @@ def decide_error(*, prior: AlertState | None, error: str, error_notify_after: in
         notices.append(Notice("failing", f"alert is failing ({_plural(state.consecutive_errors, 'error')} in a row)",
                               [], [], detail=error))
     return Decision("error", state, notices)
+
+
+def result_unchanged(*, stable_reason: str | None, clean_since: float | None, events_error: str | None,
+                     tables: Sequence[str], listener_up_since: float | None,
+                     last_changes: Sequence[float | None]) -> bool:
+    """Whether a scheduled run would only find the result the last evaluation stored, so it can be skipped: the
+    query depends on its watched tables alone (`stable_reason` is None), the last evaluation succeeded and its
+    queries began at `clean_since`, and no watched table has changed since. A change is known to be absent only
+    when every table has a trigger and the listener has been connected without a break since before that
+    evaluation began (times are one monotonic clock; `last_changes` is when a notification last named each table)."""
+    if stable_reason is not None or clean_since is None:
+        return False
+    if not tables:
+        return True
+    if events_error is not None or listener_up_since is None or listener_up_since > clean_since:
+        return False
+    return all(changed is None or changed < clean_since for changed in last_changes)

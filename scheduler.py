@@ -1,10 +1,12 @@
-"""The alert engine: schedule thread, LISTEN loops, a bounded worker pool with single-flight, and evaluation."""
+"""The alert engine's timing: the schedule thread, LISTEN loops, and a bounded worker pool that runs batches of
+alerts with single-flight per alert. What an evaluation does is evaluation.py's."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
+import math
 import queue
 import select
 import threading
@@ -19,26 +21,24 @@ import psycopg2
 import schedule
 
 import database
-import notification
 import rules
 from config import Settings
+from evaluation import UNAVAILABLE_RETRY_SECONDS, Batch, Evaluator, Outcome, SourceHealth
 
 logger = logging.getLogger(__name__)
 
-DRY_RUN_ROWS = 100
-UNAVAILABLE_RETRY_SECONDS = 5
 # Event re-runs of one alert start at least this long after the previous evaluation's query began: a burst of
 # commits costs a few evaluations, and the first event of a quiet period is still served at once.
 EVENT_RERUN_SPACING_SECONDS = 0.1
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 WAKEUP_CHECK_SECONDS = 1
-# A dry run waits this long for one of the DRY_RUN_WORKERS slots before the request is turned away (429).
-DRY_RUN_QUEUE_SECONDS = 5.0
-
-
-class DryRunsBusy(Exception):
-    """Every dry-run slot is taken."""
+# Alerts waiting on one data source are evaluated together, this many at most: one snapshot, one write.
+BATCH_MAX_ALERTS = 50
+# A query that has run this long hands the rest of its batch to another worker, and its alert runs in a batch of
+# its own from then on: a slow query holds up only itself.
+SLOW_QUERY_SECONDS = 0.25
+HAND_OFF_CHECK_SECONDS = 0.05
 
 
 class _Workers:
@@ -87,18 +87,10 @@ class _Workers:
 
 @dataclass
 class _Share:
-    """One data source's share of the workers: evaluations running on it, and those waiting for room."""
+    """One data source's share of the workers: how many drain its queue now, and the alerts waiting in it."""
 
     running: int = 0
     waiting: deque = field(default_factory=deque)
-
-
-@dataclass
-class SourceHealth:
-    """Whether a data source answers, as evaluations and the listener saw it last."""
-
-    not_answering_since: datetime | None = None
-    last_error: str | None = None
 
 
 @dataclass
@@ -126,6 +118,11 @@ class _Registered:
     schedule: rules.Schedule
     token: int = field(default_factory=lambda: next(_TOKENS))
     events_error: str | None = "not yet recorded"
+    # Why a scheduled run must execute even when no watched table changed (None: it may be skipped then).
+    stable_reason: str | None = "not yet checked"
+    # When the queries of the last stored evaluation began (monotonic), if it succeeded under this registration.
+    clean_since: float | None = None
+    slow: bool = False
 
 
 @dataclass
@@ -137,6 +134,7 @@ class ListenerState:
     last_error: str | None = None
     tables: set[str] = field(default_factory=set)
     disconnected_since: datetime | None = None
+    up_since: float | None = None  # monotonic: connected without a break since then
 
 
 class AlertScheduler:
@@ -155,8 +153,8 @@ class AlertScheduler:
         # without holding a worker, so a source that hangs cannot take every worker from the others.
         self._shares: dict[UUID | None, _Share] = {}
         self._share_lock = threading.Lock()
-        self._dry_runs = threading.BoundedSemaphore(settings.dry_run_workers)
-        self.source_health: dict[UUID, SourceHealth] = {}
+        self.evaluator = Evaluator(pool, settings, sources=sources, stopping=self._stop_requested,
+                                   on_outbox=on_outbox)
         self._flights: dict[UUID, _Flight] = {}
         self._flight_lock = threading.Lock()
         # Housekeeping runs as `schedule` jobs. Alert runs are kept in a heap of due times: one `schedule.Job` per
@@ -172,6 +170,12 @@ class AlertScheduler:
         self._listener_stops: dict[UUID, threading.Event] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When a notification last said a table changed (monotonic), for deciding which scheduled runs to skip.
+        self._table_changed: dict[tuple[UUID, str], float] = {}
+        self.skipped_runs = 0
+        self.skipped_catch_ups = 0
+        self._batches: dict[Batch, UUID | None] = {}  # running batches and their data sources
+        self._batches_lock = threading.Lock()
         self._waiters: dict[UUID, list[threading.Event]] = {}
         # One-off evaluations an alert asked for: the end of a `for`, a `repeat_every` or a cooldown.
         self._wakeups: dict[UUID, datetime] = {}
@@ -202,10 +206,28 @@ class AlertScheduler:
         self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_batches, name="batch-watch", daemon=True).start()
         # Rows written while the service was down are found here; only the difference is sent.
-        for alert in alerts:
-            self.submit(alert["id"], "catch_up")
-        logger.info("scheduler started with %d active alert(s)", len(alerts))
+        # Rows written while the service was down are found here; only the difference is sent. An alert whose
+        # result depends on nothing that can change (no table, no clock) and was stored under its current version
+        # needs no catch-up. (Without a record of changes made while the service was down, every alert that reads
+        # a table is evaluated.)
+        catch_up = []
+        with self._state_lock:
+            for alert in alerts:
+                entry = self._registered.get(alert["id"])
+                if (entry is not None and not entry.tables and entry.stable_reason is None
+                        and alert["state_version"] == alert["version"] and alert["state_clean"]):
+                    entry.clean_since = float("-inf")
+                else:
+                    catch_up.append(alert["id"])
+        self.skipped_catch_ups = len(alerts) - len(catch_up)
+        self.submit_many(catch_up, "catch_up")
+        logger.info("scheduler started with %d active alert(s); %d need no catch-up evaluation",
+                    len(alerts), self.skipped_catch_ups)
+
+    def _stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def stopping(self) -> None:
         """From now on, store no evaluation: what is cut short by the shutdown is evaluated again at the next start."""
@@ -361,33 +383,56 @@ class AlertScheduler:
         else:
             self._stop_listener(source_id)
 
-    # --- single flight ---------------------------------------------------------------------------------------
+    # --- single flight and batches ---------------------------------------------------------------------------
 
     def submit(self, alert_id: UUID, cause: str) -> None:
         """Ask for an evaluation; if one is running, remember that one more is needed after it."""
-        with self._flight_lock:
-            flight = self._flights.setdefault(alert_id, _Flight())
-            if cause == "event":
-                flight.last_event = time.monotonic()
-            if flight.running:
-                # An initial report or a config change outranks a plain event as the recorded cause.
-                if flight.pending is None or cause in ("manual", "catch_up"):
-                    flight.pending = cause
-                return
-            flight.running = True
-        self._start_flight(alert_id, cause)
+        self.submit_many([alert_id], cause)
 
-    def _start_flight(self, alert_id: UUID, cause: str) -> None:
-        """Run a flight on a worker when its data source has room in its share, or queue it there (it stays
-        marked running meanwhile, so later requests join it as its pending re-run: nothing is lost)."""
-        source_id = self._source_of(alert_id)
-        with self._share_lock:
-            share = self._shares.setdefault(source_id, _Share())
-            if share.running >= self.settings.workers_per_data_source:
-                share.waiting.append((alert_id, cause))
-                return
-            share.running += 1
-        self._submit_to_worker(source_id, alert_id, cause)
+    def submit_many(self, alert_ids, cause: str) -> None:
+        """Ask for evaluations of several alerts at once (they can then share a batch)."""
+        starting = []
+        now = time.monotonic()
+        with self._flight_lock:
+            for alert_id in alert_ids:
+                flight = self._flights.setdefault(alert_id, _Flight())
+                if cause == "event":
+                    flight.last_event = now
+                if flight.running:
+                    # An initial report or a config change outranks a plain event as the recorded cause.
+                    if flight.pending is None or cause in ("manual", "catch_up"):
+                        flight.pending = cause
+                    continue
+                flight.running = True
+                starting.append((alert_id, cause))
+        self._enqueue(starting)
+
+    def _enqueue(self, flights: list[tuple[UUID, str]], *, draining: UUID | None = None,
+                 front: bool = False) -> None:
+        """Put flights (marked running) in their data source's queue and start workers to drain it, as many as
+        its share allows and its queue needs. A flight stays marked running while it waits, so later requests
+        join it as its pending re-run: nothing is lost."""
+        by_source: dict[UUID | None, list] = {}
+        for alert_id, cause in flights:
+            by_source.setdefault(self._source_of(alert_id), []).append((alert_id, cause))
+        for source_id, items in by_source.items():
+            with self._share_lock:
+                share = self._shares.setdefault(source_id, _Share())
+                if front:
+                    share.waiting.extendleft(reversed(items))
+                else:
+                    share.waiting.extend(items)
+                if source_id == draining:
+                    continue  # the worker that re-queued these goes on draining this queue
+                # Running workers are busy with their batch: new ones take what waits now, a slow alert alone.
+                with self._state_lock:
+                    slow = sum(1 for alert_id, _ in share.waiting
+                               if (entry := self._registered.get(alert_id)) is not None and entry.slow)
+                wanted = slow + math.ceil((len(share.waiting) - slow) / BATCH_MAX_ALERTS)
+                starting = max(0, min(self.settings.workers_per_data_source - share.running, wanted))
+                share.running += starting
+            for _ in range(starting):
+                self._submit_to_worker(source_id)
 
     def _source_of(self, alert_id: UUID) -> UUID | None:
         """The data source whose share an alert's flights run in (None once the alert is gone)."""
@@ -395,71 +440,137 @@ class AlertScheduler:
             entry = self._registered.get(alert_id)
             return entry.data_source_id if entry is not None else None
 
-    def _submit_to_worker(self, source_id: UUID | None, alert_id: UUID, cause: str) -> None:
+    def _submit_to_worker(self, source_id: UUID | None) -> None:
         try:
-            self._executor.submit(self._fly_in_share, source_id, alert_id, cause)
+            self._executor.submit(self._drain, source_id)
         except RuntimeError:  # the workers are shut down: we are stopping
-            with self._flight_lock:
-                self._flights[alert_id].running = False
+            with self._share_lock:
+                self._shares[source_id].running -= 1
 
-    def _fly_in_share(self, source_id: UUID | None, alert_id: UUID, cause: str) -> None:
-        try:
-            self._fly(alert_id, cause)
-        finally:
+    def _drain(self, source_id: UUID | None) -> None:
+        """Evaluate the data source's waiting alerts batch by batch until its queue is empty."""
+        while True:
             with self._share_lock:
                 share = self._shares[source_id]
-                following = share.waiting.popleft() if share.waiting else None
-                if following is None:
+                batch = [] if self._stop.is_set() else self._take_batch(share)
+                if not batch:
                     share.running -= 1
-            if following is not None:  # the share's slot passes straight to the next flight in its queue
-                self._submit_to_worker(source_id, *following)
-
-    def _fly(self, alert_id: UUID, cause: str) -> None:
-        while True:
-            with self._flight_lock:
-                waiting = self._waiters.pop(alert_id, [])
-            try:
-                self.evaluate(alert_id, cause)
-            except database.DatabaseUnavailable as exc:
-                logger.warning("alert %s not evaluated, retrying in %ss: %s", alert_id, UNAVAILABLE_RETRY_SECONDS, exc)
-                self._set_wakeup(alert_id, datetime.now(timezone.utc) + timedelta(seconds=UNAVAILABLE_RETRY_SECONDS))
-            except Exception:
-                logger.exception("evaluation of alert %s failed", alert_id)
-            for event in waiting:
-                event.set()
-            with self._flight_lock:
-                flight = self._flights[alert_id]
-                if flight.pending == "event" and flight.last_event < flight.query_started:
-                    flight.pending = None  # every event so far was committed before the query ran: no re-run
-                if flight.pending is None or self._stop.is_set():
-                    flight.running = False
-                    flight.pending = None
                     return
-                resume_at = flight.query_started + EVENT_RERUN_SPACING_SECONDS
-                defer = flight.pending == "event" and time.monotonic() < resume_at
-                if not defer:
-                    cause, flight.pending = flight.pending, None
-            if defer:
-                # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight stays
-                # running, so later events join the same re-run, and the worker is free meanwhile. (Taken after
-                # the flight lock is released: the schedule loop takes these two locks the other way round.)
-                with self._state_lock:
-                    heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
-                self._tick.set()
-                return
-            if self._queue_behind_others(alert_id, cause):
-                return
+            try:
+                self._fly(source_id, batch)
+            except Exception:
+                logger.exception("a batch of %d evaluation(s) failed", len(batch))
+                with self._flight_lock:
+                    for alert_id, _ in batch:
+                        self._flights[alert_id].running = False
 
-    def _queue_behind_others(self, alert_id: UUID, cause: str) -> bool:
-        """When other flights wait for this alert's data source, put its re-run at the back of that queue (it
-        stays marked running) and return True: an alert that keeps firing must not keep the share to itself."""
-        source_id = self._source_of(alert_id)
-        with self._share_lock:
-            share = self._shares.get(source_id)
-            if share is None or not share.waiting:
-                return False
-            share.waiting.append((alert_id, cause))
-            return True
+    def _take_batch(self, share: _Share) -> list[tuple[UUID, str]]:
+        """Up to BATCH_MAX_ALERTS alerts from the front of the queue; an alert known to be slow goes alone."""
+        batch: list[tuple[UUID, str]] = []
+        with self._state_lock:
+            while share.waiting and len(batch) < BATCH_MAX_ALERTS:
+                entry = self._registered.get(share.waiting[0][0])
+                if entry is not None and entry.slow and batch:
+                    break
+                batch.append(share.waiting.popleft())
+                if entry is not None and entry.slow:
+                    break
+        return batch
+
+    def _began(self, alert_ids: list[UUID]) -> None:
+        now = time.monotonic()
+        with self._flight_lock:
+            for alert_id in alert_ids:
+                self._flights.setdefault(alert_id, _Flight()).query_started = now
+
+    def _fly(self, source_id: UUID | None, requests: list[tuple[UUID, str]]) -> None:
+        waiting: dict[UUID, list[threading.Event]] = {}
+        with self._flight_lock:
+            for alert_id, _ in requests:
+                waiting[alert_id] = self._waiters.pop(alert_id, [])  # answered by this evaluation
+        batch = Batch(requests)
+        with self._batches_lock:
+            self._batches[batch] = source_id
+        try:
+            outcomes = self.evaluator.evaluate(batch, began=self._began)
+        except database.DatabaseUnavailable as exc:  # the service's own database
+            logger.warning("%d alert(s) not evaluated, retrying in %ss: %s", len(requests),
+                           UNAVAILABLE_RETRY_SECONDS, exc)
+            outcomes = {alert_id: Outcome(retry_in=UNAVAILABLE_RETRY_SECONDS) for alert_id, _ in requests}
+        except Exception:
+            logger.exception("evaluation of %d alert(s) failed", len(requests))
+            outcomes = {}
+        finally:
+            with self._batches_lock:
+                del self._batches[batch]
+        kept = batch.kept()
+        with self._flight_lock:
+            for alert_id in set(waiting) - {alert_id for alert_id, _ in kept}:  # handed off: not answered yet
+                self._waiters.setdefault(alert_id, []).extend(waiting.pop(alert_id))
+        for events in waiting.values():
+            for event in events:
+                event.set()
+        again = []
+        for alert_id, cause in kept:
+            rerun = self._land(alert_id, cause, outcomes.get(alert_id, Outcome()))
+            if rerun is not None:
+                again.append((alert_id, rerun))
+        # Re-runs go to the back of the queue: an alert that keeps firing must not keep the share to itself.
+        self._enqueue(again, draining=source_id)
+
+    def _watch_batches(self) -> None:
+        """Hand the rest of a batch whose current query runs long to other workers (first in their queue)."""
+        while not self._stop.wait(HAND_OFF_CHECK_SECONDS):
+            with self._batches_lock:
+                batches = list(self._batches.items())
+            for batch, source_id in batches:
+                if batch.running_for() > SLOW_QUERY_SECONDS:
+                    rest = batch.hand_off()
+                    if rest:
+                        logger.info("a slow query holds a batch on data source %s: %d alert(s) handed to another "
+                                    "worker", source_id, len(rest))
+                        self._enqueue(rest, front=True)
+
+    def _land(self, alert_id: UUID, cause: str, outcome: Outcome) -> str | None:
+        """Apply one alert's outcome and end its flight; return the cause of a re-run to queue now, if any."""
+        if outcome.retry_in is not None:
+            self._set_wakeup(alert_id, datetime.now(timezone.utc) + timedelta(seconds=outcome.retry_in))
+        elif outcome.outcome is not None and not outcome.keep_wakeup:
+            self._set_wakeup(alert_id, outcome.wake_at)
+        with self._flight_lock:
+            flight = self._flights[alert_id]
+            if outcome.outcome is not None:
+                self._mark_clean(alert_id, flight.query_started if outcome.outcome != "error" else None,
+                                 slow=outcome.query_seconds > SLOW_QUERY_SECONDS)
+            if outcome.again and flight.pending is None:
+                flight.pending = cause  # someone stored a newer result meanwhile: measure against that
+            if flight.pending == "event" and flight.last_event < flight.query_started:
+                flight.pending = None  # every event so far was committed before the query ran: no re-run
+            if flight.pending is None or self._stop.is_set():
+                flight.running = False
+                flight.pending = None
+                return None
+            resume_at = flight.query_started + EVENT_RERUN_SPACING_SECONDS
+            if flight.pending == "event" and time.monotonic() < resume_at:
+                defer = True
+            else:
+                defer = False
+                cause, flight.pending = flight.pending, None
+        if defer:
+            # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight stays
+            # running, so later events join the same re-run, and the worker is free meanwhile. (Taken after the
+            # flight lock is released: the schedule loop takes these two locks the other way round.)
+            with self._state_lock:
+                heapq.heappush(self._due, (resume_at, _RESUME, alert_id))
+            self._tick.set()
+            return None
+        return cause
+
+    def _mark_clean(self, alert_id: UUID, since: float | None, *, slow: bool) -> None:
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+            if entry is not None:
+                entry.clean_since, entry.slow = since, slow
 
     def _resume(self, alert_id: UUID) -> None:
         """Start a deferred re-run of a flight that is still marked running."""
@@ -468,184 +579,7 @@ class AlertScheduler:
             if flight is None or not flight.running or flight.pending is None:
                 return
             cause, flight.pending = flight.pending, None
-        self._start_flight(alert_id, cause)
-
-    # --- evaluation --------------------------------------------------------------------------------------------
-
-    def evaluate(self, alert_id: UUID, cause: str) -> str | None:
-        """Run an alert's query, decide what the result means, and write state, evaluation, incident and outbox
-        rows in one transaction; returns the outcome (None when the alert is gone or paused)."""
-        started_at = datetime.now(timezone.utc)
-        started = time.perf_counter()
-        with self.pool.transaction() as cur:
-            alert, row = database.get_alert_with_state(cur, alert_id=alert_id)
-        if alert is None or alert["status"] != "ACTIVE":
-            return None
-        prior = state_from_row(row)
-        if prior is None or not prior.initialized:
-            cause = "initial"
-        with self._flight_lock:
-            self._flights.setdefault(alert_id, _Flight()).query_started = time.monotonic()
-        now = datetime.now(timezone.utc)
-        decision, columns, rows, truncated, error = self._run_and_decide(
-            alert, prior, now=now, error_notify_after=self.settings.error_notify_after)
-        if self._stop.is_set():
-            return None  # interrupted by shutdown: that is not the data source's failure, so nothing is recorded
-        if error:
-            logger.warning("alert %s (%s) failed to evaluate: %s", alert["name"], alert_id, error)
-        # Rendered before the transaction: a slow template must not hold the alert's row lock.
-        rendered = [notification.render_message(alert=alert, notice=notice) for notice in decision.notices]
-        if self._stop.is_set():
-            return None  # a template render cut short by the shutdown is no message to store
-        duration_ms = (time.perf_counter() - started) * 1000
-        with self.pool.transaction() as cur:
-            locked = database.lock_alert_version(cur, alert_id=alert_id)
-            if locked is None or locked[:2] != (alert["version"], "ACTIVE"):
-                return None  # changed, paused or deleted while we ran: the change queued a fresh evaluation
-            if locked[2] != (row["evaluated_at"] if row else None):
-                self.submit(alert_id, cause)  # someone stored a newer result meanwhile; measure against that
-                return None
-            queued = self._store(cur, alert, decision, rendered, row, prior, now=now, error=error,
-                                 row_count=None if error else len(rows))
-            summary = decision.summary or {}
-            database.insert_evaluation(
-                cur, alert_id=alert_id, cause=cause, started_at=started_at, duration_ms=duration_ms,
-                row_count=None if error else len(rows),
-                new_row_count=summary.get("triggering", summary.get("matching_rows")) if not error else None,
-                truncated=truncated, outcome=decision.outcome, error=error,
-            )
-        if decision.outcome != "error":  # a failed run leaves the pending 'for', repeat or cooldown wake-up
-            self._set_wakeup(alert_id, decision.wake_at)
-        if queued:
-            self.on_outbox()
-        if decision.notices:
-            logger.info("alert %s (%s): %s, %d notification(s) queued", alert["name"], alert_id,
-                        ", ".join(n.headline for n in decision.notices), queued)
-        return decision.outcome
-
-    def _run_and_decide(self, alert: dict, prior: rules.AlertState | None, *, now: datetime,
-                        error_notify_after: int, dry_run: bool = False,
-                        ) -> tuple[rules.Decision, list[str], list, bool, str | None]:
-        """Run the query and decide what it means: the decision, columns, rows, whether cut, and the error."""
-        result = self.run_alert_query(alert, dry_run=dry_run)
-        if isinstance(result, str):
-            return rules.decide_error(prior=prior, error=result, error_notify_after=error_notify_after), \
-                [], [], False, result
-        columns, rows, truncated, keys = result
-        decision = rules.decide(condition=rules.parse_condition(alert["condition"]), prior=prior, columns=columns,
-                                rows=rows, keys=keys, now=now, truncated=truncated)
-        return decision, columns, rows, truncated, None
-
-    def run_alert_query(self, alert: dict, *, dry_run: bool = False,
-                        ) -> tuple[list[str], list, bool, list[int] | None] | str:
-        """The alert's result (columns, rows, whether cut, key positions), or the error as text."""
-        source_id = alert["data_source_id"]
-        try:
-            try:
-                columns, rows, truncated = database.run_query(
-                    self.sources.get(source_id, for_api=dry_run), query=alert["query"],
-                    timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
-                    max_bytes=self.settings.max_result_bytes,
-                )
-            except database.DatabaseUnavailable as exc:
-                if not self._stop.is_set():
-                    self._source_answered(source_id, str(exc))
-                raise
-            except database.QueryFailed:
-                self._source_answered(source_id)  # it answered, with an error
-                raise
-            self._source_answered(source_id)
-            # `SELECT a.id, b.id` must keep both values in incidents, templates and messages.
-            columns = rules.unique_columns(columns)
-            condition = rules.parse_condition(alert["condition"])
-            rules.check_condition_columns(condition, columns)
-            if truncated and condition.type in ("row_count", "threshold"):
-                # Judging a count or a threshold on part of the result would be a guess.
-                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows} rows) or "
-                        f"MAX_RESULT_BYTES ({self.settings.max_result_bytes} bytes) and {condition.type} needs "
-                        "every row: aggregate in the query or raise the limit")
-            return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
-        except (database.DatabaseError, rules.RuleError) as exc:
-            return str(exc)
-
-    def _store(self, cur, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
-               prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
-               row_count: int | None) -> int:
-        """Write one decision: state, incidents, activity and outbox rows. Returns the notifications queued."""
-        state = decision.state
-        is_state = rules.parse_condition(alert["condition"]).is_state
-        muted = alert["muted_until"] is not None and alert["muted_until"] > now
-        queued = 0
-        firing_id = prior_row["firing_incident_id"] if prior_row else None
-        if decision.resolve_incident and firing_id:
-            database.resolve_incident(cur, incident_id=firing_id, resolved_by=None)
-            database.insert_activity(cur, action="auto_resolved", incident_id=firing_id, alert_id=alert["id"])
-        for notice, message in zip(decision.notices, rendered):
-            incident_id = None
-            if notice.open_incident:
-                incident = database.insert_incident(
-                    cur, alert_id=alert["id"], alert_name=alert["name"], title=message.subject,
-                    description=message.text, priority=alert["priority"],
-                    incident_data=_incident_data(notice, decision, is_state),
-                )
-                incident_id = incident["id"]
-                database.insert_activity(cur, action="created", incident_id=incident_id, alert_id=alert["id"],
-                                         details={"rows": len(notice.rows), "kind": notice.kind})
-                if is_state:
-                    state.firing_incident_id = incident_id
-            elif notice.kind in ("repeat", "resolved"):
-                incident_id = firing_id
-            if muted:
-                database.insert_activity(cur, action="muted", incident_id=incident_id, alert_id=alert["id"],
-                                         details={"kind": notice.kind, "muted_until": alert["muted_until"].isoformat()})
-                continue
-            queued += database.insert_notifications(cur, notifications=notification.outbox_rows(
-                rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
-                incident_id=incident_id, kind=notice.kind,
-            ))
-        fields = state_to_row(state, alert["version"], row_count, prior_row,
-                              prior.fingerprints if prior is not None else None)
-        fields["last_error"] = error
-        if not _same_state(fields, prior_row):
-            database.save_alert_state(cur, alert_id=alert["id"], state=fields)
-        return queued
-
-    def _source_answered(self, source_id: UUID, error: str | None = None) -> None:
-        """Record what an evaluation found out about its data source (error: it did not answer)."""
-        health = self.source_health.setdefault(source_id, SourceHealth())
-        if error is None:
-            health.not_answering_since, health.last_error = None, None
-        else:
-            health.last_error = error
-            if health.not_answering_since is None:
-                health.not_answering_since = datetime.now(timezone.utc)
-
-    def dry_run(self, alert: dict, state_row: dict | None) -> dict:
-        """What an evaluation would do now (rows, diff, condition, messages) without storing or sending. Dry runs
-        take one of DRY_RUN_WORKERS slots and their own connections, never an evaluation's; DryRunsBusy when no
-        slot frees up within DRY_RUN_QUEUE_SECONDS."""
-        if not self._dry_runs.acquire(timeout=DRY_RUN_QUEUE_SECONDS):
-            raise DryRunsBusy(f"{self.settings.dry_run_workers} dry run(s) are already running (DRY_RUN_WORKERS); "
-                              "try again when one has finished")
-        try:
-            # error_notify_after=1: a failing query shows the "alert is failing" message it would eventually send.
-            decision, columns, rows, truncated, error = self._run_and_decide(
-                alert, state_from_row(state_row), now=datetime.now(timezone.utc), error_notify_after=1,
-                dry_run=True)
-        finally:
-            self._dry_runs.release()
-        messages = []
-        for notice in decision.notices:
-            rendered = notification.render_message(alert=alert, notice=notice)
-            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
-                             "whatsapp_text": rendered.whatsapp})
-        return {
-            "outcome": decision.outcome, "error": error,
-            "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
-            "row_count": len(rows), "truncated": truncated, "summary": decision.summary or {},
-            "condition_state": decision.state.condition_state, "would_notify": bool(messages),
-            "messages": messages,
-        }
+        self._enqueue([(alert_id, cause)])
 
     def run_now(self, alert_id: UUID, timeout: float) -> None:
         """Evaluate an alert now and wait for that evaluation to finish."""
@@ -696,6 +630,9 @@ class AlertScheduler:
                 try:
                     self._schedule.run_pending()
                     due, resume = self._pop_due(time.monotonic())
+                    ran = [alert_id for alert_id in due if not self._result_unchanged(alert_id)]
+                    self.skipped_runs += len(due) - len(ran)
+                    due = ran
                 except Exception:
                     logger.exception("schedule loop error; continuing")
                 waits = [1.0, self._schedule.idle_seconds or 1.0]
@@ -703,9 +640,19 @@ class AlertScheduler:
                     waits.append(self._due[0][0] - time.monotonic())
             for alert_id in resume:
                 self._resume(alert_id)
-            for alert_id in due:
-                self.submit(alert_id, "schedule")
+            self.submit_many(due, "schedule")
             self._tick.wait(max(min(waits), 0.001))
+
+    def _result_unchanged(self, alert_id: UUID) -> bool:
+        """True when a scheduled run of the alert would find what its last evaluation stored (state lock held)."""
+        entry = self._registered.get(alert_id)
+        if entry is None:
+            return False
+        listener = self.listener_states.get(entry.data_source_id)
+        return rules.result_unchanged(
+            stable_reason=entry.stable_reason, clean_since=entry.clean_since, events_error=entry.events_error,
+            tables=entry.tables, listener_up_since=listener.up_since if listener is not None else None,
+            last_changes=[self._table_changed.get((entry.data_source_id, table)) for table in entry.tables])
 
     # --- listeners -------------------------------------------------------------------------------------------
 
@@ -743,6 +690,7 @@ class AlertScheduler:
             try:
                 conn = database.open_listener(self.sources.dsn(source_id))
                 state.connected, state.last_error, state.disconnected_since, backoff = True, None, None, 0.2
+                state.up_since = time.monotonic()
                 connected.set()
                 if ever_connected:
                     state.reconnects += 1
@@ -763,7 +711,7 @@ class AlertScheduler:
                         conn.notifies.clear()
                         self._on_tables_changed(source_id, tables)
             except (psycopg2.Error, database.DatabaseError, OSError) as exc:
-                state.connected = False
+                state.connected, state.up_since = False, None
                 state.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if state.disconnected_since is None:
                     state.disconnected_since = datetime.now(timezone.utc)
@@ -772,6 +720,7 @@ class AlertScheduler:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, LISTENER_MAX_BACKOFF_SECONDS)
             except Exception:
+                state.connected, state.up_since = False, None
                 logger.exception("listener for data source %s crashed; restarting", source_id)
                 stop.wait(backoff)
             finally:
@@ -780,20 +729,21 @@ class AlertScheduler:
                         conn.close()
                     except psycopg2.Error:
                         pass
-        state.connected = False
+        state.connected, state.up_since = False, None
 
     def _on_tables_changed(self, source_id: UUID, tables: set[str]) -> None:
+        now = time.monotonic()
         with self._state_lock:
+            for table in tables:
+                self._table_changed[(source_id, table)] = now
             alert_ids = set().union(*(self._by_table.get((source_id, t), set()) for t in tables)) if tables else set()
-        for alert_id in alert_ids:
-            self.submit(alert_id, "event")
+        self.submit_many(alert_ids, "event")
 
     def _catch_up(self, source_id: UUID) -> None:
         """Notifications sent while the listener was away are gone: evaluate every event-driven alert there."""
         with self._state_lock:
             alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id and e.tables]
-        for alert_id in alert_ids:
-            self.submit(alert_id, "catch_up")
+        self.submit_many(alert_ids, "catch_up")
 
     def status(self) -> dict:
         """The scheduler's state for /health, from memory only: it never waits for a data source."""
@@ -804,8 +754,9 @@ class AlertScheduler:
         with self._share_lock:
             shares = {key: (share.running, len(share.waiting)) for key, share in self._shares.items()}
         data_sources = {}
-        for source_id in sorted(sources | set(self.source_health) | set(listeners), key=str):
-            health = self.source_health.get(source_id, SourceHealth())
+        source_health = dict(self.evaluator.source_health)
+        for source_id in sorted(sources | set(source_health) | set(listeners), key=str):
+            health = source_health.get(source_id, SourceHealth())
             listener = listeners.get(source_id)
             since = [t for t in (health.not_answering_since,
                                  listener.disconnected_since if listener is not None else None) if t is not None]
@@ -819,6 +770,7 @@ class AlertScheduler:
         return {
             "running": self.alive,
             "active_alerts": active,
+            "skipped_scheduled_runs": self.skipped_runs, "skipped_catch_ups": self.skipped_catch_ups,
             "data_sources": data_sources,
             "listeners": {
                 str(source_id): {"connected": s.connected, "reconnects": s.reconnects, "last_error": s.last_error,
@@ -836,82 +788,3 @@ def _events_error(tables: tuple[str, ...], errors: dict[str, str]) -> str | None
     if not failed:
         return None
     return "no change trigger on " + "; ".join(failed) + " (the schedule still runs the alert)"
-
-
-def state_from_row(row: dict | None) -> rules.AlertState | None:
-    """An alert_state row as the rules see it."""
-    if row is None:
-        return None
-    return rules.AlertState(
-        initialized=row["initialized"], fingerprints=rules.unpack_fingerprints(row["fingerprints"]),
-        snapshot=row["snapshot"], condition_state=row["condition_state"], pending_since=row["pending_since"],
-        firing_incident_id=row["firing_incident_id"], last_notified_at=row["last_notified_at"],
-        cooldown_until=row["cooldown_until"], digest=row["digest"], consecutive_errors=row["consecutive_errors"],
-        error_notified=row["error_notified"],
-    )
-
-
-def state_to_row(state: rules.AlertState, config_version: int, row_count: int | None,
-                 prior_row: dict | None = None, prior_fingerprints: frozenset[bytes] | None = None) -> dict:
-    """The alert_state columns for a state (the stored fingerprints are reused when the set is unchanged)."""
-    packed = None
-    if prior_row is not None and prior_row["fingerprints"] is not None:
-        stored = bytes(prior_row["fingerprints"])
-        if state.fingerprints == (prior_fingerprints if prior_fingerprints is not None
-                                  else rules.unpack_fingerprints(stored)):
-            packed = stored
-    return {
-        "config_version": config_version, "initialized": state.initialized,
-        "fingerprints": packed if packed is not None else rules.pack_fingerprints(state.fingerprints),
-        "row_count": row_count or 0,
-        "snapshot": state.snapshot, "condition_state": state.condition_state, "pending_since": state.pending_since,
-        "firing_incident_id": state.firing_incident_id, "last_notified_at": state.last_notified_at,
-        "cooldown_until": state.cooldown_until, "digest": state.digest,
-        "consecutive_errors": state.consecutive_errors, "error_notified": state.error_notified, "last_error": None,
-    }
-
-
-def _same_state(fields: dict, prior_row: dict | None) -> bool:
-    """True when storing `fields` would change nothing (most evaluations that find nothing new)."""
-    if prior_row is None:
-        return False
-    for name, value in fields.items():
-        stored = prior_row.get(name)
-        if name == "fingerprints":
-            stored = bytes(stored) if stored is not None else None
-        if value != stored:
-            return False
-    return True
-
-
-INCIDENT_MAX_ROWS = 1_000
-INCIDENT_MAX_VALUE_CHARS = 1_000
-
-
-def _incident_data(notice: rules.Notice, decision: rules.Decision, is_state: bool) -> dict:
-    """What an incident keeps: the rows that caused it (as objects under the original design's `new_rows` for
-    change conditions, as lists under `rows` for state conditions) and the evaluation's summary; at most
-    INCIDENT_MAX_ROWS rows with values cut at INCIDENT_MAX_VALUE_CHARS, saying so under `cut`."""
-    data: dict = {"kind": notice.kind, "columns": notice.columns, "summary": decision.summary or {}}
-    rows, values_cut = [], False
-    for row in notice.rows[:INCIDENT_MAX_ROWS]:
-        kept = [_kept_value(v) for v in row]
-        values_cut = values_cut or any(k is not v for k, v in zip(kept, row))
-        rows.append(kept)
-    if is_state:
-        data.update(rows=rows, row_count=len(notice.rows))
-    else:
-        data.update(new_rows=[dict(zip(notice.columns, r)) for r in rows], new_row_count=len(notice.rows))
-    if len(rows) < len(notice.rows) or values_cut:
-        data["cut"] = (f"… {len(rows):,} of {len(notice.rows):,} rows kept, values cut at "
-                       f"{INCIDENT_MAX_VALUE_CHARS:,} characters")
-    return data
-
-
-def _kept_value(value):
-    """A result value as an incident keeps it: text (and arrays or JSON, as text) cut when too long."""
-    if isinstance(value, str):
-        return notification.cut_text(value, INCIDENT_MAX_VALUE_CHARS)
-    if isinstance(value, (list, dict)) and len(text := str(value)) > INCIDENT_MAX_VALUE_CHARS:
-        return notification.cut_text(text, INCIDENT_MAX_VALUE_CHARS)
-    return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 
 from notification import EMAIL_MAX_CHARS, MESSAGE_MAX_VALUE_CHARS
-from scheduler import INCIDENT_MAX_VALUE_CHARS
+from evaluation import INCIDENT_MAX_VALUE_CHARS
 from tests.conftest import Service, eventually, execute
 
 

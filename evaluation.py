@@ -1,0 +1,477 @@
+"""What an evaluation does: run the queries of a batch of alerts on one data source in one snapshot, decide what
+each result means, render the messages, and store every decision of the batch in one transaction. The scheduler
+decides when; dry runs come here directly from the API."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+from uuid import UUID
+
+import database
+import notification
+import rules
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+DRY_RUN_ROWS = 100
+# A dry run waits this long for one of the DRY_RUN_WORKERS slots before the request is turned away (429).
+DRY_RUN_QUEUE_SECONDS = 5.0
+# A batch that could not reach the service's own database is tried again after this long.
+UNAVAILABLE_RETRY_SECONDS = 5
+INCIDENT_MAX_ROWS = 1_000
+INCIDENT_MAX_VALUE_CHARS = 1_000
+
+
+class DryRunsBusy(Exception):
+    """Every dry-run slot is taken."""
+
+
+@dataclass
+class SourceHealth:
+    """Whether a data source answers, as evaluations saw it last."""
+
+    not_answering_since: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one alert in a batch. `outcome` is None when nothing was stored: the alert is gone or paused,
+    changed meanwhile, the service database did not answer (`retry_in`), someone stored a newer result (`again`),
+    or the service is stopping."""
+
+    outcome: str | None = None
+    wake_at: datetime | None = None  # the one-off evaluation the decision asks for (a `for`, repeat or cooldown)
+    keep_wakeup: bool = True  # a failed run leaves the pending wake-up as it was
+    retry_in: float | None = None
+    again: bool = False
+    query_seconds: float = 0.0
+
+
+class Batch:
+    """The alerts a worker evaluates together, in the order their queries run. While one query runs, the alerts
+    after it can be handed to another worker (`hand_off`), so a query that turns out slow holds up only itself."""
+
+    def __init__(self, requests: Sequence[tuple[UUID, str]]) -> None:
+        self.requests = list(requests)
+        self._lock = threading.Lock()
+        self._order: list[UUID] = []
+        self._next = 0  # position in _order of the next query to start
+        self._running_since: float | None = None
+        self._handed: set[UUID] = set()
+
+    def _plan(self, alert_ids: list[UUID]) -> None:
+        with self._lock:
+            self._order = [alert_id for alert_id in alert_ids if alert_id not in self._handed]
+
+    def _proceed(self, position: int) -> bool:
+        """Called before each query: False once that query (and every later one) was handed off."""
+        with self._lock:
+            if position >= len(self._order) or self._order[position] in self._handed:
+                self._running_since = None
+                return False
+            self._next, self._running_since = position + 1, time.monotonic()
+            return True
+
+    def running_for(self) -> float:
+        """How long the query in progress has been running (0 when none is)."""
+        with self._lock:
+            return 0.0 if self._running_since is None else time.monotonic() - self._running_since
+
+    def hand_off(self) -> list[tuple[UUID, str]]:
+        """Take away the alerts whose queries have not started; this batch will not evaluate them."""
+        with self._lock:
+            rest = [alert_id for alert_id in self._order[self._next:] if alert_id not in self._handed]
+            self._handed.update(rest)
+            causes = dict(self.requests)
+            return [(alert_id, causes[alert_id]) for alert_id in rest]
+
+    def _close(self) -> set[UUID]:
+        """The queries are over: nothing can be handed off any more. Returns the alerts that were."""
+        with self._lock:
+            self._next, self._running_since = len(self._order), None
+            return set(self._handed)
+
+    def kept(self) -> list[tuple[UUID, str]]:
+        """The requests this batch is answerable for (all but those handed off)."""
+        with self._lock:
+            return [(alert_id, cause) for alert_id, cause in self.requests if alert_id not in self._handed]
+
+
+@dataclass
+class _Job:
+    """One alert of a batch on its way from query to stored decision."""
+
+    alert: dict
+    row: dict | None
+    prior: rules.AlertState | None
+    cause: str
+    condition: rules.Condition | None = None
+    result: tuple | str | None = None  # the checked result, or the error as text
+    seconds: float = 0.0  # the query's own time
+    decision: rules.Decision | None = None
+    rendered: list[notification.Rendered] = field(default_factory=list)
+
+
+@dataclass
+class _Writes:
+    """Everything a batch stores, written with one statement per table."""
+
+    resolved: list[tuple[UUID, UUID]] = field(default_factory=list)  # (incident, alert)
+    incidents: list[dict] = field(default_factory=list)
+    activities: list[dict] = field(default_factory=list)
+    notifications: list[dict] = field(default_factory=list)
+    states: list[tuple[UUID, dict]] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+
+
+class Evaluator:
+    """Evaluates batches of alerts and dry runs. Thread-safe: workers call it concurrently, one batch each."""
+
+    def __init__(self, pool: database.Pool, settings: Settings, *, sources: database.SourcePools,
+                 stopping: Callable[[], bool] = lambda: False, on_outbox: Callable[[], None] = lambda: None) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.sources = sources
+        self.stopping = stopping
+        self.on_outbox = on_outbox
+        self.source_health: dict[UUID, SourceHealth] = {}
+        self._dry_runs = threading.BoundedSemaphore(settings.dry_run_workers)
+
+    # --- batches ---------------------------------------------------------------------------------------------
+
+    def evaluate(self, batch: Batch | Sequence[tuple[UUID, str]], *,
+                 began: Callable[[list[UUID]], None] = lambda ids: None) -> dict[UUID, Outcome]:
+        """Evaluate alerts together: their queries in one snapshot per data source, then one write transaction.
+        `began` is called with the alerts whose queries are about to run, before the snapshot is taken. Alerts
+        handed off while the batch runs are left out of the outcomes."""
+        batch = batch if isinstance(batch, Batch) else Batch(batch)
+        started_at = datetime.now(timezone.utc)
+        causes = dict(batch.requests)
+        outcomes = {alert_id: Outcome() for alert_id in causes}
+        with self.pool.transaction() as cur:
+            loaded = database.get_alerts_with_state(cur, alert_ids=list(causes))
+        jobs = []
+        for alert_id, (alert, row) in loaded.items():
+            if alert["status"] != "ACTIVE":
+                continue
+            prior = state_from_row(row)
+            cause = "initial" if prior is None or not prior.initialized else causes[alert_id]
+            jobs.append(_Job(alert=alert, row=row, prior=prior, cause=cause))
+        if not jobs:
+            return outcomes
+        began([job.alert["id"] for job in jobs])
+        now = datetime.now(timezone.utc)
+        by_source: dict[UUID, list[_Job]] = {}
+        for job in jobs:
+            try:
+                job.condition = rules.parse_condition(job.alert["condition"])  # parsed once per evaluation
+                by_source.setdefault(job.alert["data_source_id"], []).append(job)
+            except rules.RuleError as exc:
+                job.result = str(exc)
+        batch._plan([job.alert["id"] for source_jobs in by_source.values() for job in source_jobs])
+        offset = 0
+        for source_id, source_jobs in by_source.items():
+            self._run_queries(source_id, source_jobs, proceed=lambda i, base=offset: batch._proceed(base + i))
+            offset += len(source_jobs)
+        handed = batch._close()
+        for alert_id in handed:
+            outcomes.pop(alert_id, None)
+        jobs = [job for job in jobs if job.alert["id"] not in handed]
+        if self.stopping():
+            return outcomes  # interrupted by shutdown: not the data source's failure, so nothing is recorded
+        decided = []
+        for job in jobs:
+            job.decision = self._decide(job, now=now, error_notify_after=self.settings.error_notify_after)
+            if isinstance(job.result, str):
+                logger.warning("alert %s (%s) failed to evaluate: %s", job.alert["name"], job.alert["id"],
+                               job.result)
+            # Rendered before the transaction: a slow template must not hold the alerts' row locks.
+            job.rendered = [notification.render_message(alert=job.alert, notice=notice)
+                            for notice in job.decision.notices]
+            decided.append(job)
+        if self.stopping() or not decided:
+            return outcomes  # a template render cut short by the shutdown is no message to store
+        queued = self._store_batch(decided, outcomes, started_at=started_at, now=now)
+        if queued:
+            self.on_outbox()
+        return outcomes
+
+    def _run_queries(self, source_id: UUID, jobs: list[_Job], *, proceed: Callable[[int], bool]) -> None:
+        """Run the jobs' queries on their data source in one snapshot and put each result (or error) on its job."""
+        results = self._query(source_id, [job.alert["query"] for job in jobs], for_api=False, proceed=proceed)
+        for job, (result, seconds) in zip(jobs, results):
+            job.seconds = seconds
+            job.result = self._checked(job.alert, job.condition, result)
+
+    def _query(self, source_id: UUID, queries: list[str], *, for_api: bool,
+               proceed: Callable[[int], bool] | None = None) -> list[tuple[object, float]]:
+        """Each query's result or error, with the time it took (fewer when `proceed` said stop); records whether
+        the data source answered."""
+        try:
+            results = database.run_queries(
+                self.sources.get(source_id, for_api=for_api), queries=queries,
+                timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
+                max_bytes=self.settings.max_result_bytes, proceed=proceed)
+        except database.DatabaseError as exc:  # no connection to the data source (or no such data source)
+            results = [(exc if isinstance(exc, database.DatabaseUnavailable) else database.QueryFailed(str(exc)),
+                        0.0)] * len(queries)
+        lost = next((r for r, _ in results if isinstance(r, database.DatabaseUnavailable)), None)
+        if lost is None:
+            self._source_answered(source_id)  # it answered, possibly with an error
+        elif not self.stopping():
+            self._source_answered(source_id, str(lost))
+        return results
+
+    def _checked(self, alert: dict, condition: rules.Condition, result) -> tuple | str:
+        """A query's result as the rules take it (columns, rows, whether cut, key positions), or the error as text."""
+        if isinstance(result, database.DatabaseError):
+            return str(result)
+        columns, rows, truncated = result
+        try:
+            # `SELECT a.id, b.id` must keep both values in incidents, templates and messages.
+            columns = rules.unique_columns(columns)
+            rules.check_condition_columns(condition, columns)
+            if truncated and condition.type in ("row_count", "threshold"):
+                # Judging a count or a threshold on part of the result would be a guess.
+                return (f"the result was cut at MAX_RESULT_ROWS ({self.settings.max_result_rows} rows) or "
+                        f"MAX_RESULT_BYTES ({self.settings.max_result_bytes} bytes) and {condition.type} needs "
+                        "every row: aggregate in the query or raise the limit")
+            return columns, rows, truncated, rules.key_indexes(columns, alert["key_columns"])
+        except rules.RuleError as exc:
+            return str(exc)
+
+    @staticmethod
+    def _decide(job: _Job, *, now: datetime, error_notify_after: int) -> rules.Decision:
+        if isinstance(job.result, str):
+            return rules.decide_error(prior=job.prior, error=job.result, error_notify_after=error_notify_after)
+        columns, rows, truncated, keys = job.result
+        return rules.decide(condition=job.condition, prior=job.prior, columns=columns, rows=rows, keys=keys,
+                            now=now, truncated=truncated)
+
+    def _store_batch(self, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
+                     now: datetime) -> int:
+        """Store the batch's decisions in one transaction; returns the notifications queued. When the batch cannot
+        be stored whole (a bug, a constraint), each alert is stored on its own so one cannot hold up the rest."""
+        try:
+            with self.pool.transaction() as cur:
+                return self._store_jobs(cur, jobs, outcomes, started_at=started_at, now=now)
+        except database.DatabaseUnavailable:
+            raise
+        except Exception:
+            if len(jobs) == 1:
+                raise
+            logger.exception("a batch of %d evaluations could not be stored together; storing each alone", len(jobs))
+        queued = 0
+        for job in jobs:
+            try:
+                with self.pool.transaction() as cur:
+                    queued += self._store_jobs(cur, [job], outcomes, started_at=started_at, now=now)
+            except database.DatabaseUnavailable:
+                raise
+            except Exception:
+                logger.exception("the evaluation of alert %s could not be stored", job.alert["id"])
+        return queued
+
+    def _store_jobs(self, cur, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
+                    now: datetime) -> int:
+        locked = database.lock_alert_versions(cur, alert_ids=[job.alert["id"] for job in jobs])
+        writes = _Writes()
+        stored: dict[UUID, Outcome] = {}
+        for job in jobs:
+            alert, decision = job.alert, job.decision
+            version = locked.get(alert["id"])
+            if version is None or version[:2] != (alert["version"], "ACTIVE"):
+                continue  # changed, paused or deleted while we ran: the change queued a fresh evaluation
+            if version[2] != (job.row["evaluated_at"] if job.row else None):
+                stored[alert["id"]] = Outcome(again=True)  # someone stored a newer result: measure against that
+                continue
+            error = job.result if isinstance(job.result, str) else None
+            row_count = None if error else len(job.result[1])
+            _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
+                     row_count=row_count, is_state=job.condition is not None and job.condition.is_state)
+            summary = decision.summary or {}
+            writes.evaluations.append({
+                "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
+                "duration_ms": job.seconds * 1000, "row_count": row_count,
+                "new_row_count": summary.get("triggering", summary.get("matching_rows")) if not error else None,
+                "truncated": False if error else job.result[2], "outcome": decision.outcome, "error": error,
+            })
+            stored[alert["id"]] = Outcome(decision.outcome, wake_at=decision.wake_at,
+                                          keep_wakeup=decision.outcome == "error", query_seconds=job.seconds)
+            if decision.notices:
+                logger.info("alert %s (%s): %s", alert["name"], alert["id"],
+                            ", ".join(n.headline for n in decision.notices))
+        database.store_evaluations(
+            cur, resolved=writes.resolved, incidents=writes.incidents, activities=writes.activities,
+            notifications=writes.notifications, states=writes.states, evaluations=writes.evaluations)
+        outcomes.update(stored)  # only once the statements went through
+        return len(writes.notifications)
+
+    # --- dry runs --------------------------------------------------------------------------------------------
+
+    def dry_run(self, alert: dict, state_row: dict | None) -> dict:
+        """What an evaluation would do now (rows, diff, condition, messages) without storing or sending. Dry runs
+        take one of DRY_RUN_WORKERS slots and their own connections, never an evaluation's; DryRunsBusy when no
+        slot frees up within DRY_RUN_QUEUE_SECONDS."""
+        if not self._dry_runs.acquire(timeout=DRY_RUN_QUEUE_SECONDS):
+            raise DryRunsBusy(f"{self.settings.dry_run_workers} dry run(s) are already running (DRY_RUN_WORKERS); "
+                              "try again when one has finished")
+        try:
+            job = _Job(alert=alert, row=state_row, prior=state_from_row(state_row), cause="dry_run")
+            try:
+                job.condition = rules.parse_condition(alert["condition"])
+                [(result, job.seconds)] = self._query(alert["data_source_id"], [alert["query"]], for_api=True)
+                job.result = self._checked(alert, job.condition, result)
+            except rules.RuleError as exc:
+                job.result = str(exc)
+            # error_notify_after=1: a failing query shows the "alert is failing" message it would eventually send.
+            decision = self._decide(job, now=datetime.now(timezone.utc), error_notify_after=1)
+        finally:
+            self._dry_runs.release()
+        error = job.result if isinstance(job.result, str) else None
+        columns, rows, truncated = ([], [], False) if error else job.result[:3]
+        messages = []
+        for notice in decision.notices:
+            rendered = notification.render_message(alert=alert, notice=notice)
+            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
+                             "whatsapp_text": rendered.whatsapp})
+        return {
+            "outcome": decision.outcome, "error": error,
+            "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
+            "row_count": len(rows), "truncated": truncated, "summary": decision.summary or {},
+            "condition_state": decision.state.condition_state, "would_notify": bool(messages),
+            "messages": messages,
+        }
+
+    def _source_answered(self, source_id: UUID, error: str | None = None) -> None:
+        """Record what an evaluation found out about its data source (error: it did not answer)."""
+        health = self.source_health.setdefault(source_id, SourceHealth())
+        if error is None:
+            health.not_answering_since, health.last_error = None, None
+        else:
+            health.last_error = error
+            if health.not_answering_since is None:
+                health.not_answering_since = datetime.now(timezone.utc)
+
+
+def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
+             prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
+             row_count: int | None, is_state: bool) -> None:
+    """Add one decision's rows to the batch's writes: state, incidents, activity and outbox rows."""
+    state = decision.state
+    muted = alert["muted_until"] is not None and alert["muted_until"] > now
+    firing_id = prior_row["firing_incident_id"] if prior_row else None
+    if decision.resolve_incident and firing_id:
+        writes.resolved.append((firing_id, alert["id"]))
+    for notice, message in zip(decision.notices, rendered):
+        incident_id = None
+        if notice.open_incident:
+            incident_id = uuid.uuid4()
+            writes.incidents.append({
+                "id": incident_id, "alert_config_id": alert["id"], "alert_name": alert["name"],
+                "title": message.subject, "description": message.text, "priority": alert["priority"],
+                "incident_data": _incident_data(notice, decision, is_state),
+            })
+            writes.activities.append({"action": "created", "incident_id": incident_id, "alert_config_id": alert["id"],
+                                      "details": {"rows": len(notice.rows), "kind": notice.kind}})
+            if is_state:
+                state.firing_incident_id = incident_id
+        elif notice.kind in ("repeat", "resolved"):
+            incident_id = firing_id
+        if muted:
+            writes.activities.append({"action": "muted", "incident_id": incident_id, "alert_config_id": alert["id"],
+                                      "details": {"kind": notice.kind,
+                                                  "muted_until": alert["muted_until"].isoformat()}})
+            continue
+        writes.notifications += notification.outbox_rows(
+            rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
+            incident_id=incident_id, kind=notice.kind,
+        )
+    fields = state_to_row(state, alert["version"], row_count, prior_row,
+                          prior.fingerprints if prior is not None else None)
+    fields["last_error"] = error
+    if not _same_state(fields, prior_row):
+        writes.states.append((alert["id"], fields))
+
+
+def state_from_row(row: dict | None) -> rules.AlertState | None:
+    """An alert_state row as the rules see it."""
+    if row is None:
+        return None
+    return rules.AlertState(
+        initialized=row["initialized"], fingerprints=rules.unpack_fingerprints(row["fingerprints"]),
+        snapshot=row["snapshot"], condition_state=row["condition_state"], pending_since=row["pending_since"],
+        firing_incident_id=row["firing_incident_id"], last_notified_at=row["last_notified_at"],
+        cooldown_until=row["cooldown_until"], digest=row["digest"], consecutive_errors=row["consecutive_errors"],
+        error_notified=row["error_notified"],
+    )
+
+
+def state_to_row(state: rules.AlertState, config_version: int, row_count: int | None,
+                 prior_row: dict | None = None, prior_fingerprints: frozenset[bytes] | None = None) -> dict:
+    """The alert_state columns for a state (the stored fingerprints are reused when the set is unchanged)."""
+    packed = None
+    if prior_row is not None and prior_row["fingerprints"] is not None:
+        stored = bytes(prior_row["fingerprints"])
+        if state.fingerprints == (prior_fingerprints if prior_fingerprints is not None
+                                  else rules.unpack_fingerprints(stored)):
+            packed = stored
+    return {
+        "config_version": config_version, "initialized": state.initialized,
+        "fingerprints": packed if packed is not None else rules.pack_fingerprints(state.fingerprints),
+        "row_count": row_count or 0,
+        "snapshot": state.snapshot, "condition_state": state.condition_state, "pending_since": state.pending_since,
+        "firing_incident_id": state.firing_incident_id, "last_notified_at": state.last_notified_at,
+        "cooldown_until": state.cooldown_until, "digest": state.digest,
+        "consecutive_errors": state.consecutive_errors, "error_notified": state.error_notified, "last_error": None,
+    }
+
+
+def _same_state(fields: dict, prior_row: dict | None) -> bool:
+    """True when storing `fields` would change nothing (most evaluations that find nothing new)."""
+    if prior_row is None:
+        return False
+    for name, value in fields.items():
+        stored = prior_row.get(name)
+        if name == "fingerprints":
+            stored = bytes(stored) if stored is not None else None
+        if value != stored:
+            return False
+    return True
+
+
+def _incident_data(notice: rules.Notice, decision: rules.Decision, is_state: bool) -> dict:
+    """What an incident keeps: the rows that caused it (as objects under the original design's `new_rows` for
+    change conditions, as lists under `rows` for state conditions) and the evaluation's summary; at most
+    INCIDENT_MAX_ROWS rows with values cut at INCIDENT_MAX_VALUE_CHARS, saying so under `cut`."""
+    data: dict = {"kind": notice.kind, "columns": notice.columns, "summary": decision.summary or {}}
+    rows, values_cut = [], False
+    for row in notice.rows[:INCIDENT_MAX_ROWS]:
+        kept = [_kept_value(v) for v in row]
+        values_cut = values_cut or any(k is not v for k, v in zip(kept, row))
+        rows.append(kept)
+    if is_state:
+        data.update(rows=rows, row_count=len(notice.rows))
+    else:
+        data.update(new_rows=[dict(zip(notice.columns, r)) for r in rows], new_row_count=len(notice.rows))
+    if len(rows) < len(notice.rows) or values_cut:
+        data["cut"] = (f"… {len(rows):,} of {len(notice.rows):,} rows kept, values cut at "
+                       f"{INCIDENT_MAX_VALUE_CHARS:,} characters")
+    return data
+
+
+def _kept_value(value):
+    """A result value as an incident keeps it: text (and arrays or JSON, as text) cut when too long."""
+    if isinstance(value, str):
+        return notification.cut_text(value, INCIDENT_MAX_VALUE_CHARS)
+    if isinstance(value, (list, dict)) and len(text := str(value)) > INCIDENT_MAX_VALUE_CHARS:
+        return notification.cut_text(text, INCIDENT_MAX_VALUE_CHARS)
+    return value
