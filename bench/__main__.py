@@ -25,7 +25,7 @@ from typing import Any
 from bench.harness import (RESULTS_DIR, ROOT, drop_databases, machine_info, postgres_server, progress,
                            timescaledb_on_server)
 
-SCENARIOS = ["latency", "load", "coalescing", "overhead", "many_alerts", "big_results"]
+SCENARIOS = ["latency", "steady", "load", "filtered", "coalescing", "overhead", "many_alerts", "big_results"]
 # With TimescaleDB these also run on hypertables, which doubles their work (and their time limit).
 HYPERTABLE_SCENARIOS = ["load", "overhead"]
 # Hard limits per scenario process (a scenario normally takes well under half of its limit).
