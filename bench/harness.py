@@ -87,7 +87,7 @@ QUICK = Sizes(
     latency_inserts=10, latency_spacing_seconds=0.02,
     load_alerts=20, load_tables=4, load_rate=100.0, load_seconds=2.0, load_drain_seconds=20.0,
     steady_alerts=10, steady_tables=2, steady_rate=20.0, steady_seconds=2.0, steady_drain_seconds=20.0,
-    filtered_rows=20_000, filtered_devices=100, filtered_alerts=4, filtered_rate=20.0, filtered_seconds=2.0,
+    filtered_rows=20_000, filtered_devices=100, filtered_alerts=4, filtered_rate=30.0, filtered_seconds=3.0,
     burst_inserts=50, batch_rows=1000,
     overhead_rounds=2, overhead_single_rows=100, overhead_batches=2, overhead_batch_rows=1000,
     many_alerts=40, many_tables=2, many_table_share=0.5, many_interval_seconds=2, idle_window_seconds=1.0, many_wait_seconds=30.0,
