@@ -30,8 +30,8 @@ SCENARIOS = ["latency", "steady", "load", "filtered", "coalescing", "overhead", 
 HYPERTABLE_SCENARIOS = ["load", "overhead"]
 # Hard limits per scenario process (a scenario normally takes well under half of its limit).
 QUICK_TIMEOUT = 120.0
-FULL_TIMEOUTS = {"latency": 120.0, "load": 360.0, "coalescing": 180.0, "overhead": 240.0, "many_alerts": 420.0,
-                 "big_results": 180.0}
+FULL_TIMEOUTS = {"latency": 120.0, "steady": 360.0, "load": 360.0, "filtered": 240.0, "coalescing": 180.0,
+                 "overhead": 240.0, "many_alerts": 420.0, "big_results": 180.0}
 
 
 def run_scenario(name: str, admin_dsn: str, quick: bool, run_id: str, hypertables: bool) -> dict[str, Any]:

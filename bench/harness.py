@@ -75,7 +75,7 @@ class Sizes:
 FULL = Sizes(
     latency_inserts=200, latency_spacing_seconds=0.025,
     load_alerts=1000, load_tables=100, load_rate=1000.0, load_seconds=30.0, load_drain_seconds=90.0,
-    steady_alerts=100, steady_tables=10, steady_rate=50.0, steady_seconds=30.0, steady_drain_seconds=60.0,
+    steady_alerts=100, steady_tables=10, steady_rate=50.0, steady_seconds=30.0, steady_drain_seconds=120.0,
     filtered_rows=1_000_000, filtered_devices=1000, filtered_alerts=10, filtered_rate=100.0, filtered_seconds=20.0,
     burst_inserts=500, batch_rows=10_000,
     overhead_rounds=7, overhead_single_rows=2000, overhead_batches=10, overhead_batch_rows=10_000,
