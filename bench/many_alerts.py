@@ -232,6 +232,8 @@ def run(ctx: ScenarioContext) -> list[Metric]:
                 "SELECT cause, outcome, count(*) AS n FROM evaluation WHERE started_at >= to_timestamp(%s) "
                 "GROUP BY 1, 2", (restart_wall,))}
             health_skips = _health_skips(service)
+            triggered_tables = _count(service, "SELECT count(DISTINCT tgrelid) AS n FROM pg_trigger WHERE NOT "
+                                               "tgisinternal AND starts_with(tgrelid::regclass::text, 'bench_static_')")
             # The last start-up evaluation can land after the count looked settled: take its end if later.
             last_startup = service.sql(
                 "SELECT extract(epoch FROM max(started_at + duration_ms * interval '1 millisecond'))::float8 AS t "
@@ -264,7 +266,7 @@ def run(ctx: ScenarioContext) -> list[Metric]:
         due_times_from="schedule job next_run" if due else f"restart time + {interval} s",
         startup_work_done=startup_done, startup_evaluations_counted=startup_count,
         scheduled_runs_done=scheduled_done, evaluations_after_restart=outcomes, skipped_reported_by_health=health_skips,
-        skipped_runs_read_from=skipped_from, alerts_without_recorded_scheduled_run=len(unrecorded),
+        skipped_runs_read_from=skipped_from, tables_with_a_change_trigger=triggered_tables, alerts_without_recorded_scheduled_run=len(unrecorded),
         rss_before_start_mb=rss_before, rss_after_window_mb=rss_window, peak_rss_mb=peak,
         evaluations_in_cpu_window=window_evaluations, cpu_floor_percent=cpu_floor,
         cpu_percent_in_window_by_process=by_process,
