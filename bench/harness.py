@@ -79,7 +79,8 @@ FULL = Sizes(
     filtered_rows=1_000_000, filtered_devices=1000, filtered_alerts=10, filtered_rate=100.0, filtered_seconds=20.0,
     burst_inserts=500, batch_rows=10_000,
     overhead_rounds=7, overhead_single_rows=2000, overhead_batches=10, overhead_batch_rows=10_000,
-    many_alerts=10_000, many_tables=10, many_table_share=0.5, many_interval_seconds=60, idle_window_seconds=60.0, many_wait_seconds=150.0,
+    many_alerts=10_000, many_tables=10, many_table_share=0.5, many_interval_seconds=60, idle_window_seconds=60.0,
+    many_wait_seconds=150.0,
     big_rows=100_000, big_changed_fraction=0.01, big_repeats=5,
 )
 
@@ -90,7 +91,8 @@ QUICK = Sizes(
     filtered_rows=20_000, filtered_devices=100, filtered_alerts=4, filtered_rate=30.0, filtered_seconds=3.0,
     burst_inserts=50, batch_rows=1000,
     overhead_rounds=2, overhead_single_rows=100, overhead_batches=2, overhead_batch_rows=1000,
-    many_alerts=40, many_tables=2, many_table_share=0.5, many_interval_seconds=2, idle_window_seconds=1.0, many_wait_seconds=30.0,
+    many_alerts=40, many_tables=2, many_table_share=0.5, many_interval_seconds=2, idle_window_seconds=1.0,
+    many_wait_seconds=30.0,
     big_rows=2000, big_changed_fraction=0.01, big_repeats=2,
 )
 
