@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -12,6 +13,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +45,16 @@ class Sizes:
     load_rate: float
     load_seconds: float
     load_drain_seconds: float
+    steady_alerts: int
+    steady_tables: int
+    steady_rate: float
+    steady_seconds: float
+    steady_drain_seconds: float
+    filtered_rows: int
+    filtered_devices: int
+    filtered_alerts: int
+    filtered_rate: float
+    filtered_seconds: float
     burst_inserts: int
     batch_rows: int
     overhead_rounds: int
@@ -50,6 +62,8 @@ class Sizes:
     overhead_batches: int
     overhead_batch_rows: int
     many_alerts: int
+    many_tables: int
+    many_table_share: float
     many_interval_seconds: int
     idle_window_seconds: float
     many_wait_seconds: float
@@ -61,18 +75,24 @@ class Sizes:
 FULL = Sizes(
     latency_inserts=200, latency_spacing_seconds=0.025,
     load_alerts=1000, load_tables=100, load_rate=1000.0, load_seconds=30.0, load_drain_seconds=90.0,
+    steady_alerts=100, steady_tables=10, steady_rate=50.0, steady_seconds=30.0, steady_drain_seconds=120.0,
+    filtered_rows=1_000_000, filtered_devices=1000, filtered_alerts=10, filtered_rate=100.0, filtered_seconds=20.0,
     burst_inserts=500, batch_rows=10_000,
     overhead_rounds=7, overhead_single_rows=2000, overhead_batches=10, overhead_batch_rows=10_000,
-    many_alerts=10_000, many_interval_seconds=60, idle_window_seconds=60.0, many_wait_seconds=150.0,
+    many_alerts=10_000, many_tables=10, many_table_share=0.5, many_interval_seconds=60, idle_window_seconds=60.0,
+    many_wait_seconds=150.0,
     big_rows=100_000, big_changed_fraction=0.01, big_repeats=5,
 )
 
 QUICK = Sizes(
     latency_inserts=10, latency_spacing_seconds=0.02,
     load_alerts=20, load_tables=4, load_rate=100.0, load_seconds=2.0, load_drain_seconds=20.0,
+    steady_alerts=10, steady_tables=2, steady_rate=20.0, steady_seconds=2.0, steady_drain_seconds=20.0,
+    filtered_rows=20_000, filtered_devices=100, filtered_alerts=4, filtered_rate=30.0, filtered_seconds=3.0,
     burst_inserts=50, batch_rows=1000,
     overhead_rounds=2, overhead_single_rows=100, overhead_batches=2, overhead_batch_rows=1000,
-    many_alerts=40, many_interval_seconds=2, idle_window_seconds=1.0, many_wait_seconds=30.0,
+    many_alerts=40, many_tables=2, many_table_share=0.5, many_interval_seconds=2, idle_window_seconds=1.0,
+    many_wait_seconds=30.0,
     big_rows=2000, big_changed_fraction=0.01, big_repeats=2,
 )
 
@@ -314,6 +334,36 @@ class WhatsApp:
     to: str
     body: str
     status: int
+
+
+# Benchmarks name their alerts `... alert-<n>` and write rows whose note is `row-<id>`, so that the rows an email
+# carries for each alert can be read from its text whatever its layout.
+_TOKEN = re.compile(r"\b(alert|row)-(\d+)\b")
+
+
+def rows_in_mails(mails: Sequence[Mail]) -> dict[tuple[int, int], list[Mail]]:
+    """(alert number, row id) -> the emails whose text shows that row for that alert, in order of receipt. A row
+    belongs to the alert named last before it in the text (a coalesced email holds several notices one after
+    another), or else to the alert in the subject."""
+    found: dict[tuple[int, int], list[Mail]] = defaultdict(list)
+    for mail in sorted(mails, key=lambda m: m.received_at):
+        named = [int(m.group(2)) for m in _TOKEN.finditer(mail.subject) if m.group(1) == "alert"]
+        alert = named[0] if named else None
+        shown: set[tuple[int, int]] = set()
+        for match in _TOKEN.finditer(mail.text):
+            number = int(match.group(2))
+            if match.group(1) == "alert":
+                alert = number
+            elif alert is not None and (alert, number) not in shown:
+                shown.add((alert, number))
+                found[(alert, number)].append(mail)
+    return found
+
+
+def alert_number(name: str) -> int | None:
+    """The n of an alert named `... alert-<n>`."""
+    named = [int(m.group(2)) for m in _TOKEN.finditer(name) if m.group(1) == "alert"]
+    return named[-1] if named else None
 
 
 def _serve(conn: Any, kind: str, directory: str) -> None:

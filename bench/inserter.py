@@ -100,15 +100,40 @@ def spaced_single_rows(dsn: str, table: str, numbers: list[str], spacing: float)
 
 
 def paced_single_rows(dsn: str, tables: list[str], rate: float, seconds: float, first_id: int) -> dict[str, Any]:
-    """Single-row transactions round-robin over tables at `rate` per second for `seconds`; returns each row's
-    (id, table index, wall-clock time right after COMMIT returned), and every notification a bare LISTEN
-    connection in this process received (wall-clock time, payload): the floor."""
+    """Single-row transactions round-robin over tables at `rate` per second for `seconds` (each row's note is
+    `row-<id>`, so messages can be searched for it); returns each row's (id, table index, wall-clock time right
+    after COMMIT returned), and every notification a bare LISTEN connection in this process received (wall-clock
+    time, payload): the floor."""
+    statements = [f"INSERT INTO {table} (id, note) VALUES (%s, %s)" for table in tables]
+
+    def write(cur: Any, i: int) -> tuple[int, int]:
+        row_id, k = first_id + i, i % len(tables)
+        cur.execute(statements[k], (row_id, f"row-{row_id}"))
+        return row_id, k
+
+    return _paced(dsn, rate, int(rate * seconds), seconds, write)
+
+
+def paced_readings(dsn: str, table: str, readings: list[tuple[int, int, float]], rate: float) -> dict[str, Any]:
+    """One single-row transaction per (id, device_id, value) at `rate` per second into a readings table (note
+    `row-<id>`); returns what paced_single_rows does, with the table index always 0."""
+    statement = f"INSERT INTO {table} (id, device_id, value, note) VALUES (%s, %s, %s, %s)"
+
+    def write(cur: Any, i: int) -> tuple[int, int]:
+        row_id, device_id, value = readings[i]
+        cur.execute(statement, (row_id, device_id, value, f"row-{row_id}"))
+        return row_id, 0
+
+    return _paced(dsn, rate, len(readings), len(readings) / rate, write)
+
+
+def _paced(dsn: str, rate: float, total: int, seconds: float, write: Any) -> dict[str, Any]:
+    """Call write(cursor, i) and COMMIT for i in range(total), the i-th at start + i / rate."""
     listener = NotifyListener(dsn).start()
     conn = _connect(dsn, autocommit=False)
-    statements = [f"INSERT INTO {table} (id, note) VALUES (%s, %s)" for table in tables]
     commits: list[tuple[int, int, float]] = []
-    total = int(rate * seconds)
     most_behind = 0.0
+    elapsed = 0.0
     try:
         with conn.cursor() as cur:
             start = time.monotonic()
@@ -123,9 +148,7 @@ def paced_single_rows(dsn: str, tables: list[str], rate: float, seconds: float, 
                     time.sleep(due - now)
                 else:
                     most_behind = max(most_behind, now - due)
-                row_id = first_id + i
-                k = i % len(tables)
-                cur.execute(statements[k], (row_id, f"row {row_id}"))
+                row_id, k = write(cur, i)
                 conn.commit()
                 commits.append((row_id, k, time.time()))
             elapsed = time.monotonic() - start

@@ -26,7 +26,8 @@ def test_the_quick_benchmark_runs_every_scenario_and_on_timescaledb_its_hypertab
                             capture_output=True, text=True, timeout=280, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(output.read_text())
-    assert set(figures["scenarios"]) == {"latency", "load", "coalescing", "overhead", "many_alerts", "big_results"}
+    assert set(figures["scenarios"]) == {"latency", "steady", "load", "filtered", "coalescing", "overhead",
+                                         "many_alerts", "big_results"}
     for name, scenario in figures["scenarios"].items():
         assert scenario["status"] == "ok", name
         assert scenario["metrics"] and all(m["value"] is not None for m in scenario["metrics"]), name
