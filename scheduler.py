@@ -572,14 +572,17 @@ class AlertScheduler:
             if entry is not None:
                 entry.clean_since, entry.slow = since, slow
 
-    def _resume(self, alert_id: UUID) -> None:
-        """Start a deferred re-run of a flight that is still marked running."""
+    def _resume(self, alert_ids: list[UUID]) -> None:
+        """Start the deferred re-runs of flights that are still marked running (together: they can share a batch)."""
+        resumed = []
         with self._flight_lock:
-            flight = self._flights.get(alert_id)
-            if flight is None or not flight.running or flight.pending is None:
-                return
-            cause, flight.pending = flight.pending, None
-        self._enqueue([(alert_id, cause)])
+            for alert_id in alert_ids:
+                flight = self._flights.get(alert_id)
+                if flight is None or not flight.running or flight.pending is None:
+                    continue
+                resumed.append((alert_id, flight.pending))
+                flight.pending = None
+        self._enqueue(resumed)
 
     def run_now(self, alert_id: UUID, timeout: float) -> None:
         """Evaluate an alert now and wait for that evaluation to finish."""
@@ -638,8 +641,7 @@ class AlertScheduler:
                 waits = [1.0, self._schedule.idle_seconds or 1.0]
                 if self._due:
                     waits.append(self._due[0][0] - time.monotonic())
-            for alert_id in resume:
-                self._resume(alert_id)
+            self._resume(resume)
             self.submit_many(due, "schedule")
             self._tick.wait(max(min(waits), 0.001))
 
