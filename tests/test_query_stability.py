@@ -4,9 +4,12 @@ names (database.describe_dependencies), and the decision over both (query_analys
 
 from __future__ import annotations
 
+import psycopg2
 import pytest
 
+import database
 from query_analysis import QueryRejected, TableRef, analyse_query, dependencies, stable_reason
+from tests.conftest import dsn_with, execute
 
 
 # --- what the text says -----------------------------------------------------------------------------------------
@@ -128,3 +131,177 @@ def test_what_the_catalog_was_not_asked_about_or_does_not_have_is_a_reason():
     missing = {**ORDERS, "tables": {(None, "orders"): None}}
     assert stable_reason(dependencies("SELECT * FROM orders"), watched_tables_with_triggers=set(), **missing) == (
         "reads orders, which does not exist")
+
+
+# --- what the catalog says --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reader_pool(db_dsn):
+    """Read-only sessions of the role alert queries run as on the default data source (not a superuser)."""
+    service = database.service_pool(db_dsn, size=1)
+    try:
+        reader_dsn = database.ensure_reader_role(service, database_dsn=db_dsn)
+    finally:
+        service.close()
+    pool = database.Pool(database.read_only_dsn(reader_dsn), 1, name="alert queries")
+    yield pool
+    pool.close()
+
+
+def watch(dsn: str, *tables: str, events: str = "INSERT OR UPDATE OR DELETE OR TRUNCATE") -> None:
+    """Put the service's change trigger on these tables (`schema.table` keys), firing on the given events."""
+    service = database.service_pool(dsn, size=1)
+    try:
+        assert database.sync_triggers(service, wanted=set(tables)) == {}
+    finally:
+        service.close()
+    for table in tables:
+        execute(dsn, f"DROP TRIGGER {database.TRIGGER_NAME} ON {table}; "
+                     f"CREATE TRIGGER {database.TRIGGER_NAME} AFTER {events} ON {table} FOR EACH STATEMENT "
+                     f"EXECUTE FUNCTION {database.TRIGGER_SCHEMA}.{database.TRIGGER_FUNCTION}()")
+
+
+def described_reason(pool, query: str, watched: set[str]) -> str | None:
+    """stable_reason for a query, with the catalog facts of the pool's data source."""
+    deps = dependencies(query)
+    described = database.describe_dependencies(
+        pool, relations=[(ref.schema, ref.name) for ref in deps.relations], functions=deps.functions)
+    return stable_reason(deps, watched_tables_with_triggers=watched, **described)
+
+
+def test_a_plain_table_is_stable_only_when_its_trigger_hears_every_change_truncate_included(db_dsn, reader_pool):
+    execute(db_dsn, "CREATE TABLE orders (id int, amount numeric)")
+    watch(db_dsn, "public.orders", events="INSERT OR UPDATE OR DELETE")
+    query = "SELECT id FROM orders WHERE abs(amount) > 100"
+    # The service's trigger today fires on INSERT, UPDATE and DELETE: a TRUNCATE would go unheard.
+    assert described_reason(reader_pool, query, {"public.orders"}) == (
+        "public.orders's change trigger does not fire on TRUNCATE")
+
+    watch(db_dsn, "public.orders")
+    assert described_reason(reader_pool, query, {"public.orders"}) is None
+    assert described_reason(reader_pool, "SELECT id FROM public.orders", {"public.orders"}) is None
+
+    execute(db_dsn, f"ALTER TABLE orders DISABLE TRIGGER {database.TRIGGER_NAME}")
+    assert described_reason(reader_pool, query, {"public.orders"}) == "public.orders's change trigger is disabled"
+
+
+def test_partitioned_tables_partitions_and_inheritance_are_unstable(db_dsn, reader_pool):
+    execute(db_dsn, "CREATE TABLE parted (a int) PARTITION BY RANGE (a); "
+                    "CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (10); "
+                    "CREATE TABLE parent (a int); CREATE TABLE child () INHERITS (parent)")
+    watch(db_dsn, "public.parted", "public.parted_low", "public.parent", "public.child")
+    described = database.describe_dependencies(
+        reader_pool, relations=[(None, "parted"), (None, "parted_low"), ("public", "parent"), (None, "child")],
+        functions=[])
+    assert described["tables"] == {(None, "parted"): "public.parted", (None, "parted_low"): "public.parted_low",
+                                   ("public", "parent"): "public.parent", (None, "child"): "public.child"}
+    unstable = described["unstable_tables"]
+    assert "is a partitioned table" in unstable["public.parted"]
+    assert "is a partition" in unstable["public.parted_low"]
+    assert "has inheritance children" in unstable["public.parent"]
+    assert "inherits from another table" in unstable["public.child"]
+
+
+def test_views_materialized_views_foreign_tables_and_sequences_are_unstable(db_dsn, reader_pool):
+    execute(db_dsn, "CREATE TABLE base (a int); CREATE VIEW recent AS SELECT * FROM base; "
+                    "CREATE MATERIALIZED VIEW totals AS SELECT count(*) FROM base; "
+                    "CREATE FOREIGN DATA WRAPPER nowhere; CREATE SERVER far FOREIGN DATA WRAPPER nowhere; "
+                    "CREATE FOREIGN TABLE remote (a int) SERVER far; CREATE SEQUENCE ids")
+    watch(db_dsn, "public.base")
+    assert described_reason(reader_pool, "SELECT * FROM base", {"public.base"}) is None
+    # The view reads only base, which is watched, but what it calls (now(), say) is not checked.
+    assert described_reason(reader_pool, "SELECT * FROM recent", {"public.base"}) == (
+        "public.recent is a view: what it reads and calls is not checked")
+    assert described_reason(reader_pool, "SELECT * FROM totals", {"public.base"}) == (
+        "public.totals is a materialized view: REFRESH changes it without firing triggers")
+    assert "foreign table" in described_reason(reader_pool, "SELECT * FROM remote", set())
+    assert "sequence" in described_reason(reader_pool, "SELECT last_value FROM ids", set())
+    # REFRESH MATERIALIZED VIEW fires no trigger because a materialized view cannot have one at all.
+    with pytest.raises(psycopg2.errors.WrongObjectType):
+        execute(db_dsn, f"CREATE TRIGGER heard AFTER INSERT ON totals FOR EACH STATEMENT "
+                        f"EXECUTE FUNCTION {database.TRIGGER_SCHEMA}.{database.TRIGGER_FUNCTION}()")
+
+
+def test_unlogged_tables_row_security_system_catalogs_and_missing_relations_are_unstable(db_dsn, reader_pool):
+    execute(db_dsn, 'CREATE UNLOGGED TABLE scratch (a int); CREATE TABLE "Secret Notes" (a int); '
+                    'ALTER TABLE "Secret Notes" ENABLE ROW LEVEL SECURITY')
+    watch(db_dsn, "public.scratch", 'public."Secret Notes"')
+    assert "unlogged" in described_reason(reader_pool, "SELECT * FROM scratch", {"public.scratch"})
+    assert "row-level security" in described_reason(reader_pool, 'SELECT * FROM "Secret Notes"',
+                                                     {'public."Secret Notes"'})
+    assert described_reason(reader_pool, "SELECT count(*) FROM pg_stat_activity", set()) == (
+        "reads pg_catalog.pg_stat_activity, a system catalog or view, which has no change trigger")
+    assert described_reason(reader_pool, "SELECT * FROM nowhere_to_be_found", set()) == (
+        "reads nowhere_to_be_found, which does not exist")
+
+
+def test_only_immutable_functions_of_pg_catalog_are_safe(db_dsn, reader_pool):
+    execute(db_dsn, "CREATE FUNCTION public.double_it(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'")
+    described = database.describe_dependencies(reader_pool, relations=[], functions=[
+        (None, "lower"), ("pg_catalog", "abs"), (None, "now"), (None, "clock_timestamp"), (None, "random"),
+        (None, "nextval"), (None, "to_char"), (None, "double_it"), ("public", "double_it"), (None, "no_such_fn")])
+    functions = described["functions"]
+    assert functions[(None, "lower")] is None and functions[("pg_catalog", "abs")] is None
+    assert functions[(None, "now")] == "calls now(), whose value changes with time"
+    assert "volatile" in functions[(None, "clock_timestamp")] and "volatile" in functions[(None, "random")]
+    assert "volatile" in functions[(None, "nextval")]
+    assert "only stable" in functions[(None, "to_char")]
+    # Labelled IMMUTABLE, but by a user: it could read a table.
+    assert "outside pg_catalog" in functions[(None, "double_it")]
+    assert "outside pg_catalog" in functions[("public", "double_it")]
+    assert "does not have" in functions[(None, "no_such_fn")]
+
+
+def test_a_function_of_a_built_in_name_in_a_schema_on_the_search_path_makes_the_name_unsafe(db_dsn, reader_pool):
+    # lower(text) would still be pg_catalog's, but lower(int) would be this one: overloads are not told apart.
+    execute(db_dsn, "CREATE FUNCTION public.lower(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1'")
+    functions = database.describe_dependencies(
+        reader_pool, relations=[], functions=[(None, "lower"), ("pg_catalog", "lower")])["functions"]
+    assert functions[(None, "lower")] == ("calls lower(), which may be public.lower(), a function outside "
+                                          "pg_catalog: it may read tables or the clock whatever its label says")
+    assert functions[("pg_catalog", "lower")] is None
+
+
+def test_nothing_to_describe_costs_no_round_trip(db_dsn):
+    pool = database.Pool(database.read_only_dsn(dsn_with(db_dsn, dbname="no_such_database")), 1)
+    assert database.describe_dependencies(pool, relations=[], functions=[]) == {
+        "tables": {}, "unstable_tables": {}, "functions": {}}
+    pool.close()
+
+
+# --- TimescaleDB ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tsdb_reader_pool(db_dsn, reader_pool):
+    """The reader's pool on a database with the timescaledb extension, or a skip saying why it is absent."""
+    try:
+        execute(db_dsn, "CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg2.Error as exc:
+        pytest.skip(f"TimescaleDB is not available on this server ({str(exc).strip().splitlines()[0]})")
+    return reader_pool
+
+
+def test_hypertables_continuous_aggregates_and_timescaledbs_own_tables_are_unstable(db_dsn, tsdb_reader_pool):
+    execute(db_dsn, "CREATE TABLE metrics (at timestamptz NOT NULL, value float8); "
+                    "SELECT create_hypertable('metrics', 'at')")
+    watch(db_dsn, "public.metrics")
+    execute(db_dsn, "CREATE MATERIALIZED VIEW hourly WITH (timescaledb.continuous) AS "
+                    "SELECT time_bucket('1 hour', at) AS hour, avg(value) FROM metrics GROUP BY 1 WITH NO DATA")
+    # Empty: a hypertable without chunks has no inheritance children yet.
+    assert described_reason(tsdb_reader_pool, "SELECT * FROM metrics", {"public.metrics"}) == (
+        "public.metrics is a hypertable: retention drops chunks without firing its triggers")
+    assert "continuous aggregate" in described_reason(tsdb_reader_pool, "SELECT * FROM hourly", {"public.metrics"})
+    assert "TimescaleDB's own" in described_reason(
+        tsdb_reader_pool, "SELECT * FROM _timescaledb_catalog.hypertable", set())
+
+
+def test_without_timescaledb_a_plain_table_is_described_all_the_same(empty_dsn):
+    execute(empty_dsn, "CREATE TABLE plain (a int)")
+    pool = database.Pool(database.read_only_dsn(empty_dsn), 1)
+    try:
+        assert database.describe_dependencies(pool, relations=[(None, "plain")], functions=[]) == {
+            "tables": {(None, "plain"): "public.plain"}, "unstable_tables": {}, "functions": {}}
+    finally:
+        pool.close()
