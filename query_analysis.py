@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-import pglast
-from pglast import ast
+from pglast.parser import ParseError, parse_sql_json
 
-_WRITING_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+_WRITING_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 
 
 class QueryRejected(ValueError):
@@ -28,70 +28,91 @@ class _Collector:
     """Walks a parse tree once, gathering the relations it reads (not the CTEs in scope where they are named), the
     functions it calls, what makes it depend on the clock or the session, and anything that writes or locks."""
 
+    # The tree is libpg_query's JSON as plain dicts and lists, not pglast's node objects: building those alone takes
+    # longer than parsing and walking the plain tree (about 330 against 190 microseconds for a two-table join), and
+    # start-up walks every alert's query.
+    # A node is {"Type": {fields}}; a field that can hold only one struct type holds its fields directly.
+
     def __init__(self) -> None:
         self.relations: set[TableRef] = set()
         self.functions: set[tuple[str | None, str]] = set()
         self.time_dependent: dict[str, None] = {}  # ordered and without repeats
         self.problems: list[str] = []
 
-    def walk(self, node, ctes: frozenset[str] = frozenset()) -> None:
-        if isinstance(node, (list, tuple)):
-            for item in node:
+    def walk(self, tree, ctes: frozenset[str] = frozenset()) -> None:
+        if isinstance(tree, list):
+            for item in tree:
                 self.walk(item, ctes)
-            return
-        if not isinstance(node, ast.Node):
-            return
-        if isinstance(node, _WRITING_NODES):
-            kind = type(node).__name__.removesuffix("Stmt").upper()
-            self.problems.append(f"the query contains {kind}; alert queries may only read")
-        elif isinstance(node, ast.SelectStmt):
-            if node.intoClause is not None:
-                self.problems.append("SELECT INTO creates a table; alert queries may only read")
-            if node.lockingClause:
-                self.problems.append("locking clauses (FOR UPDATE, FOR SHARE, ...) are not allowed in alert queries")
-            if node.withClause is not None:
-                ctes = self._walk_with(node.withClause, ctes)
-        elif isinstance(node, ast.RangeVar):
-            # An unqualified name is a CTE where one of that name is in scope, and a relation everywhere else.
-            if node.schemaname is not None or node.relname not in ctes:
-                self.relations.add(TableRef(node.schemaname, node.relname))
-            return
-        else:
-            self._note_dependency(node)
-        for name in type(node).__slots__:
-            if name != "withClause":
-                self.walk(getattr(node, name), ctes)
+        elif isinstance(tree, dict):
+            if len(tree) == 1:
+                kind, fields = next(iter(tree.items()))
+                if kind[:1].isupper():  # node types are capitalised, field names are not
+                    self._visit(kind, fields, ctes)
+                    return
+            for value in tree.values():
+                self.walk(value, ctes)
 
-    def _walk_with(self, clause: ast.WithClause, outer: frozenset[str]) -> frozenset[str]:
+    def _visit(self, kind: str, fields: dict, ctes: frozenset[str]) -> None:
+        if kind == "SelectStmt":
+            self._walk_select(fields, ctes)
+            return
+        if kind == "RangeVar":
+            # An unqualified name is a CTE where one of that name is in scope, and a relation everywhere else.
+            if "schemaname" in fields or fields["relname"] not in ctes:
+                self.relations.add(TableRef(fields.get("schemaname"), fields["relname"]))
+            return
+        if kind in _WRITING_NODES:
+            self.problems.append(f"the query contains {_statement_kind(kind)}; alert queries may only read")
+        else:
+            self._note_dependency(kind, fields)
+        for value in fields.values():
+            self.walk(value, ctes)
+
+    def _walk_select(self, fields: dict, ctes: frozenset[str]) -> None:
+        if "intoClause" in fields:
+            self.problems.append("SELECT INTO creates a table; alert queries may only read")
+        if "lockingClause" in fields:
+            self.problems.append("locking clauses (FOR UPDATE, FOR SHARE, ...) are not allowed in alert queries")
+        if "withClause" in fields:
+            ctes = self._walk_with(fields["withClause"], ctes)
+        for name, value in fields.items():
+            if name in ("larg", "rarg"):  # the arms of UNION, INTERSECT and EXCEPT, each a SELECT of its own
+                self._walk_select(value, ctes)
+            elif name != "withClause":
+                self.walk(value, ctes)
+
+    def _walk_with(self, clause: dict, outer: frozenset[str]) -> frozenset[str]:
         """Walk a WITH list, each CTE seeing the names PostgreSQL lets it see; return the names its query sees."""
-        names = [cte.ctename for cte in clause.ctes]
-        for position, cte in enumerate(clause.ctes):
+        ctes = [item["CommonTableExpr"] for item in clause["ctes"]]
+        names = [cte["ctename"] for cte in ctes]
+        for position, cte in enumerate(ctes):
             # A plain CTE sees only the ones before it; under RECURSIVE every one sees all, itself included.
-            visible = names if clause.recursive else names[:position]
-            self.walk(cte.ctequery, outer | frozenset(visible))
+            visible = names if clause.get("recursive") else names[:position]
+            self.walk(cte["ctequery"], outer | frozenset(visible))
         return outer | frozenset(names)
 
-    def _note_dependency(self, node: ast.Node) -> None:
-        if isinstance(node, ast.FuncCall):
-            names = [part.sval for part in node.funcname]
+    def _note_dependency(self, kind: str, fields: dict) -> None:
+        if kind == "FuncCall":
+            names = [part["String"]["sval"] for part in fields["funcname"]]
             self.functions.add((names[-2] if len(names) > 1 else None, names[-1]))
-        elif isinstance(node, ast.SQLValueFunction):
-            keyword = node.op.name.removeprefix("SVFOP_").removesuffix("_N")
+        elif kind == "SQLValueFunction":
+            keyword = fields["op"].removeprefix("SVFOP_").removesuffix("_N")
             self.time_dependent.setdefault(
                 f"uses {keyword}, whose value changes with time" if keyword in _CLOCK_KEYWORDS
                 else f"uses {keyword}, which depends on the session, not on the tables")
-        elif isinstance(node, ast.A_Const) and isinstance(node.val, ast.String) and _names_the_clock(node.val.sval):
-            shown = node.val.sval if len(node.val.sval) <= 40 else node.val.sval[:37] + "..."
+        elif kind == "A_Const" and "sval" in fields and _names_the_clock(fields["sval"].get("sval", "")):
+            value = fields["sval"]["sval"]
+            shown = value if len(value) <= 40 else value[:37] + "..."
             self.time_dependent.setdefault(
                 f"uses the literal {shown!r}, which read as a date or time means the moment the query runs")
-        elif isinstance(node, ast.RangeTableSample):
+        elif kind == "RangeTableSample":
             self.time_dependent.setdefault("samples rows with TABLESAMPLE, which may pick other rows at each run")
-        elif isinstance(node, ast.ColumnRef) and isinstance(node.fields[-1], ast.String) and (
-                node.fields[-1].sval in _SYSTEM_COLUMNS_THAT_MOVE):
-            column = node.fields[-1].sval
-            self.time_dependent.setdefault(
-                f"reads the system column {column}, which {_SYSTEM_COLUMNS_THAT_MOVE[column]} changes without firing "
-                "triggers")
+        elif kind == "ColumnRef":
+            column = fields["fields"][-1].get("String", {}).get("sval")
+            if column in _SYSTEM_COLUMNS_THAT_MOVE:
+                self.time_dependent.setdefault(
+                    f"reads the system column {column}, which {_SYSTEM_COLUMNS_THAT_MOVE[column]} changes without "
+                    "firing triggers")
 
 
 # SQLValueFunction keywords that read the clock; the others (CURRENT_USER, CURRENT_SCHEMA, ...) read the session.
@@ -114,6 +135,10 @@ _SYSTEM_COLUMNS_THAT_MOVE = {"ctid": "a table rewrite (VACUUM FULL, CLUSTER)", "
 #   result is still a correct answer to the query over unchanged tables, which is all a skipped run relies on.
 
 
+def _statement_kind(node_type: str) -> str:
+    return node_type.removesuffix("Stmt").upper()
+
+
 def _names_the_clock(text: str) -> bool:
     return not _CLOCK_WORDS.isdisjoint(re.findall(r"[a-z]+", text.lower()))
 
@@ -123,17 +148,16 @@ def _parse_one_select(text: str) -> _Collector:
     if not text or not text.strip():
         raise QueryRejected("the query is empty")
     try:
-        statements = pglast.parse_sql(text)
-    except pglast.parser.ParseError as exc:
+        statements = json.loads(parse_sql_json(text)).get("stmts", [])
+    except ParseError as exc:
         raise QueryRejected(f"syntax error: {exc}") from None
     if len(statements) != 1:
         raise QueryRejected(f"expected exactly one statement, found {len(statements)}")
-    statement = statements[0].stmt
-    if not isinstance(statement, ast.SelectStmt):
-        kind = type(statement).__name__.removesuffix("Stmt").upper()
-        raise QueryRejected(f"only SELECT, WITH ... SELECT, VALUES and TABLE are allowed, not {kind}")
+    kind = next(iter(statements[0]["stmt"]))
+    if kind != "SelectStmt":
+        raise QueryRejected(f"only SELECT, WITH ... SELECT, VALUES and TABLE are allowed, not {_statement_kind(kind)}")
     collector = _Collector()
-    collector.walk(statement)
+    collector.walk(statements[0]["stmt"])
     if collector.problems:
         raise QueryRejected(collector.problems[0])
     return collector
