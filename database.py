@@ -1669,6 +1669,156 @@ def resolve_tables(pool: Pool, *, refs: Sequence[tuple[str | None, str]]) -> lis
         return [row["key"] for row in cur.fetchall()]
 
 
+# Bits of pg_trigger.tgtype (PostgreSQL's catalog/pg_trigger.h) for the events a trigger fires on. A table's rows
+# change only through these four, so a trigger on all of them hears every change.
+_TRIGGER_EVENTS = {4: "INSERT", 8: "DELETE", 16: "UPDATE", 32: "TRUNCATE"}
+_EVERY_CHANGE_EVENT = sum(_TRIGGER_EVENTS)
+# Built-in functions that read the clock, named as such in reasons (other stable ones read settings or catalogs).
+_CLOCK_FUNCTIONS = frozenset({"now", "clock_timestamp", "statement_timestamp", "transaction_timestamp", "timeofday",
+                              "age"})
+
+
+def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, str]],
+                          functions: Sequence[tuple[str | None, str]]) -> dict:
+    """What the catalog of a data source says about the relations and functions queries name, as the sessions of
+    `pool` resolve them: {"tables": {(schema, name): key or None when absent}, "unstable_tables": {key: reason a
+    change can escape its change trigger}, "functions": {(schema, name): None when immutable built-ins, else why
+    not}}. QueryFailed when the server cannot say."""
+    relations, functions = sorted(set(relations), key=_pair_order), sorted(set(functions), key=_pair_order)
+    if not relations and not functions:
+        return {"tables": {}, "unstable_tables": {}, "functions": {}}
+    try:
+        with pool.transaction() as cur:
+            # TimescaleDB's views cannot even be named in a statement where the extension is absent: a round trip
+            # to ask first.
+            cur.execute("SELECT to_regclass('timescaledb_information.hypertables') IS NOT NULL "
+                        "AND to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL AS ok")
+            timescaledb = cur.fetchone()["ok"]
+            cur.execute(
+                _DESCRIBE_DEPENDENCIES.replace("{timescaledb}", _TIMESCALEDB_FACTS if timescaledb else
+                                               "false AS hypertable, false AS continuous_aggregate"),
+                {"rel_schemas": [schema for schema, _ in relations], "rel_names": [name for _, name in relations],
+                 "fn_schemas": [schema for schema, _ in functions], "fn_names": [name for _, name in functions],
+                 "trigger": TRIGGER_NAME, "every_change": _EVERY_CHANGE_EVENT},
+            )
+            row = cur.fetchone()
+    except psycopg2.DatabaseError as exc:
+        if isinstance(exc, psycopg2.OperationalError):
+            raise DatabaseUnavailable(f"cannot connect to the database: {_first_line(exc)}") from None
+        raise QueryFailed(f"cannot tell what the queries depend on: {_pg_message(exc)}") from None
+    tables = {(fact["schema"], fact["name"]): fact["key"] for fact in row["relations"]}
+    unstable = {fact["key"]: reason for fact in row["relations"]
+                if fact["key"] is not None and (reason := _relation_reason(fact)) is not None}
+    return {"tables": tables, "unstable_tables": unstable,
+            "functions": {(fact["schema"], fact["name"]): _function_reason(fact) for fact in row["functions"]}}
+
+
+def _pair_order(pair: tuple[str | None, str]) -> tuple[str, str]:
+    return pair[0] or "", pair[1]
+
+
+# What each named relation is (resolved as the session's search_path resolves it in a query), and every function
+# each name could call (in the named schema, or in any schema of the search path), in one statement.
+_DESCRIBE_DEPENDENCIES = """
+SELECT
+ (SELECT coalesce(json_agg(json_build_object(
+    'schema', r.s, 'name', r.n, 'key', CASE WHEN c.oid IS NOT NULL THEN format('%%I.%%I', ns.nspname, c.relname) END,
+    'namespace', ns.nspname, 'relkind', c.relkind, 'partition', c.relispartition,
+    'unlogged', c.relpersistence = 'u', 'row_security', c.relrowsecurity,
+    'has_children', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
+    'inherits', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid),
+    'replicated', EXISTS (SELECT 1 FROM pg_subscription_rel s WHERE s.srrelid = c.oid),
+    'trigger_enabled', t.tgenabled, 'trigger_events', t.tgtype::int & %(every_change)s,
+    'hypertable', facts.hypertable, 'continuous_aggregate', facts.continuous_aggregate)), '[]')
+  FROM unnest(%(rel_schemas)s::text[], %(rel_names)s::text[]) AS r(s, n)
+  LEFT JOIN pg_class c ON c.oid = to_regclass(
+    CASE WHEN r.s IS NULL THEN quote_ident(r.n) ELSE quote_ident(r.s) || '.' || quote_ident(r.n) END)
+  LEFT JOIN pg_namespace ns ON ns.oid = c.relnamespace
+  LEFT JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = %(trigger)s
+  CROSS JOIN LATERAL (SELECT {timescaledb}) facts) AS relations,
+ (SELECT coalesce(json_agg(json_build_object(
+    'schema', f.s, 'name', f.n, 'found', m.found, 'elsewhere', m.elsewhere, 'volatilities', m.volatilities)), '[]')
+  FROM unnest(%(fn_schemas)s::text[], %(fn_names)s::text[]) AS f(s, n)
+  CROSS JOIN LATERAL (
+    SELECT count(*) AS found, array_agg(DISTINCT p.provolatile::text) AS volatilities,
+           array_agg(DISTINCT ns.nspname::text) FILTER (WHERE ns.nspname <> 'pg_catalog') AS elsewhere
+    FROM pg_proc p JOIN pg_namespace ns ON ns.oid = p.pronamespace
+    WHERE p.proname = f.n
+      AND CASE WHEN f.s IS NULL THEN ns.nspname = ANY (current_schemas(true)) ELSE ns.nspname = f.s END) m
+ ) AS functions
+"""
+_TIMESCALEDB_FACTS = (
+    "EXISTS (SELECT 1 FROM timescaledb_information.hypertables h WHERE h.hypertable_schema = ns.nspname "
+    "AND h.hypertable_name = c.relname) AS hypertable, "
+    "EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates a WHERE a.view_schema = ns.nspname "
+    "AND a.view_name = c.relname) AS continuous_aggregate"
+)
+
+
+def _relation_reason(fact: dict) -> str | None:
+    """Why a change to a relation may escape its statement-level change trigger, or None when none can (whether
+    it has the trigger at all is the caller's to check)."""
+    key, namespace = fact["key"], fact["namespace"]
+    if namespace in ("pg_catalog", "information_schema") or namespace.startswith("pg_toast"):
+        return f"reads {key}, a system catalog or view, which has no change trigger"
+    if fact["continuous_aggregate"]:
+        return (f"{key} is a continuous aggregate: refreshes, and retention on the hypertables under it, change it "
+                "without firing triggers")
+    if fact["hypertable"]:
+        return f"{key} is a hypertable: retention drops chunks without firing its triggers"
+    if namespace.startswith("_timescaledb") or namespace.startswith("timescaledb_"):
+        return f"reads {key}, which is TimescaleDB's own and has no change trigger"
+    kinds = {
+        "v": "is a view: what it reads and calls is not checked",
+        "m": "is a materialized view: REFRESH changes it without firing triggers",
+        "f": "is a foreign table: its rows change on another server",
+        "p": "is a partitioned table: writes to a partition fire only that partition's statement triggers",
+        "S": "is a sequence: nextval changes it without firing triggers",
+    }
+    if fact["relkind"] != "r":
+        return f"{key} {kinds.get(fact['relkind'], 'is not a table')}"
+    if fact["partition"]:
+        return f"{key} is a partition: writes through its parent fire only the parent's statement triggers"
+    if fact["has_children"]:
+        return f"{key} has inheritance children: writes to them fire only their own statement triggers"
+    if fact["inherits"]:
+        return f"{key} inherits from another table: writes through the parent fire only the parent's triggers"
+    if fact["unlogged"]:
+        return f"{key} is unlogged: a crash empties it without firing triggers"
+    if fact["row_security"]:
+        return f"{key} has row-level security: what its policies depend on is not checked"
+    if fact["trigger_enabled"] is None:
+        return None
+    if fact["trigger_enabled"] not in ("O", "A"):
+        return f"{key}'s change trigger is disabled"
+    if fact["replicated"] and fact["trigger_enabled"] != "A":
+        return f"{key} is written by logical replication, which does not fire its change trigger"
+    unheard = [event for bit, event in _TRIGGER_EVENTS.items() if not fact["trigger_events"] & bit]
+    if unheard:
+        return f"{key}'s change trigger does not fire on {' or '.join(unheard)}"
+    return None
+
+
+def _function_reason(fact: dict) -> str | None:
+    """Why calling every function a name may stand for can return something else over unchanged tables, or None
+    when they are all immutable built-ins."""
+    name = fact["name"] if fact["schema"] is None else f"{fact['schema']}.{fact['name']}"
+    if not fact["found"]:
+        return f"calls {name}(), which this data source does not have"
+    if fact["elsewhere"]:
+        # Only PostgreSQL's own labels are trusted: a user's function marked IMMUTABLE may still read a table.
+        which = ("a function" if fact["schema"] is not None
+                 else f"which may be {fact['elsewhere'][0]}.{fact['name']}(), a function")
+        return f"calls {name}(), {which} outside pg_catalog: it may read tables or the clock whatever its label says"
+    if "v" in fact["volatilities"]:
+        return f"calls {name}(), which is volatile: it may return something else at every call"
+    if "s" in fact["volatilities"]:
+        if fact["name"] in _CLOCK_FUNCTIONS:
+            return f"calls {name}(), whose value changes with time"
+        return f"calls {name}(), which is only stable: it may return something else in another statement"
+    return None
+
+
 def table_key(schema: str, table: str) -> str:
     """A `schema.table` key in the form format('%I.%I') gives (keywords aside), for a name as the parser read it."""
     return ".".join(_quote_ident(part) for part in (schema, table))
