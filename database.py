@@ -1910,19 +1910,24 @@ def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
             return {**errors, **{table: message for table in wanted}}
         # TimescaleDB copies only row-level triggers to chunks, so every statement trigger named ours is ours.
         cur.execute(
-            "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t "
+            "SELECT format('%%I.%%I', n.nspname, c.relname), t.tgtype & %s = %s FROM pg_trigger t "
             "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE t.tgname = %s AND NOT t.tgisinternal",
-            (TRIGGER_NAME,),
+            (_EVERY_CHANGE_EVENT, _EVERY_CHANGE_EVENT, TRIGGER_NAME),
         )
-        installed = {row[0] for row in cur.fetchall()}
+        found = cur.fetchall()
+        installed = {row[0] for row in found}
+        # Triggers from before TRUNCATE was watched are replaced (a TRUNCATE changes the result like a DELETE).
+        outdated = {row[0] for row in found if not row[1]}
         internal = _timescaledb_internal_tables(cur, wanted)
         conn.commit()
     for table in sorted(internal):
         errors[table] = "TimescaleDB's own catalog, where the service puts no trigger"
-    for table in sorted(wanted - installed - internal):
+    for table in sorted((wanted - installed - internal) | (wanted & outdated)):
+        # Dropped and created in one transaction, so no change goes unheard in between.
         error = _run_ddl(conn, sql.SQL(
-            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()"
+            "DROP TRIGGER IF EXISTS {0} ON {1}; CREATE TRIGGER {0} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {1} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION {2}()"
         ).format(sql.Identifier(TRIGGER_NAME), _split_key(table), sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
         if error:
             errors[table] = error

@@ -21,6 +21,7 @@ import psycopg2
 import schedule
 
 import database
+import query_analysis
 import rules
 from config import Settings
 from evaluation import UNAVAILABLE_RETRY_SECONDS, Batch, Evaluator, Outcome, SourceHealth
@@ -39,6 +40,8 @@ BATCH_MAX_ALERTS = 50
 # its own from then on: a slow query holds up only itself.
 SLOW_QUERY_SECONDS = 0.25
 HAND_OFF_CHECK_SECONDS = 0.05
+# How often what alert queries depend on is looked up again in the data sources' catalogs.
+STABILITY_CHECK_MINUTES = 10
 
 
 class _Workers:
@@ -118,7 +121,9 @@ class _Registered:
     schedule: rules.Schedule
     token: int = field(default_factory=lambda: next(_TOKENS))
     events_error: str | None = "not yet recorded"
-    # Why a scheduled run must execute even when no watched table changed (None: it may be skipped then).
+    # What the query's result depends on (None: the stored query no longer parses), and why a scheduled run must
+    # execute even when no watched table changed (None: it may be skipped then).
+    dependencies: query_analysis.QueryDependencies | None = None
     stable_reason: str | None = "not yet checked"
     # When the queries of the last stored evaluation began (monotonic), if it succeeded under this registration.
     clean_since: float | None = None
@@ -202,6 +207,8 @@ class AlertScheduler:
             self.pool, days=self.settings.evaluation_retention_days)
         self._guarded(self._prune_history)
         self._schedule.every(WAKEUP_CHECK_SECONDS).seconds.do(self._guarded, self._run_wakeups)
+        self._schedule.every(STABILITY_CHECK_MINUTES).minutes.do(
+            self._guarded, self._executor.submit, self._guarded, self._check_all_stability)
         # The DELETE runs on a worker: the schedule thread only hands work out.
         self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
@@ -285,6 +292,13 @@ class AlertScheduler:
         parsed = rules.parse_schedule(alert["schedule"])
         entry = _Registered(data_source_id=alert["data_source_id"], tables=tuple(alert["watched_tables"] or ()),
                             schedule=parsed)
+        try:
+            entry.dependencies = query_analysis.dependencies(alert["query"])
+            if not (entry.dependencies.relations or entry.dependencies.functions):
+                # Nothing to look up: decided here (SELECT 1 is stable, CURRENT_TIMESTAMP is not).
+                entry.stable_reason = next(iter(entry.dependencies.time_dependent), None)
+        except query_analysis.QueryRejected as exc:
+            entry.stable_reason = f"the query does not parse: {exc}"
         with self._state_lock:
             self._unregister(alert_id)
             if parsed.seconds is not None:
@@ -378,10 +392,47 @@ class AlertScheduler:
                     database.set_alert_watch(cur, alert_id=alert_id, watched_tables=list(entry.tables),
                                              events_error=events_error)
                     entry.events_error = events_error
+        self._check_stability(source_id, with_triggers=wanted - set(errors))
         if wanted - set(errors):
             self._ensure_listener(source_id, wanted - set(errors))
         else:
             self._stop_listener(source_id)
+
+    def _check_stability(self, source_id: UUID, *, with_triggers: set[str] | None = None) -> None:
+        """Decide, for each alert on the data source whose query reads tables or calls functions, whether its
+        result can change only when a watched table does (one catalog lookup for all of them)."""
+        with self._state_lock:
+            entries = [e for e in self._registered.values() if e.data_source_id == source_id
+                       and e.dependencies is not None and (e.dependencies.relations or e.dependencies.functions)]
+            if with_triggers is None:
+                with_triggers = {t for (s, t) in self._by_table if s == source_id}
+                with_triggers = {t for t in with_triggers if all(
+                    e.events_error is None for e in self._registered.values()
+                    if e.data_source_id == source_id and t in e.tables)}
+        if not entries:
+            return
+        try:
+            facts = database.describe_dependencies(
+                self.sources.get(source_id),
+                relations=[(r.schema, r.name) for e in entries for r in e.dependencies.relations],
+                functions=[f for e in entries for f in e.dependencies.functions])
+        except database.DatabaseError as exc:
+            reason = f"could not tell what the query depends on: {exc}"
+            reasons = {id(e): reason for e in entries}
+        else:
+            reasons = {id(e): query_analysis.stable_reason(e.dependencies, watched_tables_with_triggers=with_triggers,
+                                                           **facts) for e in entries}
+        with self._state_lock:
+            for entry in entries:
+                entry.stable_reason = reasons[id(entry)]
+
+    def _check_all_stability(self) -> None:
+        """The catalog can change under a running service (a trigger disabled, a table made a hypertable): look
+        again now and then."""
+        with self._state_lock:
+            sources = {e.data_source_id for e in self._registered.values()}
+        for source_id in sources:
+            self._guarded(self._check_stability, source_id)
 
     # --- single flight and batches ---------------------------------------------------------------------------
 
