@@ -1295,7 +1295,7 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
     # left to that claim, so one group is never sent by two senders at once.
     cur.execute(
         "WITH" + _WAITING_GROUPS + ", "
-        "chosen AS (SELECT grp, recipient FROM ready WHERE due_at <= now() "
+        "chosen AS MATERIALIZED (SELECT grp, recipient FROM ready WHERE due_at <= now() "
         "ORDER BY due_at, first_created_at LIMIT %(limit)s), "
         "members AS (SELECT id, grp, recipient FROM (SELECT w.id, w.grp, w.recipient, row_number() OVER "
         "(PARTITION BY w.grp, w.recipient ORDER BY w.created_at, w.id) AS position "
@@ -1304,11 +1304,10 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
         "AND status IN ('PENDING', 'RETRY') AND (claimed_until IS NULL OR claimed_until < now() "
         "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = notification.claimed_by_pid)) "
         "FOR UPDATE SKIP LOCKED), "
-        "whole AS (SELECT m.grp, m.recipient FROM members m LEFT JOIN locked l USING (id) "
-        "GROUP BY m.grp, m.recipient HAVING count(l.id) = count(*)) "
+        "missed AS MATERIALIZED (SELECT DISTINCT grp, recipient FROM members WHERE id NOT IN (SELECT id FROM locked)) "
         "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
         "claimed_by_pid = %(pid)s, attempts = n.attempts + 1, updated_at = now() "
-        "FROM members m JOIN whole USING (grp, recipient) WHERE n.id = m.id "
+        "FROM members m WHERE n.id = m.id AND (m.grp, m.recipient) NOT IN (SELECT grp, recipient FROM missed) "
         "RETURNING n.*",
         {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds, "pid": claimant_pid},
     )
