@@ -43,14 +43,14 @@ def incident(pool, alert_id: str) -> str:
                                         priority="HIGH", incident_data={})["id"]
 
 
-def queue(pool, alert_id: str, subject: str, *, recipient: str = "ops@example.com", incident_id=None,
+def queue(pool, alert_id: str, *subjects: str, recipient: str = "ops@example.com", incident_id=None,
           body: str | None = None, html: str | None = None) -> None:
-    """Queue one email row in its own transaction, as one evaluation does."""
+    """Queue email rows in one transaction, as one evaluation does."""
     with pool.transaction() as cur:
         database.insert_notifications(cur, notifications=[
             {"alert_config_id": alert_id, "incident_id": incident_id, "kind": "incident", "channel": "email",
              "recipient": recipient, "subject": subject, "body": body or f"text of {subject}\n",
-             "html": html or f"<html><body><p>html of {subject}</p></body></html>"}])
+             "html": html or f"<html><body><p>html of {subject}</p></body></html>"} for subject in subjects])
 
 
 def rows(pool) -> list[dict]:
@@ -109,7 +109,8 @@ def test_rows_for_other_recipients_or_alerts_are_not_merged(pool, patient, smtp_
     alert, other_alert = placeholder_alert(pool, "a"), placeholder_alert(pool, "b")
     smtp_server.hold()
     queue(pool, alert, "held", recipient="one@example.com")
-    [dispatcher] = running(pool, patient)
+    # One SMTP session: while the held send occupies it, every other group waits and gathers its rows.
+    [dispatcher] = running(pool, patient.model_copy(update={"smtp_connections": 1}))
     try:
         smtp_server.wait_held(1)
         for number in range(3):
@@ -196,8 +197,7 @@ def test_a_failure_marks_every_row_of_the_group_with_the_reason(pool, settings, 
 
         other_incident = incident(pool, other_alert)
         smtp_server.reply_code_for_next(550, "mailbox unavailable", times=1)
-        for number in range(2):
-            queue(pool, other_alert, f"b {number}", incident_id=other_incident)
+        queue(pool, other_alert, "b 0", "b 1", incident_id=other_incident)
         dispatcher.wake()
         eventually(lambda: [r for r in rows(pool) if r["status"] == "FAILED"], message="rows FAILED")
         time.sleep(0.3)
