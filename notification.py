@@ -822,13 +822,12 @@ class Dispatcher:
                             details={"channel": first["channel"], "recipient": first["recipient"]},
                         )
                 if len(sent) < len(ids):
-                    logger.warning("notifications %s were sent after their claim passed to another sender",
-                                   ", ".join(str(i) for i in ids if i not in sent))
-                logger.info("sent %s notification %s to %s", first["channel"], ", ".join(str(i) for i in ids),
-                            first["recipient"])
+                    logger.warning("notification %s was sent after its claim passed to another sender",
+                                   _some([i for i in ids if i not in sent]))
+                logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
         except database.DatabaseError as exc:
             # The claim expires after its lease and the rows are sent again: a duplicate, never a loss.
-            logger.error("could not record the outcome of notification %s: %s", ", ".join(str(i) for i in ids), exc)
+            logger.error("could not record the outcome of notification %s: %s", _some(ids), exc)
         finally:
             with self._lock:
                 self._in_flight[first["channel"]] -= 1
@@ -838,7 +837,7 @@ class Dispatcher:
         first = rows[0]
         # Each row gives up after its own attempts; the rest retry together after the group's longest backoff.
         final = [row for row in rows if exc.permanent or row["attempts"] > self.settings.max_retries]
-        retry = [row for row in rows if not (exc.permanent or row["attempts"] > self.settings.max_retries)]
+        retry = [row for row in rows if row not in final]
         with self.pool.transaction() as cur:
             failed = []
             for attempts in sorted({row["attempts"] for row in final}):
@@ -861,11 +860,15 @@ class Dispatcher:
         # Rows whose claim passed to another sender are recorded by that sender.
         if failed:
             logger.error("%s notification %s to %s FAILED: %s", first["channel"],
-                         ", ".join(str(row["id"]) for row in failed), first["recipient"], exc)
+                         _some([row["id"] for row in failed]), first["recipient"], exc)
         if retried:
             logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s", first["channel"],
-                           ", ".join(str(i) for i in retried), first["recipient"],
-                           max(row["attempts"] for row in retry), exc)
+                           _some(retried), first["recipient"], max(row["attempts"] for row in retry), exc)
+
+
+def _some(ids: Sequence[Any]) -> str:
+    """Notification ids for a log line: the first, and how many more."""
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]} and {len(ids) - 1} more"
 
 
 def _incidents(rows) -> list[tuple[Any, Any]]:
