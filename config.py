@@ -34,11 +34,19 @@ class Settings(BaseSettings):
     smtp_ca_file: Path | None = None
     smtp_timeout_seconds: float = Field(10.0, gt=0, le=600)
     send_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    # SMTP sessions open at once (one per email sender thread); the messages of one alert and recipient that
+    # queue up meanwhile go out together as one.
+    smtp_connections: int = Field(4, ge=1, le=64)
+    # Amazon SES's production accounts started at 14 a second for years (its sandbox allows 1); 0 is no limit.
+    smtp_max_per_second: float = Field(14.0, ge=0, le=10_000)
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
     twilio_from_number: str | None = None
     twilio_api_base_url: str = "https://api.twilio.com"
+    twilio_connections: int = Field(4, ge=1, le=64)
+    # Twilio's default throughput of a WhatsApp sender for text messages is 10 a second; 0 is no limit.
+    twilio_max_per_second: float = Field(10.0, ge=0, le=10_000)
 
     retry_delay_minutes: float = Field(10.0, ge=0, le=24 * 60)
     max_retries: int = Field(3, ge=0, le=100)

@@ -1361,18 +1361,49 @@ def list_notifications(
 # --- the outbox ------------------------------------------------------------------------------------------------
 
 
-def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float, claimant_pid: int) -> list[dict]:
-    """Claim up to `limit` due notifications of one channel for the session `claimant_pid`. A claim ends when its
-    lease expires or when the session that made it no longer exists (its process died mid-send)."""
+# A group is the waiting rows of one alert, channel and recipient (a row whose alert was deleted is its own
+# group); the dispatcher sends each group as one message. A row is held while a live session's lease covers it.
+_WAITING_GROUPS = """
+    waiting AS (
+        SELECT id, COALESCE(alert_config_id, id) AS grp, recipient, status, next_attempt_at, created_at,
+               CASE WHEN claimed_until >= now() THEN EXISTS (SELECT 1 FROM pg_stat_activity a
+                                                             WHERE a.pid = claimed_by_pid) ELSE false END AS held
+        FROM notification WHERE channel = ANY(%(channels)s) AND status IN ('PENDING', 'RETRY')
+    ),
+    -- Due: a row is due and no row waits out a retry delay (new rows join the retry, not overtake it); a group
+    -- that is being sent is left alone, and what arrived meanwhile goes with its next send.
+    ready AS (
+        SELECT grp, recipient,
+               GREATEST(min(next_attempt_at), max(next_attempt_at) FILTER (WHERE status = 'RETRY')) AS due_at,
+               min(created_at) AS first_created_at
+        FROM waiting GROUP BY grp, recipient HAVING NOT bool_or(held)
+    )"""
+
+
+def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float, claimant_pid: int,
+                            rows_per_group: int = 100) -> list[dict]:
+    """Claim up to `limit` due groups of one channel (up to `rows_per_group` rows each, oldest first) for the
+    session `claimant_pid`, whole or not at all. A claim ends when its lease expires or when the session that made
+    it no longer exists (its process died mid-send)."""
+    # SKIP LOCKED skips rows another claim is taking right now; a group with a skipped row is not whole and is
+    # left to that claim, so one group is never sent by two senders at once.
     cur.execute(
-        "WITH due AS (SELECT id FROM notification WHERE channel = %(channel)s AND status IN ('PENDING', 'RETRY') "
-        "AND next_attempt_at <= now() AND (claimed_until IS NULL OR claimed_until < now() "
+        "WITH" + _WAITING_GROUPS + ", "
+        "chosen AS MATERIALIZED (SELECT grp, recipient FROM ready WHERE due_at <= now() "
+        "ORDER BY due_at, first_created_at LIMIT %(limit)s), "
+        "members AS (SELECT id, grp, recipient FROM (SELECT w.id, w.grp, w.recipient, row_number() OVER "
+        "(PARTITION BY w.grp, w.recipient ORDER BY w.created_at, w.id) AS position "
+        "FROM waiting w JOIN chosen USING (grp, recipient)) numbered WHERE position <= %(rows)s), "
+        "locked AS (SELECT id FROM notification WHERE id IN (SELECT id FROM members) "
+        "AND status IN ('PENDING', 'RETRY') AND (claimed_until IS NULL OR claimed_until < now() "
         "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = notification.claimed_by_pid)) "
-        "ORDER BY next_attempt_at, created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+        "FOR UPDATE SKIP LOCKED), "
+        "missed AS MATERIALIZED (SELECT DISTINCT grp, recipient FROM members WHERE id NOT IN (SELECT id FROM locked)) "
         "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
-        "claimed_by_pid = %(pid)s, attempts = n.attempts + 1, updated_at = now() FROM due WHERE n.id = due.id "
+        "claimed_by_pid = %(pid)s, attempts = n.attempts + 1, updated_at = now() "
+        "FROM members m WHERE n.id = m.id AND (m.grp, m.recipient) NOT IN (SELECT grp, recipient FROM missed) "
         "RETURNING n.*",
-        {"channel": channel, "limit": limit, "lease": lease_seconds, "pid": claimant_pid},
+        {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds, "pid": claimant_pid},
     )
     return cur.fetchall()
 
@@ -1391,11 +1422,12 @@ def backend_pid(conn: psycopg2.extensions.connection) -> int:
 
 
 def seconds_until_next_due(cur, *, channels: Sequence[str]) -> float | None:
-    """Seconds until the earliest unclaimed PENDING or RETRY notification of these channels is due (0 if overdue)."""
+    """Seconds until the earliest group of these channels that nobody is sending is due (0 if overdue)."""
+    # A group being sent is not counted: its sender wakes the loop when it ends, and the loop's poll catches a
+    # sender of another process that died.
     cur.execute(
-        "SELECT EXTRACT(EPOCH FROM min(GREATEST(next_attempt_at, COALESCE(claimed_until, next_attempt_at))) - now()) "
-        "AS wait FROM notification WHERE status IN ('PENDING', 'RETRY') AND channel = ANY(%s)",
-        (list(channels),),
+        "WITH" + _WAITING_GROUPS + " SELECT EXTRACT(EPOCH FROM min(due_at) - now()) AS wait FROM ready",
+        {"channels": list(channels)},
     )
     wait = cur.fetchone()["wait"]
     return None if wait is None else max(0.0, float(wait))
@@ -1403,38 +1435,46 @@ def seconds_until_next_due(cur, *, channels: Sequence[str]) -> float | None:
 
 # Outcomes are recorded only by the session that holds the claim: a sender that outlived its lease must not
 # overwrite the outcome of the one that took over.
-_CLAIM_HELD = "id = %(id)s AND claimed_by_pid = %(pid)s AND status IN ('PENDING', 'RETRY')"
+_CLAIM_HELD = "id = ANY(%(ids)s) AND claimed_by_pid = %(pid)s AND status IN ('PENDING', 'RETRY') RETURNING id"
 
 
-def mark_notification_sent(cur, *, notification_id: UUID, claimant_pid: int, provider_message_id: str | None) -> bool:
-    """Record a delivery; False if the claim was lost meanwhile."""
+def mark_notification_sent(cur, *, notification_ids: Sequence[UUID], claimant_pid: int,
+                           provider_message_id: str | None) -> list[UUID]:
+    """Record the delivery of these notifications (one message); return those whose claim was still held."""
+    if not notification_ids:
+        return []
     cur.execute(
         "UPDATE notification SET status = 'SUCCESS', provider_message_id = %(provider)s, error = NULL, "
         "sent_at = now(), claimed_until = NULL, updated_at = now() WHERE " + _CLAIM_HELD,
-        {"provider": provider_message_id, "id": notification_id, "pid": claimant_pid},
+        {"provider": provider_message_id, "ids": list(notification_ids), "pid": claimant_pid},
     )
-    return cur.rowcount == 1
+    return [row["id"] for row in cur.fetchall()]
 
 
-def mark_notification_retry(cur, *, notification_id: UUID, claimant_pid: int, error: str,
-                            delay_seconds: float) -> bool:
-    """Record a failed attempt that will be tried again after the delay; False if the claim was lost."""
+def mark_notification_retry(cur, *, notification_ids: Sequence[UUID], claimant_pid: int, error: str,
+                            delay_seconds: float) -> list[UUID]:
+    """Record a failed attempt that will be tried again after the delay; return those whose claim was held."""
+    if not notification_ids:
+        return []
     cur.execute(
         "UPDATE notification SET status = 'RETRY', error = %(error)s, claimed_until = NULL, updated_at = now(), "
         "next_attempt_at = now() + make_interval(secs => %(delay)s) WHERE " + _CLAIM_HELD,
-        {"error": error, "delay": delay_seconds, "id": notification_id, "pid": claimant_pid},
+        {"error": error, "delay": delay_seconds, "ids": list(notification_ids), "pid": claimant_pid},
     )
-    return cur.rowcount == 1
+    return [row["id"] for row in cur.fetchall()]
 
 
-def mark_notification_failed(cur, *, notification_id: UUID, claimant_pid: int, error: str) -> bool:
-    """Record that a notification will not be delivered, and why; False if the claim was lost."""
+def mark_notification_failed(cur, *, notification_ids: Sequence[UUID], claimant_pid: int,
+                             error: str) -> list[UUID]:
+    """Record that these notifications will not be delivered, and why; return those whose claim was held."""
+    if not notification_ids:
+        return []
     cur.execute(
         "UPDATE notification SET status = 'FAILED', error = %(error)s, claimed_until = NULL, updated_at = now() "
         "WHERE " + _CLAIM_HELD,
-        {"error": error, "id": notification_id, "pid": claimant_pid},
+        {"error": error, "ids": list(notification_ids), "pid": claimant_pid},
     )
-    return cur.rowcount == 1
+    return [row["id"] for row in cur.fetchall()]
 
 
 # --- queries against a data source -----------------------------------------------------------------------------

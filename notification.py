@@ -213,6 +213,68 @@ def outbox_rows(
     return rows
 
 
+@dataclass(frozen=True)
+class Message:
+    """What one send carries: the subject (email only), the text and the HTML (email only)."""
+
+    subject: str | None
+    body: str
+    html: str | None
+
+
+# A group holds at most this many rows: about EMAIL_MAX_CHARS of typical messages; the rest go in the next send.
+GROUP_MAX_ROWS = 100
+_HTML_OPEN, _HTML_CLOSE = "<html><body>", "</body></html>"
+
+
+def combine_messages(rows: Sequence[dict]) -> Message:
+    """One message carrying every queued row of one alert, channel and recipient, in order (one row: as stored)."""
+    first = rows[0]
+    if len(rows) == 1:
+        return Message(subject=first["subject"], body=first["body"], html=first["html"])
+    if first["channel"] == "whatsapp":
+        body = "\n\n".join(row["body"] for row in rows)
+        if len(body) > WHATSAPP_MAX_CHARS:
+            body = body[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+        return Message(subject=None, body=body, html=None)
+    count = len(rows)
+    subject = f"{first['subject']} (+{_plural(count - 1, 'more update')})"
+    texts: list[str] = []
+    html_parts: list[str] = []
+    size = 0
+    for number, row in enumerate(rows, 1):
+        heading = f"--- update {number} of {count}: {row['subject']} ---"
+        text = f"{heading}\n{row['body']}"
+        # Whole updates only, leaving room for the note on the rest; the first is always shown (it fits alone).
+        if texts and size + len(text) > EMAIL_MAX_CHARS - 200:
+            break
+        texts.append(text)
+        size += len(text) + 1
+        html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
+    hidden = count - len(texts)
+    if hidden:
+        more = f"… and {_plural(hidden, 'more update')} not shown here (too long for one email); see the API."
+        texts.append(more)
+        html_parts.append(f"<hr><p>{html.escape(more)}</p>")
+    text = "\n".join(texts)
+    if len(text) > EMAIL_MAX_CHARS:
+        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+    html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
+    if len(html_text) > 4 * EMAIL_MAX_CHARS:
+        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
+    return Message(subject=subject, body=text, html=html_text)
+
+
+def _html_inner(row: dict) -> str:
+    """The body of a row's HTML document, or its text when it has none."""
+    page = row["html"]
+    if not page:
+        return f"<pre>{html.escape(row['body'])}</pre>"
+    if page.startswith(_HTML_OPEN) and page.endswith(_HTML_CLOSE):
+        return page[len(_HTML_OPEN):-len(_HTML_CLOSE)]
+    return page
+
+
 def retry_delay(*, attempts: int, base_seconds: float, retry_after: float | None = None) -> float:
     """Exponential backoff from RETRY_DELAY_MINUTES (base, 2×base, 4×base …), never shorter than Retry-After."""
     delay = min(base_seconds * (2 ** max(0, attempts - 1)), MAX_BACKOFF_SECONDS)
@@ -552,20 +614,68 @@ def _retry_after(response: Any) -> float | None:
 # --- the outbox dispatcher -------------------------------------------------------------------------------------
 
 
+class SendRate:
+    """A token bucket: `per_second` sends a second, in bursts of up to a second's worth; 0 is no limit."""
+
+    def __init__(self, per_second: float, *, now: float) -> None:
+        self.per_second = per_second
+        self.capacity = max(1.0, per_second)
+        self._tokens = self.capacity
+        self._updated = now
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.per_second)
+        self._updated = now
+
+    def available(self, now: float) -> int:
+        """How many sends may start now."""
+        if not self.per_second:
+            return 1 << 30
+        self._refill(now)
+        return int(self._tokens)
+
+    def take(self, count: int, now: float) -> None:
+        """Count `count` sends started now."""
+        if self.per_second:
+            self._refill(now)
+            self._tokens -= count
+
+    def seconds_until_available(self, now: float) -> float:
+        """Seconds until the next send may start (0 when one may start now)."""
+        if not self.per_second:
+            return 0.0
+        self._refill(now)
+        return max(0.0, (1.0 - self._tokens) / self.per_second)
+
+
+def group_claimed(rows: Sequence[dict]) -> list[list[dict]]:
+    """Claimed rows as groups of one alert, channel and recipient, each in the order its rows were queued."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["created_at"], str(r["id"]))):
+        key = (row["alert_config_id"] or row["id"], row["channel"], row["recipient"])
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
 class Dispatcher:
-    """Claims due outbox rows, sends them on their channel's own threads, and records each outcome."""
+    """Claims due outbox rows by group, sends each group as one message on its channel's own threads, within the
+    channel's rate limit, and records the outcome on every row."""
 
     def __init__(
         self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
-        threads_per_channel: int = 4,
+        threads_per_channel: int | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
-        self.capacity = threads_per_channel
+        threads = {"email": settings.smtp_connections, "whatsapp": settings.twilio_connections}
+        self._threads = {name: threads_per_channel or threads.get(name, 4) for name in self.channels}
+        limits = {"email": settings.smtp_max_per_second, "whatsapp": settings.twilio_max_per_second}
+        started = time.monotonic()
+        self._rates = {name: SendRate(limits.get(name, 0.0), now=started) for name in self.channels}
         # A hung SMTP server occupies only the email threads; WhatsApp keeps its own.
         self._executors = {
-            name: ThreadPoolExecutor(max_workers=threads_per_channel, thread_name_prefix=f"send-{name}")
+            name: ThreadPoolExecutor(max_workers=self._threads[name], thread_name_prefix=f"send-{name}")
             for name in self.channels
         }
         self._in_flight = {name: 0 for name in self.channels}
@@ -619,11 +729,21 @@ class Dispatcher:
             self._wake.clear()
             wait = 1.0
             try:
-                self.dispatch_once()
+                handed = self.dispatch_once()
+                now = time.monotonic()
                 with self._lock:
-                    open_channels = [n for n in self.channels if self._in_flight[n] < self.capacity]
-                # A full channel (a hung SMTP server) is woken by its senders finishing, not by polling.
-                if open_channels:
+                    free = [n for n in self.channels if self._in_flight[n] < self._threads[n]]
+                    open_channels = [n for n in free if self._rates[n].available(now) > 0]
+                    # A channel at its rate limit is woken when its next send may start; its rows wait meanwhile
+                    # and go out together then.
+                    for name in free:
+                        if name not in open_channels:
+                            wait = min(wait, self._rates[name].seconds_until_available(now))
+                # A full channel (a hung SMTP server) is woken by its senders finishing, not by polling. After a
+                # claim, the next claim is the quicker way to learn whether more is due.
+                if open_channels and handed:
+                    wait = 0.0
+                elif open_channels:
                     with self.pool.transaction() as cur:
                         due = database.seconds_until_next_due(cur, channels=open_channels)
                     if due is not None:
@@ -653,79 +773,107 @@ class Dispatcher:
         return self._session_pid
 
     def dispatch_once(self) -> int:
-        """Claim what each channel has room for and hand it to that channel's threads; return how many."""
+        """Claim the groups each channel has room and rate for and hand them to its threads; return how many."""
         handed = 0
         claimant = self._claimant_pid()
         for name in self.channels:
             with self._lock:
-                room = self.capacity - self._in_flight[name]
+                room = min(self._threads[name] - self._in_flight[name], self._rates[name].available(time.monotonic()))
             if room <= 0:
                 continue
             with self.pool.transaction() as cur:
                 claimed = database.claim_due_notifications(
-                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name), claimant_pid=claimant
+                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name), claimant_pid=claimant,
+                    rows_per_group=GROUP_MAX_ROWS,
                 )
-            for row in claimed:
-                with self._lock:
-                    self._in_flight[name] += 1
-                self._executors[name].submit(self._deliver, row, claimant)
+            groups = group_claimed(claimed)
+            with self._lock:
+                self._rates[name].take(len(groups), time.monotonic())
+                self._in_flight[name] += len(groups)
+            for group in groups:
+                self._executors[name].submit(self._deliver, group, claimant)
                 handed += 1
         return handed
 
-    def _deliver(self, row: dict, claimant: int) -> None:
-        channel = self.channels[row["channel"]]
+    def _deliver(self, rows: list[dict], claimant: int) -> None:
+        first = rows[0]
+        channel = self.channels[first["channel"]]
+        ids = [row["id"] for row in rows]
         try:
             try:
+                message = combine_messages(rows)
                 provider_id = channel.send(
-                    recipient=row["recipient"], subject=row["subject"], body=row["body"], html_body=row["html"]
+                    recipient=first["recipient"], subject=message.subject, body=message.body, html_body=message.html
                 )
             except NotificationError as exc:
-                self._record_failure(row, claimant, exc)
+                self._record_failure(rows, claimant, exc)
             except Exception as exc:  # a bug in a channel must not kill the sender thread
-                logger.exception("channel %s raised unexpectedly", row["channel"])
-                self._record_failure(row, claimant, NotificationError(f"{type(exc).__name__}: {exc}"))
+                logger.exception("channel %s raised unexpectedly", first["channel"])
+                self._record_failure(rows, claimant, NotificationError(f"{type(exc).__name__}: {exc}"))
             else:
                 with self.pool.transaction() as cur:
-                    if not database.mark_notification_sent(cur, notification_id=row["id"], claimant_pid=claimant,
-                                                           provider_message_id=provider_id):
-                        logger.warning("notification %s was sent after its claim passed to another sender",
-                                       row["id"])
-                        return
-                    if row["incident_id"]:
+                    sent = set(database.mark_notification_sent(cur, notification_ids=ids, claimant_pid=claimant,
+                                                               provider_message_id=provider_id))
+                    for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent):
+                        if incident_id is None:
+                            continue
                         database.insert_activity(
-                            cur, action="notified", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
-                            details={"channel": row["channel"], "recipient": row["recipient"]},
+                            cur, action="notified", incident_id=incident_id, alert_id=alert_id,
+                            details={"channel": first["channel"], "recipient": first["recipient"]},
                         )
-                logger.info("sent %s notification %s to %s", row["channel"], row["id"], row["recipient"])
+                if len(sent) < len(ids):
+                    logger.warning("notification %s was sent after its claim passed to another sender",
+                                   _some([i for i in ids if i not in sent]))
+                logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
         except database.DatabaseError as exc:
-            # The claim expires after its lease and the row is sent again: a duplicate, never a loss.
-            logger.error("could not record the outcome of notification %s: %s", row["id"], exc)
+            # The claim expires after its lease and the rows are sent again: a duplicate, never a loss.
+            logger.error("could not record the outcome of notification %s: %s", _some(ids), exc)
         finally:
             with self._lock:
-                self._in_flight[row["channel"]] -= 1
+                self._in_flight[first["channel"]] -= 1
             self._wake.set()
 
-    def _record_failure(self, row: dict, claimant: int, exc: NotificationError) -> None:
-        attempts = row["attempts"]
-        final = exc.permanent or attempts > self.settings.max_retries
+    def _record_failure(self, rows: list[dict], claimant: int, exc: NotificationError) -> None:
+        first = rows[0]
+        # Each row gives up after its own attempts; the rest retry together after the group's longest backoff.
+        final = [row for row in rows if exc.permanent or row["attempts"] > self.settings.max_retries]
+        retry = [row for row in rows if row not in final]
         with self.pool.transaction() as cur:
-            if final:
+            failed = []
+            for attempts in sorted({row["attempts"] for row in final}):
                 reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
-                if not database.mark_notification_failed(cur, notification_id=row["id"], claimant_pid=claimant,
-                                                         error=reason):
-                    return  # another sender holds it now and records its own outcome
-                database.insert_activity(
-                    cur, action="notification_failed", incident_id=row["incident_id"], alert_id=row["alert_config_id"],
-                    details={"channel": row["channel"], "recipient": row["recipient"], "error": reason},
-                )
-            else:
-                delay = retry_delay(attempts=attempts, base_seconds=self.settings.retry_delay_seconds,
-                                    retry_after=exc.retry_after)
-                if not database.mark_notification_retry(cur, notification_id=row["id"], claimant_pid=claimant,
-                                                        error=str(exc), delay_seconds=delay):
-                    return
-        if final:
-            logger.error("%s notification %s to %s FAILED: %s", row["channel"], row["id"], row["recipient"], exc)
-        else:
-            logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s",
-                           row["channel"], row["id"], row["recipient"], attempts, exc)
+                ids = [row["id"] for row in final if row["attempts"] == attempts]
+                marked = set(database.mark_notification_failed(cur, notification_ids=ids, claimant_pid=claimant,
+                                                               error=reason))
+                failed += [row for row in final if row["id"] in marked]
+                for incident_id, alert_id in _incidents(row for row in final if row["id"] in marked):
+                    database.insert_activity(
+                        cur, action="notification_failed", incident_id=incident_id, alert_id=alert_id,
+                        details={"channel": first["channel"], "recipient": first["recipient"], "error": reason},
+                    )
+            retried = []
+            if retry:
+                delay = retry_delay(attempts=max(row["attempts"] for row in retry),
+                                    base_seconds=self.settings.retry_delay_seconds, retry_after=exc.retry_after)
+                retried = database.mark_notification_retry(cur, notification_ids=[row["id"] for row in retry],
+                                                           claimant_pid=claimant, error=str(exc), delay_seconds=delay)
+        # Rows whose claim passed to another sender are recorded by that sender.
+        if failed:
+            logger.error("%s notification %s to %s FAILED: %s", first["channel"],
+                         _some([row["id"] for row in failed]), first["recipient"], exc)
+        if retried:
+            logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s", first["channel"],
+                           _some(retried), first["recipient"], max(row["attempts"] for row in retry), exc)
+
+
+def _some(ids: Sequence[Any]) -> str:
+    """Notification ids for a log line: the first, and how many more."""
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]} and {len(ids) - 1} more"
+
+
+def _incidents(rows) -> list[tuple[Any, Any]]:
+    """The distinct (incident, alert) pairs of some rows, in order (the incident is None for an initial report)."""
+    pairs: dict[Any, Any] = {}
+    for row in rows:
+        pairs.setdefault(row["incident_id"], row["alert_config_id"])
+    return list(pairs.items())

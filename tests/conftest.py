@@ -289,8 +289,9 @@ def insert_orders(dsn: str, numbers: list[str], table: str = "dc_order") -> None
     execute(dsn, f"INSERT INTO {table} (order_number) SELECT unnest(%s::text[])", (numbers,))
 
 
-def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.com") -> None:
-    """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would."""
+def queue_emails(dsn: str, subjects: list[str], recipient: str | list[str] = "ops@example.com") -> None:
+    """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would
+    (to one recipient, or to recipient[i] for subjects[i]: one message each, as nothing is coalesced)."""
     pool = database.service_pool(dsn, size=1)
     try:
         with pool.transaction() as cur:
@@ -299,8 +300,9 @@ def queue_emails(dsn: str, subjects: list[str], recipient: str = "ops@example.co
                         "WHERE is_default RETURNING id")
             alert_id = cur.fetchone()["id"]
             database.insert_notifications(cur, notifications=[
-                {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email", "recipient": recipient,
-                 "subject": subject, "body": "b"} for subject in subjects])
+                {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email",
+                 "recipient": recipient if isinstance(recipient, str) else recipient[i], "subject": subject,
+                 "body": "b"} for i, subject in enumerate(subjects)])
     finally:
         pool.close()
 

@@ -172,7 +172,18 @@ class _SmtpHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        owner, received_at, received_wall = self.owner, time.monotonic(), time.time()
+        owner = self.owner
+        if not owner._released.is_set():
+            with owner._cond:
+                owner._held += 1
+                owner._cond.notify_all()
+            try:
+                while not owner._released.is_set():
+                    await asyncio.sleep(0.01)
+            finally:
+                with owner._cond:
+                    owner._held -= 1
+        received_at, received_wall = time.monotonic(), time.time()
         with owner._cond:
             owner._data_attempts += 1
             if owner._scripted:
@@ -202,6 +213,9 @@ class SmtpServer(_LoopbackServer):
         self._messages: list[ReceivedMail] = []
         self._scripted: list[tuple[int, str]] = []
         self._data_attempts = 0
+        self._released = threading.Event()
+        self._released.set()
+        self._held = 0
 
     @property
     def ca_file(self) -> Path:
@@ -241,6 +255,7 @@ class SmtpServer(_LoopbackServer):
 
     def stop(self) -> None:
         """Stop listening and drop open sessions; the port stays reserved for start()."""
+        self._released.set()
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
@@ -252,6 +267,26 @@ class SmtpServer(_LoopbackServer):
             self._messages.clear()
             self._scripted.clear()
             self._data_attempts = 0
+
+    def hold(self) -> None:
+        """Keep every message waiting after its DATA (a slow server: not yet accepted) until release()."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Accept the held messages and stop holding."""
+        self._released.set()
+
+    def wait_held(self, count: int, timeout: float = 10) -> None:
+        """Block until `count` messages are held."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._held >= count, timeout):
+                raise AssertionError(f"expected {count} held SMTP message(s) within {timeout}s, got {self._held}")
+
+    @property
+    def held(self) -> int:
+        """Messages waiting for release()."""
+        with self._cond:
+            return self._held
 
     def reply_code_for_next(self, code: int, text: str, times: int = 1) -> None:
         """Answer the next `times` DATA commands with `code text` instead of accepting the message."""

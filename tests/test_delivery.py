@@ -138,7 +138,7 @@ def test_a_hung_smtp_server_times_out_without_holding_up_whatsapp(settings, db_d
 
 
 def test_two_dispatchers_never_send_the_same_notification_twice(settings, db_dsn, smtp_server):
-    queue_emails(db_dsn, [f"n{i}" for i in range(60)])
+    queue_emails(db_dsn, [f"n{i}" for i in range(60)], recipient=[f"ops{i}@example.com" for i in range(60)])
     pool = database.service_pool(db_dsn, size=10)
     dispatchers = [Dispatcher(pool, settings, threads_per_channel=4) for _ in range(2)]
     for d in dispatchers:

@@ -149,7 +149,7 @@ def service_env(settings, port: int, log_file: Path, dsn: str) -> dict[str, str]
 
 
 def test_sigkill_with_100_notifications_due_delivers_every_one_after_restart(settings, smtp_server, db_dsn, tmp_path):
-    queue_emails(db_dsn, [f"n{i:03d}" for i in range(100)])
+    queue_emails(db_dsn, [f"n{i:03d}" for i in range(100)], recipient=[f"ops{i}@example.com" for i in range(100)])
     port = free_port()
     env = service_env(settings, port, tmp_path / "app.log", db_dsn)
 
@@ -217,7 +217,7 @@ def test_claims_of_a_live_dispatcher_are_not_taken_over(settings, db_dsn, smtp_s
     """Two dispatchers share the outbox; slow sends in one are not repeated by the other."""
     from notification import Dispatcher
 
-    queue_emails(db_dsn, [f"s{i}" for i in range(12)])
+    queue_emails(db_dsn, [f"s{i}" for i in range(12)], recipient=[f"ops{i}@example.com" for i in range(12)])
     pool = database.service_pool(db_dsn, size=8)
     gate = threading.Semaphore(0)
 
