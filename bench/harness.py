@@ -513,6 +513,8 @@ def service_settings(dsn: str, servers: LoopbackServers, data_dir: Path, **overr
         twilio_from_number=TWILIO_FROM, twilio_api_base_url=servers.base_url,
         retry_delay_minutes=0.005, max_retries=3, data_dir=str(data_dir), log_file="", workers=4,
         query_timeout_seconds=10,
+        # The loopback servers have no sending limit, unlike the providers the defaults are set for.
+        smtp_max_per_second=0, twilio_max_per_second=0,
     )
     values.update(overrides)
     return load_settings(**values)
