@@ -90,7 +90,8 @@ class _Workers:
 
 @dataclass
 class _Share:
-    """One data source's share of the workers: how many drain its queue now, and the alerts waiting in it."""
+    """One data source's share of the workers: how many drain its queue now, and the alerts waiting in it (alert,
+    cause, whether its last query was slow)."""
 
     running: int = 0
     waiting: deque = field(default_factory=deque)
@@ -463,9 +464,14 @@ class AlertScheduler:
         """Put flights (marked running) in their data source's queue and start workers to drain it, as many as
         its share allows and its queue needs. A flight stays marked running while it waits, so later requests
         join it as its pending re-run: nothing is lost."""
+        # Whether each alert is known to be slow is read first: the share lock is never held while taking the
+        # state lock (the schedule loop holds the state lock while it hands out work).
         by_source: dict[UUID | None, list] = {}
-        for alert_id, cause in flights:
-            by_source.setdefault(self._source_of(alert_id), []).append((alert_id, cause))
+        with self._state_lock:
+            for alert_id, cause in flights:
+                entry = self._registered.get(alert_id)
+                by_source.setdefault(entry.data_source_id if entry is not None else None, []).append(
+                    (alert_id, cause, entry is not None and entry.slow))
         for source_id, items in by_source.items():
             with self._share_lock:
                 share = self._shares.setdefault(source_id, _Share())
@@ -476,20 +482,12 @@ class AlertScheduler:
                 if source_id == draining:
                     continue  # the worker that re-queued these goes on draining this queue
                 # Running workers are busy with their batch: new ones take what waits now, a slow alert alone.
-                with self._state_lock:
-                    slow = sum(1 for alert_id, _ in share.waiting
-                               if (entry := self._registered.get(alert_id)) is not None and entry.slow)
+                slow = sum(1 for _, _, is_slow in share.waiting if is_slow)
                 wanted = slow + math.ceil((len(share.waiting) - slow) / BATCH_MAX_ALERTS)
                 starting = max(0, min(self.settings.workers_per_data_source - share.running, wanted))
                 share.running += starting
             for _ in range(starting):
                 self._submit_to_worker(source_id)
-
-    def _source_of(self, alert_id: UUID) -> UUID | None:
-        """The data source whose share an alert's flights run in (None once the alert is gone)."""
-        with self._state_lock:
-            entry = self._registered.get(alert_id)
-            return entry.data_source_id if entry is not None else None
 
     def _submit_to_worker(self, source_id: UUID | None) -> None:
         try:
@@ -515,17 +513,18 @@ class AlertScheduler:
                     for alert_id, _ in batch:
                         self._flights[alert_id].running = False
 
-    def _take_batch(self, share: _Share) -> list[tuple[UUID, str]]:
+    @staticmethod
+    def _take_batch(share: _Share) -> list[tuple[UUID, str]]:
         """Up to BATCH_MAX_ALERTS alerts from the front of the queue; an alert known to be slow goes alone."""
         batch: list[tuple[UUID, str]] = []
-        with self._state_lock:
-            while share.waiting and len(batch) < BATCH_MAX_ALERTS:
-                entry = self._registered.get(share.waiting[0][0])
-                if entry is not None and entry.slow and batch:
-                    break
-                batch.append(share.waiting.popleft())
-                if entry is not None and entry.slow:
-                    break
+        while share.waiting and len(batch) < BATCH_MAX_ALERTS:
+            alert_id, cause, slow = share.waiting[0]
+            if slow and batch:
+                break
+            share.waiting.popleft()
+            batch.append((alert_id, cause))
+            if slow:
+                break
         return batch
 
     def _began(self, alert_ids: list[UUID]) -> None:
@@ -588,11 +587,14 @@ class AlertScheduler:
             self._set_wakeup(alert_id, datetime.now(timezone.utc) + timedelta(seconds=outcome.retry_in))
         elif outcome.outcome is not None and not outcome.keep_wakeup:
             self._set_wakeup(alert_id, outcome.wake_at)
+        if outcome.outcome is not None:
+            # Before the flight lock: the schedule loop takes the state lock first and the flight lock inside it.
+            with self._flight_lock:
+                started = self._flights[alert_id].query_started
+            self._mark_clean(alert_id, started if outcome.outcome != "error" else None,
+                             slow=outcome.query_seconds > SLOW_QUERY_SECONDS)
         with self._flight_lock:
             flight = self._flights[alert_id]
-            if outcome.outcome is not None:
-                self._mark_clean(alert_id, flight.query_started if outcome.outcome != "error" else None,
-                                 slow=outcome.query_seconds > SLOW_QUERY_SECONDS)
             if outcome.again and flight.pending is None:
                 flight.pending = cause  # someone stored a newer result meanwhile: measure against that
             if flight.pending == "event" and flight.last_event < flight.query_started:
