@@ -1494,13 +1494,18 @@ def mark_notification_failed(cur, *, notification_ids: Sequence[UUID], claimant_
 _PINNED_SETTINGS = (("standard_conforming_strings", "on"), ("backslash_quote", "safe_encoding"))
 
 
-def _read_only_transaction(cur, *, timeout_seconds: float) -> None:
-    # One round trip: the transaction's first statement makes it read-only, the rest pin how the query text is read
-    # and set its time limits. pg_catalog is named so that a search_path from the DSN cannot substitute a function.
+_BEGIN_READ_ONLY = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def _read_only_transaction(cur, *, timeout_seconds: float, first: str = _BEGIN_READ_ONLY) -> None:
+    # One round trip: `first` (by default the transaction's first statement, which makes it read-only), then the
+    # pins of how the query text is read and its time limits. pg_catalog is named so that a search_path from the
+    # DSN cannot substitute a function. The query text itself is always sent in a later message: PostgreSQL lexes
+    # a whole message before running any of it, so settings changed in the same message would come too late.
     milliseconds = int(timeout_seconds * 1000)
     pins = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in _PINNED_SETTINGS)
     cur.execute(
-        f"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
+        f"{first}; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
         "pg_catalog.set_config('statement_timeout', %s, true), pg_catalog.set_config('lock_timeout', %s, true), "
         "pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true)",
         (*(item for pair in _PINNED_SETTINGS for item in pair),
@@ -1574,7 +1579,8 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
     query: (columns, at most max_rows rows of at most max_bytes in all, whether the result was cut), or the error it
     ended with (QueryFailed: PostgreSQL refused or aborted it, and the next query still runs; DatabaseUnavailable:
     the connection was lost or a deadline passed, for it and every query after it), with the seconds it took. A
-    query whose rows fit in the first fetch costs one round trip. `proceed(i)` is asked before query i starts; when
+    query whose rows fit in the first fetch costs one round trip (and one more to reset the session between two
+    queries). `proceed(i)` is asked before query i starts; when
     it says no, that query and the rest are not run (and not in the list)."""
     results: list = []
     seconds = query_deadline(timeout_seconds)
@@ -1591,7 +1597,7 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
                         try:
                             with conn.cursor() as cur:
                                 result = _fetch_bounded(cur, query, first=position == 0, max_rows=max_rows,
-                                                        max_bytes=max_bytes)
+                                                        max_bytes=max_bytes, timeout_seconds=timeout_seconds)
                         except psycopg2.DatabaseError as exc:
                             if conn.closed or watch.fired:
                                 raise
@@ -1612,13 +1618,18 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
     return results
 
 
-def _fetch_bounded(cur, query: str, *, first: bool, max_rows: int, max_bytes: int) -> tuple[list[str], list[tuple], bool]:
+def _fetch_bounded(cur, query: str, *, first: bool, max_rows: int, max_bytes: int,
+                   timeout_seconds: float) -> tuple[list[str], list[tuple], bool]:
     """Run one query through a cursor inside the savepoint `alert_query` and fetch its rows within the limits."""
+    if not first:
+        # A round trip of its own before the next query's text: rolling back to the savepoint undoes the previous
+        # query (its cursor, any setting it changed, its error), and the pins are set and checked again, so a
+        # query that turned standard_conforming_strings off cannot change how the next one is read.
+        _read_only_transaction(cur, timeout_seconds=timeout_seconds, first="ROLLBACK TO SAVEPOINT alert_query")
     # The text was checked by the parser to be one read-only SELECT, so it is safe to embed; the line break ends a
-    # trailing comment. Rolling back to the savepoint undoes the previous query (its cursor, any setting it made)
-    # and recovers from its error; the savepoint stays for the next one.
+    # trailing comment.
     asked = min(FIRST_FETCH_ROWS, max_rows + 1)
-    cur.execute(("SAVEPOINT alert_query; " if first else "ROLLBACK TO SAVEPOINT alert_query; ")
+    cur.execute(("SAVEPOINT alert_query; " if first else "")
                 + "DECLARE alert_query NO SCROLL CURSOR FOR " + query + f"\n; FETCH {asked} FROM alert_query")
     columns = [column.name for column in cur.description] if cur.description else []
     # Fetched in batches that at most double and fit what is left of the byte budget at the largest row seen so far,

@@ -153,6 +153,24 @@ def test_a_string_that_hides_statements_runs_as_one_select_whatever_the_session_
         MARKER.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("setting", ["standard_conforming_strings', 'off", "client_encoding', 'SQL_ASCII"])
+def test_a_query_that_changes_a_setting_cannot_change_how_the_next_query_of_its_batch_is_read(empty_dsn, setting):
+    """Queries of one batch share a session: what one changes is undone before the next one's text is sent."""
+    execute(empty_dsn, "CREATE TABLE victim (x int)")
+    pool = database.Pool(empty_dsn, size=1, name="data source")
+    try:
+        results = database.run_queries(pool, queries=[
+            f"SELECT pg_catalog.set_config('{setting}', false) AS changed",
+            "SELECT '\\', 'x; COMMIT; DROP TABLE victim; COMMIT; --' AS a",
+            "SELECT current_setting('standard_conforming_strings') AS scs, current_setting('client_encoding') AS enc",
+        ], timeout_seconds=5, max_rows=10)
+    finally:
+        pool.close()
+    assert fetch(empty_dsn, "SELECT to_regclass('public.victim') IS NOT NULL") == [(True,)], "a smuggled DROP ran"
+    assert results[1][0][1] == [("\\", "x; COMMIT; DROP TABLE victim; COMMIT; --")], results[1]
+    assert results[2][0][1] == [("on", "UTF8")], results[2]
+
+
 def test_alert_sessions_read_strings_as_the_parser_does_and_are_read_only_by_default(lax_source):
     service, source_id, _ = lax_source
     response = service.client.post("/alert-configs/test", json=alert_body(
