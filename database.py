@@ -794,6 +794,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "outbox rows keep the order they were queued in",
+        """
+        -- Rows queued in one transaction share created_at: this orders them when one message carries several.
+        ALTER TABLE notification ADD COLUMN seq bigserial;
+        """,
+    ),
 ]
 
 
@@ -1035,9 +1043,14 @@ def list_alerts(cur, *, status: str | None = None, priority: str | None = None, 
 
 def list_active_alerts(cur) -> list[dict]:
     """Every active alert, for the scheduler, with what start-up needs to know of its stored state: the version it
-    was evaluated under (state_version, None when there is none) and whether that evaluation failed."""
+    was evaluated under (state_version, None when there is none) and whether it is settled (state_clean: its last
+    evaluation succeeded and nothing in it waits for the clock, such as a `for`, a repeat, a cooldown or a digest,
+    whose wake-up was kept only in memory)."""
     cur.execute("SELECT a.*, s.config_version AS state_version, "
-                "coalesce(s.initialized AND s.consecutive_errors = 0, false) AS state_clean FROM alert_config a "
+                "coalesce(s.initialized AND s.consecutive_errors = 0 AND s.pending_since IS NULL "
+                "AND (s.cooldown_until IS NULL OR s.cooldown_until <= now()) AND s.digest IS NULL "
+                "AND s.condition_state IS DISTINCT FROM 'FIRING', "
+                "false) AS state_clean FROM alert_config a "
                 "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.status = 'ACTIVE' ORDER BY a.created_at, a.id")
     return cur.fetchall()
 
@@ -1365,7 +1378,7 @@ def list_notifications(
 # group); the dispatcher sends each group as one message. A row is held while a live session's lease covers it.
 _WAITING_GROUPS = """
     waiting AS (
-        SELECT id, COALESCE(alert_config_id, id) AS grp, recipient, status, next_attempt_at, created_at,
+        SELECT id, COALESCE(alert_config_id, id) AS grp, recipient, status, next_attempt_at, created_at, seq,
                CASE WHEN claimed_until >= now() THEN EXISTS (SELECT 1 FROM pg_stat_activity a
                                                              WHERE a.pid = claimed_by_pid) ELSE false END AS held
         FROM notification WHERE channel = ANY(%(channels)s) AND status IN ('PENDING', 'RETRY')
@@ -1392,7 +1405,7 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
         "chosen AS MATERIALIZED (SELECT grp, recipient FROM ready WHERE due_at <= now() "
         "ORDER BY due_at, first_created_at LIMIT %(limit)s), "
         "members AS (SELECT id, grp, recipient FROM (SELECT w.id, w.grp, w.recipient, row_number() OVER "
-        "(PARTITION BY w.grp, w.recipient ORDER BY w.created_at, w.id) AS position "
+        "(PARTITION BY w.grp, w.recipient ORDER BY w.created_at, w.seq) AS position "
         "FROM waiting w JOIN chosen USING (grp, recipient)) numbered WHERE position <= %(rows)s), "
         "locked AS (SELECT id FROM notification WHERE id IN (SELECT id FROM members) "
         "AND status IN ('PENDING', 'RETRY') AND (claimed_until IS NULL OR claimed_until < now() "
@@ -1406,6 +1419,17 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
         {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds, "pid": claimant_pid},
     )
     return cur.fetchall()
+
+
+def release_notifications(cur, *, notification_ids: Sequence[UUID], claimant_pid: int) -> None:
+    """Give back claimed rows that were not sent (they did not fit in the message): due again at once, and the
+    attempt they were claimed for not counted."""
+    cur.execute(
+        "UPDATE notification SET claimed_until = NULL, claimed_by_pid = NULL, attempts = greatest(attempts - 1, 0), "
+        "updated_at = now() WHERE id = ANY(%(ids)s::uuid[]) AND claimed_by_pid = %(pid)s "
+        "AND status IN ('PENDING', 'RETRY')",
+        {"ids": [str(i) for i in notification_ids], "pid": claimant_pid},
+    )
 
 
 def adopt_claims(cur, *, old_pid: int, new_pid: int) -> None:
@@ -1737,7 +1761,7 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
     not}}. QueryFailed when the server cannot say."""
     relations, functions = sorted(set(relations), key=_pair_order), sorted(set(functions), key=_pair_order)
     if not relations and not functions:
-        return {"tables": {}, "unstable_tables": {}, "functions": {}}
+        return {"tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}}
     try:
         with pool.transaction() as cur:
             # TimescaleDB's views cannot even be named in a statement where the extension is absent: a round trip
@@ -1761,7 +1785,10 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
     unstable = {fact["key"]: reason for fact in row["relations"]
                 if fact["key"] is not None and (reason := _relation_reason(fact)) is not None}
     return {"tables": tables, "unstable_tables": unstable,
-            "functions": {(fact["schema"], fact["name"]): _function_reason(fact) for fact in row["functions"]}}
+            "functions": {(fact["schema"], fact["name"]): _function_reason(fact) for fact in row["functions"]},
+            # Changes when the table's definition does (a column renamed, retyped, added; rights; the table
+            # dropped and re-created), none of which fires a trigger: {key: version}.
+            "versions": {fact["key"]: fact["version"] for fact in row["relations"] if fact["key"] is not None}}
 
 
 def _pair_order(pair: tuple[str | None, str]) -> tuple[str, str]:
@@ -1780,7 +1807,9 @@ SELECT
     'inherits', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid),
     'replicated', EXISTS (SELECT 1 FROM pg_subscription_rel s WHERE s.srrelid = c.oid),
     'trigger_enabled', t.tgenabled, 'trigger_events', t.tgtype::int & %(every_change)s,
-    'hypertable', facts.hypertable, 'continuous_aggregate', facts.continuous_aggregate)), '[]')
+    'hypertable', facts.hypertable, 'continuous_aggregate', facts.continuous_aggregate,
+    'version', c.oid::text || '/' || c.xmin::text || '/' || (SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum)
+      FROM pg_attribute a WHERE a.attrelid = c.oid))), '[]')
   FROM unnest(%(rel_schemas)s::text[], %(rel_names)s::text[]) AS r(s, n)
   LEFT JOIN pg_class c ON c.oid = to_regclass(
     CASE WHEN r.s IS NULL THEN quote_ident(r.n) ELSE quote_ident(r.s) || '.' || quote_ident(r.n) END)
@@ -1807,8 +1836,7 @@ _TIMESCALEDB_FACTS = (
 
 
 def _relation_reason(fact: dict) -> str | None:
-    """Why a change to a relation may escape its statement-level change trigger, or None when none can (whether
-    it has the trigger at all is the caller's to check)."""
+    """Why a change to a relation may escape its statement-level change trigger, or None when none can."""
     key, namespace = fact["key"], fact["namespace"]
     if namespace in ("pg_catalog", "information_schema") or namespace.startswith("pg_toast"):
         return f"reads {key}, a system catalog or view, which has no change trigger"
@@ -1838,8 +1866,8 @@ def _relation_reason(fact: dict) -> str | None:
         return f"{key} is unlogged: a crash empties it without firing triggers"
     if fact["row_security"]:
         return f"{key} has row-level security: what its policies depend on is not checked"
-    if fact["trigger_enabled"] is None:
-        return None
+    if fact["trigger_enabled"] is None:  # dropped since it was installed, or the table was dropped and re-created
+        return f"{key} has no change trigger"
     if fact["trigger_enabled"] not in ("O", "A"):
         return f"{key}'s change trigger is disabled"
     if fact["replicated"] and fact["trigger_enabled"] != "A":

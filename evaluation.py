@@ -66,6 +66,7 @@ class Batch:
         self._next = 0  # position in _order of the next query to start
         self._running_since: float | None = None
         self._handed: set[UUID] = set()
+        self.waiters: dict[UUID, list[threading.Event]] = {}  # run-now callers this batch answers (scheduler's)
 
     def _plan(self, alert_ids: list[UUID]) -> None:
         with self._lock:

@@ -220,6 +220,7 @@ class Message:
     subject: str | None
     body: str
     html: str | None
+    carries: int = 1  # how many of the group's rows, from the first: the rest wait for the next send
 
 
 # A group holds at most this many rows: about EMAIL_MAX_CHARS of typical messages; the rest go in the next send.
@@ -228,41 +229,46 @@ _HTML_OPEN, _HTML_CLOSE = "<html><body>", "</body></html>"
 
 
 def combine_messages(rows: Sequence[dict]) -> Message:
-    """One message carrying every queued row of one alert, channel and recipient, in order (one row: as stored)."""
+    """One message carrying, in order, as many of the queued rows of one alert, channel and recipient as fit in one
+    message of that channel (at least the first; one row is sent as stored). `carries` says how many: the rest
+    are left for the next send, never cut away."""
     first = rows[0]
     if len(rows) == 1:
         return Message(subject=first["subject"], body=first["body"], html=first["html"])
     if first["channel"] == "whatsapp":
-        body = "\n\n".join(row["body"] for row in rows)
-        if len(body) > WHATSAPP_MAX_CHARS:
-            body = body[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
-        return Message(subject=None, body=body, html=None)
-    count = len(rows)
-    subject = f"{first['subject']} (+{_plural(count - 1, 'more update')})"
-    texts: list[str] = []
-    html_parts: list[str] = []
-    size = 0
+        bodies = [first["body"]]
+        size = len(first["body"])
+        for row in rows[1:]:
+            if size + 2 + len(row["body"]) > WHATSAPP_MAX_CHARS:
+                break
+            bodies.append(row["body"])
+            size += 2 + len(row["body"])
+        return Message(subject=None, body="\n\n".join(bodies), html=None, carries=len(bodies))
+    # Whole updates only, as many as fit in one email (the first always does: it was cut to size when rendered).
+    # The headings are sized for the whole group, so the updates chosen still fit once numbered.
+    carried, size = 0, 0
     for number, row in enumerate(rows, 1):
-        heading = f"--- update {number} of {count}: {row['subject']} ---"
-        text = f"{heading}\n{row['body']}"
-        # Whole updates only, leaving room for the note on the rest; the first is always shown (it fits alone).
-        if texts and size + len(text) > EMAIL_MAX_CHARS - 200:
+        length = len(_heading(number, len(rows), row)) + len(row["body"]) + 2
+        if carried and size + length > EMAIL_MAX_CHARS:
             break
-        texts.append(text)
-        size += len(text) + 1
+        carried, size = carried + 1, size + length
+    texts, html_parts = [], []
+    for number, row in enumerate(rows[:carried], 1):
+        heading = _heading(number, carried, row)
+        texts.append(f"{heading}\n{row['body']}")
         html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
-    hidden = count - len(texts)
-    if hidden:
-        more = f"… and {_plural(hidden, 'more update')} not shown here (too long for one email); see the API."
-        texts.append(more)
-        html_parts.append(f"<hr><p>{html.escape(more)}</p>")
     text = "\n".join(texts)
-    if len(text) > EMAIL_MAX_CHARS:
+    if len(text) > EMAIL_MAX_CHARS:  # one update alone, already at the limit, and its heading
         text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
     html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
     if len(html_text) > 4 * EMAIL_MAX_CHARS:
         html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
-    return Message(subject=subject, body=text, html=html_text)
+    subject = first["subject"] if carried == 1 else f"{first['subject']} (+{_plural(carried - 1, 'more update')})"
+    return Message(subject=subject, body=text, html=html_text, carries=carried)
+
+
+def _heading(number: int, count: int, row: dict) -> str:
+    return f"--- update {number} of {count}: {row['subject']} ---"
 
 
 def _html_inner(row: dict) -> str:
@@ -651,7 +657,7 @@ class SendRate:
 def group_claimed(rows: Sequence[dict]) -> list[list[dict]]:
     """Claimed rows as groups of one alert, channel and recipient, each in the order its rows were queued."""
     groups: dict[tuple, list[dict]] = {}
-    for row in sorted(rows, key=lambda r: (r["created_at"], str(r["id"]))):
+    for row in sorted(rows, key=lambda r: (r["created_at"], r["seq"])):
         key = (row["alert_config_id"] or row["id"], row["channel"], row["recipient"])
         groups.setdefault(key, []).append(row)
     return list(groups.values())
@@ -795,13 +801,16 @@ class Dispatcher:
                 handed += 1
         return handed
 
-    def _deliver(self, rows: list[dict], claimant: int) -> None:
-        first = rows[0]
+    def _deliver(self, group: list[dict], claimant: int) -> None:
+        first = group[0]
         channel = self.channels[first["channel"]]
+        rows, later = group, []
         ids = [row["id"] for row in rows]
         try:
             try:
-                message = combine_messages(rows)
+                message = combine_messages(group)
+                rows, later = group[:message.carries], group[message.carries:]
+                ids = [row["id"] for row in rows]
                 provider_id = channel.send(
                     recipient=first["recipient"], subject=message.subject, body=message.body, html_body=message.html
                 )
@@ -825,6 +834,10 @@ class Dispatcher:
                     logger.warning("notification %s was sent after its claim passed to another sender",
                                    _some([i for i in ids if i not in sent]))
                 logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
+            if later:  # what did not fit in this message goes in the next one
+                with self.pool.transaction() as cur:
+                    database.release_notifications(cur, notification_ids=[row["id"] for row in later],
+                                                   claimant_pid=claimant)
         except database.DatabaseError as exc:
             # The claim expires after its lease and the rows are sent again: a duplicate, never a loss.
             logger.error("could not record the outcome of notification %s: %s", _some(ids), exc)

@@ -40,8 +40,10 @@ BATCH_MAX_ALERTS = 50
 # its own from then on: a slow query holds up only itself.
 SLOW_QUERY_SECONDS = 0.25
 HAND_OFF_CHECK_SECONDS = 0.05
-# How often what alert queries depend on is looked up again in the data sources' catalogs.
-STABILITY_CHECK_MINUTES = 10
+# How often what alert queries depend on is looked up again in the data sources' catalogs (a change trigger
+# dropped, a column renamed, a table made a hypertable: none of them fires a trigger). Until then a scheduled run
+# may be skipped on what was true before.
+STABILITY_CHECK_SECONDS = 5
 
 
 class _Workers:
@@ -181,6 +183,8 @@ class AlertScheduler:
         self.skipped_runs = 0
         self.skipped_catch_ups = 0
         self._batches: dict[Batch, UUID | None] = {}  # running batches and their data sources
+        self._table_versions: dict[UUID, dict[str, str]] = {}  # per data source: each read table's definition
+        self._stability_lock = threading.Lock()
         self._batches_lock = threading.Lock()
         self._waiters: dict[UUID, list[threading.Event]] = {}
         # One-off evaluations an alert asked for: the end of a `for`, a `repeat_every` or a cooldown.
@@ -208,7 +212,7 @@ class AlertScheduler:
             self.pool, days=self.settings.evaluation_retention_days)
         self._guarded(self._prune_history)
         self._schedule.every(WAKEUP_CHECK_SECONDS).seconds.do(self._guarded, self._run_wakeups)
-        self._schedule.every(STABILITY_CHECK_MINUTES).minutes.do(
+        self._schedule.every(STABILITY_CHECK_SECONDS).seconds.do(
             self._guarded, self._executor.submit, self._guarded, self._check_all_stability)
         # The DELETE runs on a worker: the schedule thread only hands work out.
         self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
@@ -420,20 +424,37 @@ class AlertScheduler:
         except database.DatabaseError as exc:
             reason = f"could not tell what the query depends on: {exc}"
             reasons = {id(e): reason for e in entries}
+            redefined: set[str] = set()
+            facts = {"tables": {}}
         else:
+            versions = facts.pop("versions")
+            before = self._table_versions.get(source_id, {})
+            redefined = {key for key, version in versions.items() if before.get(key, version) != version}
+            self._table_versions[source_id] = versions
             reasons = {id(e): query_analysis.stable_reason(e.dependencies, watched_tables_with_triggers=with_triggers,
                                                            **facts) for e in entries}
         with self._state_lock:
             for entry in entries:
                 entry.stable_reason = reasons[id(entry)]
+                if redefined & set(entry.tables) or any(facts["tables"].get((r.schema, r.name)) in redefined
+                                                        for r in entry.dependencies.relations):
+                    entry.clean_since = None  # its stored result says nothing about the table as it is now
 
     def _check_all_stability(self) -> None:
         """The catalog can change under a running service (a trigger disabled, a table made a hypertable): look
-        again now and then."""
-        with self._state_lock:
-            sources = {e.data_source_id for e in self._registered.values()}
-        for source_id in sources:
-            self._guarded(self._check_stability, source_id)
+        again now and then. One look at a time, and none at a data source that does not answer, so these looks
+        never hold more than one worker."""
+        if not self._stability_lock.acquire(blocking=False):
+            return
+        try:
+            with self._state_lock:
+                sources = {e.data_source_id for e in self._registered.values()}
+            health = dict(self.evaluator.source_health)
+            for source_id in sources:
+                if health.get(source_id, SourceHealth()).not_answering_since is None:
+                    self._guarded(self._check_stability, source_id)
+        finally:
+            self._stability_lock.release()
 
     # --- single flight and batches ---------------------------------------------------------------------------
 
@@ -509,9 +530,13 @@ class AlertScheduler:
                 self._fly(source_id, batch)
             except Exception:
                 logger.exception("a batch of %d evaluation(s) failed", len(batch))
+                # End their flights, so a later request evaluates them; not those waiting in a queue again.
+                with self._share_lock:
+                    queued = {item[0] for share in self._shares.values() for item in share.waiting}
                 with self._flight_lock:
                     for alert_id, _ in batch:
-                        self._flights[alert_id].running = False
+                        if alert_id not in queued:
+                            self._flights[alert_id].running = False
 
     @staticmethod
     def _take_batch(share: _Share) -> list[tuple[UUID, str]]:
@@ -534,11 +559,10 @@ class AlertScheduler:
                 self._flights.setdefault(alert_id, _Flight()).query_started = now
 
     def _fly(self, source_id: UUID | None, requests: list[tuple[UUID, str]]) -> None:
-        waiting: dict[UUID, list[threading.Event]] = {}
+        batch = Batch(requests)
         with self._flight_lock:
             for alert_id, _ in requests:
-                waiting[alert_id] = self._waiters.pop(alert_id, [])  # answered by this evaluation
-        batch = Batch(requests)
+                batch.waiters[alert_id] = self._waiters.pop(alert_id, [])  # answered by this evaluation
         with self._batches_lock:
             self._batches[batch] = source_id
         try:
@@ -555,11 +579,9 @@ class AlertScheduler:
                 del self._batches[batch]
         kept = batch.kept()
         with self._flight_lock:
-            for alert_id in set(waiting) - {alert_id for alert_id, _ in kept}:  # handed off: not answered yet
-                self._waiters.setdefault(alert_id, []).extend(waiting.pop(alert_id))
-        for events in waiting.values():
-            for event in events:
-                event.set()
+            answered = [event for alert_id, _ in kept for event in batch.waiters.pop(alert_id, [])]
+        for event in answered:
+            event.set()
         again = []
         for alert_id, cause in kept:
             rerun = self._land(alert_id, cause, outcomes.get(alert_id, Outcome()))
@@ -576,6 +598,9 @@ class AlertScheduler:
             for batch, source_id in batches:
                 if batch.running_for() > SLOW_QUERY_SECONDS:
                     rest = batch.hand_off()
+                    with self._flight_lock:  # whoever waits for these waits for the batch that takes them now
+                        for alert_id, _ in rest:
+                            self._waiters.setdefault(alert_id, []).extend(batch.waiters.pop(alert_id, []))
                     if rest:
                         logger.info("a slow query holds a batch on data source %s: %d alert(s) handed to another "
                                     "worker", source_id, len(rest))
@@ -595,9 +620,10 @@ class AlertScheduler:
                              slow=outcome.query_seconds > SLOW_QUERY_SECONDS)
         with self._flight_lock:
             flight = self._flights[alert_id]
-            if outcome.again and flight.pending is None:
+            forced = outcome.again and flight.pending is None
+            if forced:
                 flight.pending = cause  # someone stored a newer result meanwhile: measure against that
-            if flight.pending == "event" and flight.last_event < flight.query_started:
+            if flight.pending == "event" and not forced and flight.last_event < flight.query_started:
                 flight.pending = None  # every event so far was committed before the query ran: no re-run
             if flight.pending is None or self._stop.is_set():
                 flight.running = False

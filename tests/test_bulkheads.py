@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -102,7 +103,8 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
             return shown if shown["status"] == "not answering" else None
 
         shown = eventually(source_shown_hung, timeout=15, interval=0.2, message="/health to show the hung source")
-        assert shown["not_answering_since"] and "did not answer within 4 s" in shown["last_error"]
+        # Seen first by an evaluation (4 s: its deadline) or by the listener's ping (5 s), whichever came first.
+        assert shown["not_answering_since"] and re.search(r"did not answer within [45] s", shown["last_error"])
         assert service.client.get("/health").json()["status"] == "ok"
 
         def deadline_errors() -> list[dict]:

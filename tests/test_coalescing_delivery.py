@@ -55,7 +55,7 @@ def queue(pool, alert_id: str, *subjects: str, recipient: str = "ops@example.com
 
 def rows(pool) -> list[dict]:
     with pool.transaction() as cur:
-        cur.execute("SELECT * FROM notification ORDER BY created_at, id")
+        cur.execute("SELECT * FROM notification ORDER BY created_at, seq")
         return cur.fetchall()
 
 
@@ -261,19 +261,39 @@ def test_several_email_rows_become_one_message_listing_each_in_order():
     assert combine_messages([email_row("a"), email_row("b")]).subject == "a (+1 more update)"
 
 
-def test_a_combined_email_stays_within_the_size_of_one_email():
+def test_a_combined_email_carries_as_many_whole_updates_as_fit_in_one_email():
     message = combine_messages([email_row(f"s{n}", "x" * 5_000 + "\n") for n in range(100)])
+    assert 10 < message.carries < 100
     assert len(message.body) <= EMAIL_MAX_CHARS and len(message.html) <= 4 * EMAIL_MAX_CHARS
-    assert "--- update 1 of 100: s0 ---" in message.body
-    assert message.body.rstrip().endswith("not shown here (too long for one email); see the API.")
-    assert message.subject == "s0 (+99 more updates)"
+    assert message.body.count("x" * 5_000 + "\n") == message.carries
+    assert f"--- update {message.carries} of {message.carries}: s{message.carries - 1} ---" in message.body
+    assert message.subject == f"s0 (+{message.carries - 1} more updates)"
 
 
-def test_combined_whatsapp_bodies_follow_each_other_and_are_cut_at_1600_characters():
+def test_combined_whatsapp_bodies_follow_each_other_as_far_as_1600_characters_go():
     short = combine_messages([{"channel": "whatsapp", "subject": None, "body": b, "html": None} for b in "ab"])
-    assert (short.subject, short.body, short.html) == (None, "a\n\nb", None)
+    assert (short.subject, short.body, short.html, short.carries) == (None, "a\n\nb", None, 2)
     long = combine_messages([{"channel": "whatsapp", "subject": None, "body": "y" * 900, "html": None}] * 3)
-    assert len(long.body) == WHATSAPP_MAX_CHARS and long.body.endswith(WHATSAPP_TRUNCATION_NOTE)
+    assert (long.body, long.carries) == ("y" * 900, 1)
+
+
+def test_rows_that_do_not_fit_in_one_whatsapp_message_arrive_in_the_next_ones(pool, settings, twilio_server):
+    alert = placeholder_alert(pool)
+    with pool.transaction() as cur:
+        database.insert_notifications(cur, notifications=[
+            {"alert_config_id": alert, "incident_id": None, "kind": "incident", "channel": "whatsapp",
+             "recipient": "+14155550123", "subject": None, "body": f"row {n} " + "z" * 700, "html": None}
+            for n in range(5)])
+    [dispatcher] = running(pool, settings)
+    try:
+        eventually(lambda: {r["status"] for r in rows(pool)} == {"SUCCESS"}, timeout=10,
+                   message="every row sent")
+    finally:
+        dispatcher.stop()
+    bodies = [request.body for request in twilio_server.delivered]
+    assert all(len(body) <= WHATSAPP_MAX_CHARS for body in bodies) and len(bodies) == 3
+    assert [n for body in bodies for n in range(5) if f"row {n} " in body] == [0, 1, 2, 3, 4]
+    assert not any(WHATSAPP_TRUNCATION_NOTE.strip() in body for body in bodies)
 
 
 def test_the_send_rate_allows_a_second_s_worth_at_once_then_one_send_per_interval():

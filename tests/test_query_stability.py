@@ -167,6 +167,7 @@ def described_reason(pool, query: str, watched: set[str]) -> str | None:
     deps = dependencies(query)
     described = database.describe_dependencies(
         pool, relations=[(ref.schema, ref.name) for ref in deps.relations], functions=deps.functions)
+    described.pop("versions")
     return stable_reason(deps, watched_tables_with_triggers=watched, **described)
 
 
@@ -266,7 +267,7 @@ def test_a_function_of_a_built_in_name_in_a_schema_on_the_search_path_makes_the_
 def test_nothing_to_describe_costs_no_round_trip(db_dsn):
     pool = database.Pool(database.read_only_dsn(dsn_with(db_dsn, dbname="no_such_database")), 1)
     assert database.describe_dependencies(pool, relations=[], functions=[]) == {
-        "tables": {}, "unstable_tables": {}, "functions": {}}
+        "tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}}
     pool.close()
 
 
@@ -301,7 +302,27 @@ def test_without_timescaledb_a_plain_table_is_described_all_the_same(empty_dsn):
     execute(empty_dsn, "CREATE TABLE plain (a int)")
     pool = database.Pool(database.read_only_dsn(empty_dsn), 1)
     try:
-        assert database.describe_dependencies(pool, relations=[(None, "plain")], functions=[]) == {
-            "tables": {(None, "plain"): "public.plain"}, "unstable_tables": {}, "functions": {}}
+        described = database.describe_dependencies(pool, relations=[(None, "plain")], functions=[])
+        assert described.pop("versions").keys() == {"public.plain"}
+        assert described == {"tables": {(None, "plain"): "public.plain"},
+                             "unstable_tables": {"public.plain": "public.plain has no change trigger"},
+                             "functions": {}}
     finally:
         pool.close()
+
+
+def test_a_tables_version_changes_with_its_definition_and_not_with_its_rows(db_dsn, reader_pool):
+    execute(db_dsn, "CREATE TABLE versioned (a int, b text)")
+
+    def version() -> str:
+        return database.describe_dependencies(reader_pool, relations=[(None, "versioned")],
+                                              functions=[])["versions"]["public.versioned"]
+
+    first = version()
+    execute(db_dsn, "INSERT INTO versioned VALUES (1, 'x'); ANALYZE versioned")
+    assert version() == first
+    execute(db_dsn, "ALTER TABLE versioned RENAME COLUMN b TO c")
+    renamed = version()
+    assert renamed != first
+    execute(db_dsn, "REVOKE ALL ON versioned FROM PUBLIC; GRANT SELECT ON versioned TO PUBLIC")
+    assert version() != renamed

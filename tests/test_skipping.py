@@ -91,3 +91,16 @@ def test_a_trigger_from_before_truncate_was_watched_is_replaced(service, smtp_se
     events = fetch(db_dsn, "SELECT tgtype & 32 <> 0 AS truncate FROM pg_trigger "
                              "WHERE tgname = 'alert_service_notify' AND tgrelid = 'dc_order'::regclass")
     assert events == [(True,)]
+
+
+def test_a_dropped_change_trigger_brings_the_scheduled_runs_back(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(schedule="interval:1s", notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(1)
+    service.wait_idle()
+    execute(db_dsn, "DROP TRIGGER alert_service_notify ON dc_order")
+    service.services.scheduler._check_all_stability()  # what the minutely look at the catalog does
+    insert_orders(db_dsn, ["ORD-UNHEARD"])
+    mail = smtp_server.wait_for(2, timeout=5)[1]
+    assert "ORD-UNHEARD" in mail.message.get_body(("plain",)).get_content()
+    assert evaluations(service, alert["id"], "schedule")
