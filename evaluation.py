@@ -68,11 +68,12 @@ class Batch:
         self._handed: set[UUID] = set()
         self.waiters: dict[UUID, list[threading.Event]] = {}  # run-now callers this batch answers (scheduler's)
 
-    def _plan(self, alert_ids: list[UUID]) -> None:
+    def plan(self, alert_ids: list[UUID]) -> None:
+        """The order the queries will run in (alerts without a query to run are not in it)."""
         with self._lock:
             self._order = [alert_id for alert_id in alert_ids if alert_id not in self._handed]
 
-    def _proceed(self, position: int) -> bool:
+    def proceed(self, position: int) -> bool:
         """Called before each query: False once that query (and every later one) was handed off."""
         with self._lock:
             if position >= len(self._order) or self._order[position] in self._handed:
@@ -94,7 +95,7 @@ class Batch:
             causes = dict(self.requests)
             return [(alert_id, causes[alert_id]) for alert_id in rest]
 
-    def _close(self) -> set[UUID]:
+    def close(self) -> set[UUID]:
         """The queries are over: nothing can be handed off any more. Returns the alerts that were."""
         with self._lock:
             self._next, self._running_since = len(self._order), None
@@ -177,12 +178,12 @@ class Evaluator:
                 by_source.setdefault(job.alert["data_source_id"], []).append(job)
             except rules.RuleError as exc:
                 job.result = str(exc)
-        batch._plan([job.alert["id"] for source_jobs in by_source.values() for job in source_jobs])
+        batch.plan([job.alert["id"] for source_jobs in by_source.values() for job in source_jobs])
         offset = 0
         for source_id, source_jobs in by_source.items():
-            self._run_queries(source_id, source_jobs, proceed=lambda i, base=offset: batch._proceed(base + i))
+            self._run_queries(source_id, source_jobs, proceed=lambda i, base=offset: batch.proceed(base + i))
             offset += len(source_jobs)
-        handed = batch._close()
+        handed = batch.close()
         for alert_id in handed:
             outcomes.pop(alert_id, None)
         jobs = [job for job in jobs if job.alert["id"] not in handed]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import os
 import signal
 import subprocess
@@ -81,7 +80,10 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
         "workers": 2, "workers_per_data_source": 1, "query_timeout_seconds": 2.0})).start()
     try:
         source_id = add_data_source(service, proxied_dsn(empty_dsn, proxy))
+        # random(): these run every second whatever changes, as a polling alert does, so one is in flight when
+        # the source stops answering.
         hung = [service.create_alert(name=f"Warehouse {i}", data_source_id=source_id, schedule="interval:1s",
+                                     query="SELECT order_number FROM dc_order WHERE random() >= 0",
                                      notification_channels={"email": ["warehouse@example.com"]}) for i in range(3)]
         service.create_alert(name="Orders", notification_channels={"email": ["ops@example.com"]})
         smtp_server.wait_for(4)
@@ -103,8 +105,7 @@ def test_a_hung_data_source_does_not_delay_alerts_on_another(settings, smtp_serv
             return shown if shown["status"] == "not answering" else None
 
         shown = eventually(source_shown_hung, timeout=15, interval=0.2, message="/health to show the hung source")
-        # Seen first by an evaluation (4 s: its deadline) or by the listener's ping (5 s), whichever came first.
-        assert shown["not_answering_since"] and re.search(r"did not answer within [45] s", shown["last_error"])
+        assert shown["not_answering_since"] and "did not answer within 4 s" in shown["last_error"]
         assert service.client.get("/health").json()["status"] == "ok"
 
         def deadline_errors() -> list[dict]:
