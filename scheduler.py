@@ -97,6 +97,13 @@ class _Share:
 
     running: int = 0
     waiting: deque = field(default_factory=deque)
+    # Catch-up evaluations (at start, after the listener reconnects) wait apart and take every other batch, so
+    # thousands of them do not delay the events and scheduled runs that come meanwhile, nor starve under them.
+    catching_up: deque = field(default_factory=deque)
+    catch_up_turn: bool = False
+
+    def queued(self) -> int:
+        return len(self.waiting) + len(self.catching_up)
 
 
 @dataclass
@@ -496,15 +503,17 @@ class AlertScheduler:
         for source_id, items in by_source.items():
             with self._share_lock:
                 share = self._shares.setdefault(source_id, _Share())
-                if front:
-                    share.waiting.extendleft(reversed(items))
-                else:
-                    share.waiting.extend(items)
+                for queue_, queued in ((share.catching_up, [i for i in items if i[1] == "catch_up"]),
+                                       (share.waiting, [i for i in items if i[1] != "catch_up"])):
+                    if front:
+                        queue_.extendleft(reversed(queued))
+                    else:
+                        queue_.extend(queued)
                 if source_id == draining:
                     continue  # the worker that re-queued these goes on draining this queue
                 # Running workers are busy with their batch: new ones take what waits now, a slow alert alone.
-                slow = sum(1 for _, _, is_slow in share.waiting if is_slow)
-                wanted = slow + math.ceil((len(share.waiting) - slow) / BATCH_MAX_ALERTS)
+                slow = sum(1 for queue_ in (share.waiting, share.catching_up) for _, _, is_slow in queue_ if is_slow)
+                wanted = slow + math.ceil((share.queued() - slow) / BATCH_MAX_ALERTS)
                 starting = max(0, min(self.settings.workers_per_data_source - share.running, wanted))
                 share.running += starting
             for _ in range(starting):
@@ -532,7 +541,8 @@ class AlertScheduler:
                 logger.exception("a batch of %d evaluation(s) failed", len(batch))
                 # End their flights, so a later request evaluates them; not those waiting in a queue again.
                 with self._share_lock:
-                    queued = {item[0] for share in self._shares.values() for item in share.waiting}
+                    queued = {item[0] for share in self._shares.values()
+                              for item in (*share.waiting, *share.catching_up)}
                 with self._flight_lock:
                     for alert_id, _ in batch:
                         if alert_id not in queued:
@@ -542,11 +552,15 @@ class AlertScheduler:
     def _take_batch(share: _Share) -> list[tuple[UUID, str]]:
         """Up to BATCH_MAX_ALERTS alerts from the front of the queue; an alert known to be slow goes alone."""
         batch: list[tuple[UUID, str]] = []
-        while share.waiting and len(batch) < BATCH_MAX_ALERTS:
-            alert_id, cause, slow = share.waiting[0]
+        taking = share.waiting
+        if share.catching_up and (share.catch_up_turn or not share.waiting):
+            taking = share.catching_up
+        share.catch_up_turn = taking is share.waiting
+        while taking and len(batch) < BATCH_MAX_ALERTS:
+            alert_id, cause, slow = taking[0]
             if slow and batch:
                 break
-            share.waiting.popleft()
+            taking.popleft()
             batch.append((alert_id, cause))
             if slow:
                 break
@@ -833,7 +847,7 @@ class AlertScheduler:
             sources = {e.data_source_id for e in self._registered.values()}
         listeners = dict(self.listener_states)
         with self._share_lock:
-            shares = {key: (share.running, len(share.waiting)) for key, share in self._shares.items()}
+            shares = {key: (share.running, share.queued()) for key, share in self._shares.items()}
         data_sources = {}
         source_health = dict(self.evaluator.source_health)
         for source_id in sorted(sources | set(source_health) | set(listeners), key=str):

@@ -21,6 +21,14 @@ def _reported_ids(service: BenchService, alert_id: str) -> list[int]:
     return [row["id"] for row in rows]
 
 
+def _reported_count(service: BenchService, alert_id: str) -> int:
+    """How many rows the alert's incidents reported, counted from each incident's new_row_count (an incident keeps
+    at most a thousand of its rows, so the ids alone undercount a big INSERT)."""
+    rows = service.sql("SELECT coalesce(sum((incident_data->>'new_row_count')::bigint), 0) AS n FROM incident "
+                       "WHERE alert_config_id = %s", (alert_id,))
+    return int(rows[0]["n"])
+
+
 def _event_evaluations(service: BenchService, alert_id: str, after: int) -> int:
     rows = service.sql("SELECT count(*) AS n FROM evaluation WHERE alert_config_id = %s AND id > %s "
                        "AND cause IN ('event', 'catch_up')", (alert_id, after))
@@ -74,9 +82,10 @@ def run(ctx: ScenarioContext) -> list[Metric]:
             ctx.progress(f"one INSERT of {sizes.batch_rows} rows")
             committed = writer.submit(one_statement, dsn, "INSERT INTO bench_batch (id, note) SELECT g, 'row ' || g "
                                       f"FROM generate_series(1, {sizes.batch_rows}) g").result(timeout=120)
-            batch_settled = _settle(service, batch_alert, sizes.batch_rows, 60)
+            batch_settled = (wait_until(lambda: _reported_count(service, batch_alert) >= sizes.batch_rows, 60, 0.1)
+                             and service.wait_idle(60))
             batch_evaluations = _event_evaluations(service, batch_alert, before)
-            batch_ids = _reported_ids(service, batch_alert)
+            batch_reported = _reported_count(service, batch_alert)
             batch_mails = servers.mails(with_text=False)
             truncated = service.sql("SELECT bool_or(truncated) AS t FROM evaluation WHERE alert_config_id = %s "
                                     "AND id > %s", (batch_alert, before))[0]["t"]
@@ -89,7 +98,7 @@ def run(ctx: ScenarioContext) -> list[Metric]:
             writer.shutdown()
     ctx.details.update(details)
     burst_missed = len(set(range(1, sizes.burst_inserts + 1)) - set(burst_ids))
-    batch_missed = len(set(range(1, sizes.batch_rows + 1)) - set(batch_ids))
+    batch_missed = max(sizes.batch_rows - batch_reported, 0)
     return [
         Metric("burst: event evaluations", burst_evaluations, "evals", target=("<=", 3), baseline=sizes.burst_inserts,
                baseline_name="statements"),
