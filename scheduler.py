@@ -101,6 +101,7 @@ class _Share:
     # thousands of them do not delay the events and scheduled runs that come meanwhile, nor starve under them.
     catching_up: deque = field(default_factory=deque)
     catch_up_turn: bool = False
+    slow: int = 0  # how many waiting alerts (in either queue) are known to be slow
 
     def queued(self) -> int:
         return len(self.waiting) + len(self.catching_up)
@@ -116,6 +117,9 @@ class _Flight:
     # arrived before the query began was committed before it, so its rows are already in that result.
     query_started: float = 0.0
     last_event: float = 0.0
+    # When the evaluation now queued or running was asked for: while its query has not begun (query_started is
+    # older), it will see everything committed so far.
+    requested: float = 0.0
 
 
 _TOKENS = itertools.count()
@@ -188,6 +192,7 @@ class AlertScheduler:
         # When a notification last said a table changed (monotonic), for deciding which scheduled runs to skip.
         self._table_changed: dict[tuple[UUID, str], float] = {}
         self.skipped_runs = 0
+        self._covered_runs = 0  # scheduled runs an evaluation queued at the time answered
         self.skipped_catch_ups = 0
         self._batches: dict[Batch, UUID | None] = {}  # running batches and their data sources
         self._table_versions: dict[UUID, dict[str, str]] = {}  # per data source: each read table's definition
@@ -472,20 +477,28 @@ class AlertScheduler:
     def submit_many(self, alert_ids, cause: str) -> None:
         """Ask for evaluations of several alerts at once (they can then share a batch)."""
         starting = []
+        covered: set[UUID] = set()
         now = time.monotonic()
         with self._flight_lock:
             for alert_id in alert_ids:
                 flight = self._flights.setdefault(alert_id, _Flight())
                 if cause == "event":
                     flight.last_event = now
+                if flight.running and cause == "schedule" and flight.query_started < flight.requested:
+                    # Its evaluation is queued and has not begun: it will find what this run would.
+                    self._covered_runs += 1
+                    covered.add(alert_id)
+                    continue
                 if flight.running:
                     # An initial report or a config change outranks a plain event as the recorded cause.
                     if flight.pending is None or cause in ("manual", "catch_up"):
                         flight.pending = cause
                     continue
-                flight.running = True
+                flight.running, flight.requested = True, now
                 starting.append((alert_id, cause))
         self._enqueue(starting)
+        if covered:
+            self._promote(covered)
 
     def _enqueue(self, flights: list[tuple[UUID, str]], *, draining: UUID | None = None,
                  front: bool = False) -> None:
@@ -509,13 +522,40 @@ class AlertScheduler:
                         queue_.extendleft(reversed(queued))
                     else:
                         queue_.extend(queued)
+                share.slow += sum(1 for item in items if item[2])
                 if source_id == draining:
                     continue  # the worker that re-queued these goes on draining this queue
-                # Running workers are busy with their batch: new ones take what waits now, a slow alert alone.
-                slow = sum(1 for queue_ in (share.waiting, share.catching_up) for _, _, is_slow in queue_ if is_slow)
-                wanted = slow + math.ceil((share.queued() - slow) / BATCH_MAX_ALERTS)
-                starting = max(0, min(self.settings.workers_per_data_source - share.running, wanted))
-                share.running += starting
+                starting = self._workers_wanted(share)
+            for _ in range(starting):
+                self._submit_to_worker(source_id)
+
+    def _workers_wanted(self, share: _Share) -> int:
+        """How many more workers to start on a share (share lock held), counted as taken."""
+        # Running workers are busy with their batch: new ones take what waits now, a slow alert alone.
+        wanted = share.slow + math.ceil((share.queued() - share.slow) / BATCH_MAX_ALERTS)
+        starting = max(0, min(self.settings.workers_per_data_source - share.running, wanted))
+        share.running += starting
+        return starting
+
+    def _promote(self, alert_ids: set[UUID]) -> None:
+        """A scheduled run fell due for alerts whose catch-up still waits: that evaluation answers the run, so it
+        moves to the queue of what is due now."""
+        by_source: dict[UUID, set[UUID]] = {}
+        with self._state_lock:
+            for alert_id in alert_ids:
+                if (entry := self._registered.get(alert_id)) is not None:
+                    by_source.setdefault(entry.data_source_id, set()).add(alert_id)
+        for source_id, ids in by_source.items():
+            starting = 0
+            with self._share_lock:
+                share = self._shares.get(source_id)
+                if share is None or not share.catching_up:
+                    continue
+                moving = [item for item in share.catching_up if item[0] in ids]
+                if moving:
+                    share.catching_up = deque(item for item in share.catching_up if item[0] not in ids)
+                    share.waiting.extend(moving)
+                    starting = self._workers_wanted(share)
             for _ in range(starting):
                 self._submit_to_worker(source_id)
 
@@ -561,6 +601,7 @@ class AlertScheduler:
             if slow and batch:
                 break
             taking.popleft()
+            share.slow -= slow
             batch.append((alert_id, cause))
             if slow:
                 break
@@ -648,7 +689,7 @@ class AlertScheduler:
                 defer = True
             else:
                 defer = False
-                cause, flight.pending = flight.pending, None
+                cause, flight.pending, flight.requested = flight.pending, None, time.monotonic()
         if defer:
             # A burst of commits: gather it for a moment instead of one evaluation per commit. The flight stays
             # running, so later events join the same re-run, and the worker is free meanwhile. (Taken after the
@@ -674,7 +715,7 @@ class AlertScheduler:
                 if flight is None or not flight.running or flight.pending is None:
                     continue
                 resumed.append((alert_id, flight.pending))
-                flight.pending = None
+                flight.pending, flight.requested = None, time.monotonic()
         self._enqueue(resumed)
 
     def run_now(self, alert_id: UUID, timeout: float) -> None:
@@ -865,7 +906,8 @@ class AlertScheduler:
         return {
             "running": self.alive,
             "active_alerts": active,
-            "skipped_scheduled_runs": self.skipped_runs, "skipped_catch_ups": self.skipped_catch_ups,
+            "skipped_scheduled_runs": self.skipped_runs + self._covered_runs,
+            "skipped_catch_ups": self.skipped_catch_ups,
             "data_sources": data_sources,
             "listeners": {
                 str(source_id): {"connected": s.connected, "reconnects": s.reconnects, "last_error": s.last_error,
