@@ -1186,11 +1186,7 @@ def store_evaluations(
             [(i["id"], i["alert_config_id"], i["alert_name"], i["title"], i["description"], i["priority"],
               psycopg2.extras.Json(i["incident_data"])) for i in incidents],
             template="(%s, %s, %s, %s, %s, %s::priority_enum, %s)", page_size=1000)
-    if activities:
-        psycopg2.extras.execute_values(
-            cur, "INSERT INTO activity (incident_id, alert_config_id, action, details) VALUES %s",
-            [(a.get("incident_id"), a.get("alert_config_id"), a["action"], psycopg2.extras.Json(a.get("details") or {}))
-             for a in activities], page_size=1000)
+    insert_activities(cur, activities=activities)
     insert_notifications(cur, notifications=notifications)
     if states:
         columns = ("alert_config_id", *_STATE_FIELDS)
@@ -1297,6 +1293,16 @@ def insert_activity(
         "INSERT INTO activity (incident_id, alert_config_id, action, actor, details) VALUES (%s, %s, %s, %s, %s)",
         (incident_id, alert_id, action, actor, psycopg2.extras.Json(details or {})),
     )
+
+
+def insert_activities(cur, *, activities: Sequence[dict]) -> None:
+    """Record many things that happened (keys as insert_activity's: action, incident_id, alert_config_id,
+    details), in one statement."""
+    if activities:
+        psycopg2.extras.execute_values(
+            cur, "INSERT INTO activity (incident_id, alert_config_id, action, details) VALUES %s",
+            [(a.get("incident_id"), a.get("alert_config_id"), a["action"], psycopg2.extras.Json(a.get("details") or {}))
+             for a in activities], page_size=1000)
 
 
 def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
@@ -1604,8 +1610,8 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
     ended with (QueryFailed: PostgreSQL refused or aborted it, and the next query still runs; DatabaseUnavailable:
     the connection was lost or a deadline passed, for it and every query after it), with the seconds it took. A
     query whose rows fit in the first fetch costs one round trip (and one more to reset the session between two
-    queries). `proceed(i)` is asked before query i starts; when
-    it says no, that query and the rest are not run (and not in the list)."""
+    queries). `proceed(i)` is asked before query i starts; when it says no, that query and the rest are not run
+    (and not in the list)."""
     results: list = []
     seconds = query_deadline(timeout_seconds)
     try:
@@ -1758,7 +1764,8 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
     """What the catalog of a data source says about the relations and functions queries name, as the sessions of
     `pool` resolve them: {"tables": {(schema, name): key or None when absent}, "unstable_tables": {key: reason a
     change can escape its change trigger}, "functions": {(schema, name): None when immutable built-ins, else why
-    not}}. QueryFailed when the server cannot say."""
+    not}, "versions": {key: a text that changes with the table's definition}}. QueryFailed when the server cannot
+    say."""
     relations, functions = sorted(set(relations), key=_pair_order), sorted(set(functions), key=_pair_order)
     if not relations and not functions:
         return {"tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}}

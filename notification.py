@@ -823,13 +823,11 @@ class Dispatcher:
                 with self.pool.transaction() as cur:
                     sent = set(database.mark_notification_sent(cur, notification_ids=ids, claimant_pid=claimant,
                                                                provider_message_id=provider_id))
-                    for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent):
-                        if incident_id is None:
-                            continue
-                        database.insert_activity(
-                            cur, action="notified", incident_id=incident_id, alert_id=alert_id,
-                            details={"channel": first["channel"], "recipient": first["recipient"]},
-                        )
+                    database.insert_activities(cur, activities=[
+                        {"action": "notified", "incident_id": incident_id, "alert_config_id": alert_id,
+                         "details": {"channel": first["channel"], "recipient": first["recipient"]}}
+                        for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
+                        if incident_id is not None])
                 if len(sent) < len(ids):
                     logger.warning("notification %s was sent after its claim passed to another sender",
                                    _some([i for i in ids if i not in sent]))
@@ -859,11 +857,10 @@ class Dispatcher:
                 marked = set(database.mark_notification_failed(cur, notification_ids=ids, claimant_pid=claimant,
                                                                error=reason))
                 failed += [row for row in final if row["id"] in marked]
-                for incident_id, alert_id in _incidents(row for row in final if row["id"] in marked):
-                    database.insert_activity(
-                        cur, action="notification_failed", incident_id=incident_id, alert_id=alert_id,
-                        details={"channel": first["channel"], "recipient": first["recipient"], "error": reason},
-                    )
+                database.insert_activities(cur, activities=[
+                    {"action": "notification_failed", "incident_id": incident_id, "alert_config_id": alert_id,
+                     "details": {"channel": first["channel"], "recipient": first["recipient"], "error": reason}}
+                    for incident_id, alert_id in _incidents(row for row in final if row["id"] in marked)])
             retried = []
             if retry:
                 delay = retry_delay(attempts=max(row["attempts"] for row in retry),
