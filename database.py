@@ -1064,22 +1064,11 @@ def get_alert_state(cur, *, alert_id: UUID) -> dict | None:
     return cur.fetchone()
 
 
-def get_alert_with_state(cur, *, alert_id: UUID) -> tuple[dict | None, dict | None]:
-    """An alert and its stored state in one round trip (the evaluation's read)."""
-    state_columns = sql.SQL(", ").join(
-        sql.SQL("s.{} AS {}").format(sql.Identifier(name), sql.Identifier("state_" + name))
-        for name in (*_STATE_FIELDS, "evaluated_at")
-    )
-    cur.execute(
-        sql.SQL("SELECT a.*, s.alert_config_id IS NOT NULL AS state_exists, {} FROM alert_config a "
-                "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.id = %s").format(state_columns),
-        (alert_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        return None, None
-    state = {key[6:]: row.pop(key) for key in list(row) if key.startswith("state_")}
-    return row, (state if state.pop("exists") else None)
+_STATE_FIELDS = (
+    "config_version", "initialized", "fingerprints", "row_count", "snapshot", "condition_state", "pending_since",
+    "firing_incident_id", "last_notified_at", "cooldown_until", "digest", "consecutive_errors", "error_notified",
+    "last_error",
+)
 
 
 def get_alerts_with_state(cur, *, alert_ids: Sequence[UUID]) -> dict[UUID, tuple[dict, dict | None]]:
@@ -1112,58 +1101,9 @@ def lock_alert_versions(cur, *, alert_ids: Sequence[UUID]) -> dict[UUID, tuple[i
     return {row["id"]: (row["version"], row["status"], row["evaluated_at"]) for row in cur.fetchall()}
 
 
-def lock_alert_version(cur, *, alert_id: UUID) -> tuple[int, str, datetime | None] | None:
-    """Lock an alert's row for the rest of the transaction; return its version, status and when its state was
-    last stored (None if the alert was deleted)."""
-    cur.execute(
-        "SELECT a.version, a.status, s.evaluated_at FROM alert_config a "
-        "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.id = %s FOR UPDATE OF a",
-        (alert_id,),
-    )
-    row = cur.fetchone()
-    return (row["version"], row["status"], row["evaluated_at"]) if row else None
-
-
-_STATE_FIELDS = (
-    "config_version", "initialized", "fingerprints", "row_count", "snapshot", "condition_state", "pending_since",
-    "firing_incident_id", "last_notified_at", "cooldown_until", "digest", "consecutive_errors", "error_notified",
-    "last_error",
-)
-
-
-def save_alert_state(cur, *, alert_id: UUID, state: dict) -> None:
-    """Replace everything remembered about an alert between evaluations (keys: _STATE_FIELDS)."""
-    values = dict(state)
-    values["fingerprints"] = psycopg2.Binary(values["fingerprints"])
-    for name in ("snapshot", "digest"):
-        values[name] = None if values[name] is None else psycopg2.extras.Json(values[name])
-    columns = sql.SQL(", ").join(map(sql.Identifier, ("alert_config_id", *_STATE_FIELDS, "evaluated_at")))
-    placeholders = sql.SQL(", ").join([sql.Placeholder()] * (len(_STATE_FIELDS) + 1) + [sql.SQL("now()")])
-    updates = sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in (*_STATE_FIELDS, "evaluated_at")
-    )
-    cur.execute(
-        sql.SQL("INSERT INTO alert_state ({}) VALUES ({}) ON CONFLICT (alert_config_id) DO UPDATE SET {}").format(
-            columns, placeholders, updates),
-        [alert_id, *(values[name] for name in _STATE_FIELDS)],
-    )
-
-
 def clear_alert_state(cur, *, alert_id: UUID) -> None:
     """Forget an alert's last result, so its next evaluation is a fresh initial report."""
     cur.execute("DELETE FROM alert_state WHERE alert_config_id = %s", (alert_id,))
-
-
-def insert_evaluation(
-    cur, *, alert_id: UUID, cause: str, started_at: datetime, duration_ms: float, row_count: int | None,
-    new_row_count: int | None, truncated: bool, outcome: str, error: str | None,
-) -> None:
-    """Record one evaluation of an alert."""
-    cur.execute(
-        "INSERT INTO evaluation (alert_config_id, cause, started_at, duration_ms, row_count, new_row_count, "
-        "truncated, outcome, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (alert_id, cause, started_at, duration_ms, row_count, new_row_count, truncated, outcome, error),
-    )
 
 
 def store_evaluations(
