@@ -421,11 +421,10 @@ class AlertScheduler:
         with self._state_lock:
             entries = [e for e in self._registered.values() if e.data_source_id == source_id
                        and e.dependencies is not None and (e.dependencies.relations or e.dependencies.functions)]
-            if with_triggers is None:
-                with_triggers = {t for (s, t) in self._by_table if s == source_id}
-                with_triggers = {t for t in with_triggers if all(
-                    e.events_error is None for e in self._registered.values()
-                    if e.data_source_id == source_id and t in e.tables)}
+            if with_triggers is None:  # the tables as the last trigger sync left them
+                here = [e for e in self._registered.values() if e.data_source_id == source_id]
+                with_triggers = ({t for e in here for t in e.tables}
+                                 - {t for e in here if e.events_error is not None for t in e.tables})
         if not entries:
             return
         try:
