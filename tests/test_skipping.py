@@ -53,18 +53,6 @@ def test_a_constant_query_runs_once_and_not_again_after_a_restart(service, smtp_
     assert len(smtp_server.messages) == 1
 
 
-def test_rows_committed_while_the_service_was_down_are_reported_after_start(service, smtp_server, db_dsn):
-    create_orders_table(db_dsn)
-    service.create_alert(schedule="interval:1h", notification_channels={"email": ["ops@example.com"]})
-    smtp_server.wait_for(1)
-    service.wait_idle()
-    service.stop()
-    insert_orders(db_dsn, ["ORD-WHILE-DOWN"])
-    service.start()
-    mail = smtp_server.wait_for(2)[1]
-    assert "ORD-WHILE-DOWN" in mail.message.get_body(("plain",)).get_content()
-
-
 def test_a_truncate_wakes_the_alerts_on_the_table(service, smtp_server, db_dsn):
     create_orders_table(db_dsn)
     insert_orders(db_dsn, ["ORD-1"])
