@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # Unset: WORKERS - 1 (at least 1), so one data source that hangs always leaves a worker to the others.
     workers_per_data_source: int | None = Field(None, ge=1, le=64)
     dry_run_workers: int = Field(2, ge=1, le=32)
+    # new_rows alerts over one table that only filter and project are evaluated from the rows a statement changed.
+    incremental_evaluation: bool = True
     query_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_result_rows: int = Field(10_000, ge=1, le=1_000_000)
     max_result_bytes: int = Field(16_000_000, ge=10_000, le=2_000_000_000)

@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +29,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
+import query_analysis
 from config import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,19 @@ TRIGGER_NAME = "alert_service_notify"
 SERVICE_SCHEMA = "alert_service"
 TRIGGER_SCHEMA = SERVICE_SCHEMA
 TRIGGER_FUNCTION = "notify_change"
+# Tables some alert can evaluate incrementally carry two more statement triggers, for INSERT and UPDATE, each with
+# its transition tables: they log the changed rows in CHANGE_LOG and notify with the entry's id. The trigger named
+# TRIGGER_NAME then fires on DELETE and TRUNCATE only: a TRUNCATE has no transition table, and TimescaleDB refuses
+# DELETE triggers with transition tables on compressed hypertables (and compression on a table that has one), while
+# a delete of rows in an alert's result needs its full query anyway.
+CAPTURE_FUNCTION = "capture_change"
+CAPTURE_TRIGGERS = {"INSERT": "alert_service_capture_insert", "UPDATE": "alert_service_capture_update"}
+CHANGE_TRIGGERS = [TRIGGER_NAME, *CAPTURE_TRIGGERS.values()]  # every trigger of ours on a watched table
+CHANGE_LOG = "captured_change"
+# A statement that changed more rows than this (or rows of more bytes) is logged without them: the alerts on its
+# table are then evaluated in full.
+CHANGE_LOG_MAX_ROWS = 500
+CHANGE_LOG_MAX_BYTES = 256 * 1024
 _DDL_LOCK_KEY = 0x616C6572  # advisory lock serialising our DDL on a data source ("aler")
 _MIGRATION_LOCK_KEY = 0x616C6573
 
@@ -1467,7 +1482,7 @@ _PINNED_SETTINGS = (("standard_conforming_strings", "on"), ("backslash_quote", "
 _BEGIN_READ_ONLY = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
-def _read_only_transaction(cur, *, timeout_seconds: float, first: str = _BEGIN_READ_ONLY) -> None:
+def _read_only_transaction(cur, *, timeout_seconds: float, first: str = _BEGIN_READ_ONLY) -> str:
     # One round trip: `first` (by default the transaction's first statement, which makes it read-only), then the
     # pins of how the query text is read and its time limits. pg_catalog is named so that a search_path from the
     # DSN cannot substitute a function. The query text itself is always sent in a later message: PostgreSQL lexes
@@ -1477,7 +1492,8 @@ def _read_only_transaction(cur, *, timeout_seconds: float, first: str = _BEGIN_R
     cur.execute(
         f"{first}; SELECT {pins}, pg_catalog.current_setting('client_encoding'), "
         "pg_catalog.set_config('statement_timeout', %s, true), pg_catalog.set_config('lock_timeout', %s, true), "
-        "pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true)",
+        "pg_catalog.set_config('idle_in_transaction_session_timeout', %s, true), "
+        "pg_catalog.pg_current_snapshot()::text",
         (*(item for pair in _PINNED_SETTINGS for item in pair),
          f"{milliseconds}ms", f"{min(milliseconds, 5000)}ms", f"{milliseconds + 5000}ms"),
     )
@@ -1488,6 +1504,7 @@ def _read_only_transaction(cur, *, timeout_seconds: float, first: str = _BEGIN_R
         # A proxy or extension that ignores the pins would let the text be read differently: refuse to send it.
         raise QueryFailed(f"the data source's session did not take the settings alert queries need "
                           f"(standard_conforming_strings, backslash_quote, client_encoding: {', '.join(got)})")
+    return row[-1]  # the snapshot the queries see (in REPEATABLE READ, taken by this first statement)
 
 
 def _reset_session(conn: psycopg2.extensions.connection) -> None:
@@ -1541,8 +1558,18 @@ def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
     return result
 
 
-def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, max_rows: int,
+@dataclass(frozen=True)
+class DeltaQuery:
+    """An alert query rewritten to read logged rows (query_analysis.DeltaForm) and those rows: the text of an array
+    of the table's row type, which reaches the query through a setting, never through the query's text."""
+
+    text: str
+    rows: str
+
+
+def run_queries(pool: Pool, *, queries: Sequence[str | DeltaQuery], timeout_seconds: float, max_rows: int,
                 max_bytes: int = 16_000_000, proceed: Callable[[int], bool] | None = None,
+                snapshot: list[str] | None = None,
                 ) -> list[tuple[tuple[list[str], list[tuple], bool] | DatabaseError, float]]:
     """Run alert queries read-only, one after another on one connection in one snapshot (REPEATABLE READ), each in
     its own savepoint so that one failing query, or one changing a setting, leaves the others as they were. For each
@@ -1551,14 +1578,16 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
     the connection was lost or a deadline passed, for it and every query after it), with the seconds it took. A
     query whose rows fit in the first fetch costs one round trip (and one more to reset the session between two
     queries). `proceed(i)` is asked before query i starts; when it says no, that query and the rest are not run
-    (and not in the list)."""
+    (and not in the list). The snapshot's text (pg_current_snapshot) is appended to `snapshot` when given."""
     results: list = []
     seconds = query_deadline(timeout_seconds)
     try:
         with pool.connection(deadline_seconds=None) as conn:
             try:
                 with pool.watched(conn, seconds), conn.cursor() as cur:
-                    _read_only_transaction(cur, timeout_seconds=timeout_seconds)
+                    taken = _read_only_transaction(cur, timeout_seconds=timeout_seconds)
+                if snapshot is not None:
+                    snapshot.append(taken)
                 for position, query in enumerate(queries):
                     if proceed is not None and not proceed(position):
                         return results
@@ -1588,7 +1617,7 @@ def run_queries(pool: Pool, *, queries: Sequence[str], timeout_seconds: float, m
     return results
 
 
-def _fetch_bounded(cur, query: str, *, first: bool, max_rows: int, max_bytes: int,
+def _fetch_bounded(cur, query: str | DeltaQuery, *, first: bool, max_rows: int, max_bytes: int,
                    timeout_seconds: float) -> tuple[list[str], list[tuple], bool]:
     """Run one query through a cursor inside the savepoint `alert_query` and fetch its rows within the limits."""
     if not first:
@@ -1599,8 +1628,15 @@ def _fetch_bounded(cur, query: str, *, first: bool, max_rows: int, max_bytes: in
     # The text was checked by the parser to be one read-only SELECT, so it is safe to embed; the line break ends a
     # trailing comment.
     asked = min(FIRST_FETCH_ROWS, max_rows + 1)
-    cur.execute(("SAVEPOINT alert_query; " if first else "")
-                + "DECLARE alert_query NO SCROLL CURSOR FOR " + query + f"\n; FETCH {asked} FROM alert_query")
+    begin = "SAVEPOINT alert_query; " if first else ""
+    if isinstance(query, DeltaQuery):
+        # The rows are a parameter (set inside the savepoint, so they go with it); `%` in the text is escaped for
+        # the driver's parameter syntax.
+        cur.execute(begin + f"SELECT pg_catalog.set_config('{query_analysis.DELTA_SETTING}', %s, true); "
+                    "DECLARE alert_query NO SCROLL CURSOR FOR " + query.text.replace("%", "%%")
+                    + f"\n; FETCH {asked} FROM alert_query", (query.rows,))
+    else:
+        cur.execute(begin + "DECLARE alert_query NO SCROLL CURSOR FOR " + query + f"\n; FETCH {asked} FROM alert_query")
     columns = [column.name for column in cur.description] if cur.description else []
     # Fetched in batches that at most double and fit what is left of the byte budget at the largest row seen so far,
     # so a result whose values grow stops after a few of them instead of arriving as one huge FETCH (a whole FETCH
@@ -1708,7 +1744,8 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
     say."""
     relations, functions = sorted(set(relations), key=_pair_order), sorted(set(functions), key=_pair_order)
     if not relations and not functions:
-        return {"tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}}
+        return {"tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}, "delta_tables": {},
+                "delta_functions": {}}
     try:
         with pool.transaction() as cur:
             # TimescaleDB's views cannot even be named in a statement where the extension is absent: a round trip
@@ -1721,7 +1758,8 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
                                                "false AS hypertable, false AS continuous_aggregate"),
                 {"rel_schemas": [schema for schema, _ in relations], "rel_names": [name for _, name in relations],
                  "fn_schemas": [schema for schema, _ in functions], "fn_names": [name for _, name in functions],
-                 "trigger": TRIGGER_NAME, "every_change": _EVERY_CHANGE_EVENT},
+                 "triggers": CHANGE_TRIGGERS, "capture": list(CAPTURE_TRIGGERS.values()),
+                 "every_change": _EVERY_CHANGE_EVENT},
             )
             row = cur.fetchone()
     except psycopg2.DatabaseError as exc:
@@ -1733,6 +1771,11 @@ def describe_dependencies(pool: Pool, *, relations: Sequence[tuple[str | None, s
                 if fact["key"] is not None and (reason := _relation_reason(fact)) is not None}
     return {"tables": tables, "unstable_tables": unstable,
             "functions": {(fact["schema"], fact["name"]): _function_reason(fact) for fact in row["functions"]},
+            # Why the rows a statement changed cannot stand for the table in a query (see query_analysis).
+            "delta_tables": {fact["key"]: _relation_reason(fact, deltas=True) for fact in row["relations"]
+                             if fact["key"] is not None},
+            "delta_functions": {(fact["schema"], fact["name"]): _function_reason(fact, deltas=True)
+                                for fact in row["functions"]},
             # Changes when the table's definition does (a column renamed, retyped, added; rights; the table
             # dropped and re-created), none of which fires a trigger: {key: version}.
             "versions": {fact["key"]: fact["version"] for fact in row["relations"] if fact["key"] is not None}}
@@ -1750,10 +1793,11 @@ SELECT
     'schema', r.s, 'name', r.n, 'key', CASE WHEN c.oid IS NOT NULL THEN format('%%I.%%I', ns.nspname, c.relname) END,
     'namespace', ns.nspname, 'relkind', c.relkind, 'partition', c.relispartition,
     'unlogged', c.relpersistence = 'u', 'row_security', c.relrowsecurity,
+    'readable', CASE WHEN c.oid IS NOT NULL THEN has_table_privilege(c.oid, 'SELECT') END,
     'has_children', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
     'inherits', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid),
     'replicated', EXISTS (SELECT 1 FROM pg_subscription_rel s WHERE s.srrelid = c.oid),
-    'trigger_enabled', t.tgenabled, 'trigger_events', t.tgtype::int & %(every_change)s,
+    'trigger_enabled', t.tgenabled, 'trigger_events', t.tgtype, 'captured', t.captured,
     'hypertable', facts.hypertable, 'continuous_aggregate', facts.continuous_aggregate,
     'version', c.oid::text || '/' || c.xmin::text || '/' || (SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum)
       FROM pg_attribute a WHERE a.attrelid = c.oid))), '[]')
@@ -1761,13 +1805,20 @@ SELECT
   LEFT JOIN pg_class c ON c.oid = to_regclass(
     CASE WHEN r.s IS NULL THEN quote_ident(r.n) ELSE quote_ident(r.s) || '.' || quote_ident(r.n) END)
   LEFT JOIN pg_namespace ns ON ns.oid = c.relnamespace
-  LEFT JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = %(trigger)s
+  LEFT JOIN LATERAL (
+    SELECT CASE WHEN count(*) = 0 THEN NULL WHEN bool_and(t.tgenabled = 'A') THEN 'A'
+                WHEN bool_and(t.tgenabled IN ('O', 'A')) THEN 'O' ELSE 'D' END AS tgenabled,
+           bit_or(t.tgtype::int & %(every_change)s) AS tgtype,
+           count(*) FILTER (WHERE t.tgname = ANY (%(capture)s)) = cardinality(%(capture)s) AS captured
+    FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = ANY (%(triggers)s)) t ON true
   CROSS JOIN LATERAL (SELECT {timescaledb}) facts) AS relations,
  (SELECT coalesce(json_agg(json_build_object(
-    'schema', f.s, 'name', f.n, 'found', m.found, 'elsewhere', m.elsewhere, 'volatilities', m.volatilities)), '[]')
+    'schema', f.s, 'name', f.n, 'found', m.found, 'elsewhere', m.elsewhere, 'volatilities', m.volatilities,
+    'kinds', m.kinds, 'returns_set', m.returns_set)), '[]')
   FROM unnest(%(fn_schemas)s::text[], %(fn_names)s::text[]) AS f(s, n)
   CROSS JOIN LATERAL (
     SELECT count(*) AS found, array_agg(DISTINCT p.provolatile::text) AS volatilities,
+           array_agg(DISTINCT p.prokind::text) AS kinds, bool_or(p.proretset) AS returns_set,
            array_agg(DISTINCT ns.nspname::text) FILTER (WHERE ns.nspname <> 'pg_catalog') AS elsewhere
     FROM pg_proc p JOIN pg_namespace ns ON ns.oid = p.pronamespace
     WHERE p.proname = f.n
@@ -1782,15 +1833,22 @@ _TIMESCALEDB_FACTS = (
 )
 
 
-def _relation_reason(fact: dict) -> str | None:
-    """Why a change to a relation may escape its statement-level change trigger, or None when none can."""
+def _relation_reason(fact: dict, *, deltas: bool = False) -> str | None:
+    """Why a change to a relation may escape its statement-level change trigger, or None when none can. With
+    `deltas`: why the rows its capture triggers log may not be every row a write changed (a hypertable's
+    retention drops chunks unlogged, but a scheduled run of an alert on a hypertable always runs in full)."""
     key, namespace = fact["key"], fact["namespace"]
+    if deltas and not fact["captured"]:
+        return f"{key} has no trigger that logs changed rows"
+    if deltas and not fact["readable"]:
+        # The logged rows carry every column: a role that may read only some must read the table itself.
+        return f"the data source's role may not read every column of {key}"
     if namespace in ("pg_catalog", "information_schema") or namespace.startswith("pg_toast"):
         return f"reads {key}, a system catalog or view, which has no change trigger"
     if fact["continuous_aggregate"]:
         return (f"{key} is a continuous aggregate: refreshes, and retention on the hypertables under it, change it "
                 "without firing triggers")
-    if fact["hypertable"]:
+    if fact["hypertable"] and not deltas:
         return f"{key} is a hypertable: retention drops chunks without firing its triggers"
     if namespace.startswith("_timescaledb") or namespace.startswith("timescaledb_"):
         return f"reads {key}, which is TimescaleDB's own and has no change trigger"
@@ -1805,7 +1863,7 @@ def _relation_reason(fact: dict) -> str | None:
         return f"{key} {kinds.get(fact['relkind'], 'is not a table')}"
     if fact["partition"]:
         return f"{key} is a partition: writes through its parent fire only the parent's statement triggers"
-    if fact["has_children"]:
+    if fact["has_children"] and not (deltas and fact["hypertable"]):  # a hypertable's children are its chunks
         return f"{key} has inheritance children: writes to them fire only their own statement triggers"
     if fact["inherits"]:
         return f"{key} inherits from another table: writes through the parent fire only the parent's triggers"
@@ -1825,10 +1883,12 @@ def _relation_reason(fact: dict) -> str | None:
     return None
 
 
-def _function_reason(fact: dict) -> str | None:
+def _function_reason(fact: dict, *, deltas: bool = False) -> str | None:
     """Why calling every function a name may stand for can return something else over unchanged tables, or None
-    when they are all immutable built-ins."""
+    when they are all immutable built-ins. With `deltas`: also when one takes more than a row at a time."""
     name = fact["name"] if fact["schema"] is None else f"{fact['schema']}.{fact['name']}"
+    if deltas and fact["found"] and (set(fact["kinds"]) - {"f"} or fact["returns_set"]):
+        return f"calls {name}(), an aggregate, window or set-returning function, which needs every row at once"
     if not fact["found"]:
         return f"calls {name}(), which this data source does not have"
     if fact["elsewhere"]:
@@ -1896,9 +1956,10 @@ def _parse_qualified(key: str) -> tuple[str, str, str]:
     return parts[0], ".", parts[1]
 
 
-def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
-    """Make exactly the `wanted` tables carry our statement-level NOTIFY trigger; return {table: error} for
-    tables where it could not be installed (no privilege, lock timeout)."""
+def sync_triggers(pool: Pool, *, wanted: set[str], capture: set[str] = frozenset()) -> dict[str, str]:
+    """Make exactly the `wanted` tables carry our statement-level NOTIFY trigger, and those of them in `capture`
+    the triggers that log changed rows too; return {table: error} for tables where none could be installed (no
+    privilege, lock timeout). A table where the capture triggers cannot be installed gets the plain trigger."""
     with pool.connection(deadline_seconds=TRIGGER_SYNC_DEADLINE_SECONDS) as conn:
         try:
             with conn.cursor() as cur:
@@ -1913,12 +1974,12 @@ def sync_triggers(pool: Pool, *, wanted: set[str]) -> dict[str, str]:
             message = f"cannot take the trigger set-up lock: {_pg_message(exc)}"
             return {table: message for table in wanted}
         try:
-            return _sync_triggers_locked(conn, wanted)
+            return _sync_triggers_locked(conn, wanted, capture)
         finally:
             _reset_session(conn)  # DISCARD ALL also releases the advisory lock and the setting
 
 
-def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
+def _sync_triggers_locked(conn, wanted: set[str], capture: set[str]) -> dict[str, str]:
     errors: dict[str, str] = {}
     # The service writes its own tables at every evaluation: a trigger there would wake alerts forever.
     refused = {table for table in wanted if in_service_schema(table)}
@@ -1936,37 +1997,69 @@ def _sync_triggers_locked(conn, wanted: set[str]) -> dict[str, str]:
             return {**errors, **{table: message for table in wanted}}
         # TimescaleDB copies only row-level triggers to chunks, so every statement trigger named ours is ours.
         cur.execute(
-            "SELECT format('%%I.%%I', n.nspname, c.relname), t.tgtype & %s = %s FROM pg_trigger t "
+            "SELECT format('%%I.%%I', n.nspname, c.relname), "
+            "array_agg(t.tgname::text || ':' || (t.tgtype & %s)::text ORDER BY t.tgname) FROM pg_trigger t "
             "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE t.tgname = %s AND NOT t.tgisinternal",
-            (_EVERY_CHANGE_EVENT, _EVERY_CHANGE_EVENT, TRIGGER_NAME),
+            "WHERE t.tgname = ANY(%s) AND NOT t.tgisinternal GROUP BY 1",
+            (_EVERY_CHANGE_EVENT, CHANGE_TRIGGERS),
         )
-        found = cur.fetchall()
-        installed = {row[0] for row in found}
-        # Triggers from before TRUNCATE was watched are replaced (a TRUNCATE changes the result like a DELETE).
-        outdated = {row[0] for row in found if not row[1]}
+        installed = {row[0]: row[1] for row in cur.fetchall()}
         internal = _timescaledb_internal_tables(cur, wanted)
         conn.commit()
     for table in sorted(internal):
         errors[table] = "TimescaleDB's own catalog, where the service puts no trigger"
-    for table in sorted((wanted - installed - internal) | (wanted & outdated)):
-        # Dropped and created in one transaction, so no change goes unheard in between.
-        error = _run_ddl(conn, sql.SQL(
-            "DROP TRIGGER IF EXISTS {0} ON {1}; CREATE TRIGGER {0} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {1} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION {2}()"
-        ).format(sql.Identifier(TRIGGER_NAME), _split_key(table), sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION)))
+    for table in sorted(wanted - internal):
+        modes = ("capture", "plain") if table in capture else ("plain",)
+        if installed.get(table) == _TRIGGER_SETS[modes[0]]:
+            continue
+        for mode in modes:
+            # Dropped and created in one transaction, so no change goes unheard in between. (Triggers from before
+            # TRUNCATE was watched, or of the other mode, are replaced the same way.)
+            error = _run_ddl(conn, sql.SQL("; ").join([*_drop_our_triggers(table), *_create_triggers(table, mode)]))
+            if not error:
+                logger.info("installed change trigger%s on %s", "s that log changed rows" if mode == "capture" else "",
+                            table)
+                break
+            if mode == "capture":
+                logger.warning("cannot log changed rows of %s (its alerts are evaluated in full): %s", table, error)
         if error:
             errors[table] = error
-        else:
-            logger.info("installed change trigger on %s", table)
-    for table in sorted(installed - wanted):
-        error = _run_ddl(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-            sql.Identifier(TRIGGER_NAME), _split_key(table)))
+    for table in sorted(set(installed) - wanted):
+        error = _run_ddl(conn, sql.SQL("; ").join(_drop_our_triggers(table)))
         if error:
             logger.warning("could not drop the change trigger on %s: %s", table, error)
         else:
             logger.info("dropped change trigger on %s (no alert needs it)", table)
     return errors
+
+
+_EVENT_BITS = {event: bit for bit, event in _TRIGGER_EVENTS.items()}
+# What pg_trigger shows for each mode, as the query in _sync_triggers_locked lists it.
+_TRIGGER_SETS = {
+    "plain": [f"{TRIGGER_NAME}:{sum(_EVENT_BITS.values())}"],
+    "capture": sorted([f"{TRIGGER_NAME}:{_EVENT_BITS['DELETE'] + _EVENT_BITS['TRUNCATE']}",
+                       *(f"{name}:{_EVENT_BITS[event]}" for event, name in CAPTURE_TRIGGERS.items())]),
+}
+
+
+def _drop_our_triggers(table: str) -> list[sql.Composable]:
+    return [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), _split_key(table))
+            for name in CHANGE_TRIGGERS]
+
+
+def _create_triggers(table: str, mode: str) -> list[sql.Composable]:
+    notify = sql.SQL("CREATE TRIGGER {} AFTER {} ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
+        sql.Identifier(TRIGGER_NAME),
+        sql.SQL("DELETE OR TRUNCATE" if mode == "capture" else "INSERT OR UPDATE OR DELETE OR TRUNCATE"),
+        _split_key(table), sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION))
+    if mode == "plain":
+        return [notify]
+    transition = {"INSERT": "NEW TABLE AS new_rows", "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows"}
+    return [notify, *(
+        sql.SQL("CREATE TRIGGER {} AFTER {} ON {} REFERENCING {} FOR EACH STATEMENT EXECUTE FUNCTION {}()").format(
+            sql.Identifier(name), sql.SQL(event), _split_key(table), sql.SQL(transition[event]),
+            sql.Identifier(TRIGGER_SCHEMA, CAPTURE_FUNCTION))
+        for event, name in CAPTURE_TRIGGERS.items())]
 
 
 def _timescaledb_internal_tables(cur, tables: set[str]) -> set[str]:
@@ -2011,14 +2104,42 @@ TRIGGER_FUNCTION_BODY = (
 )
 
 
+# The capture function logs the rows a statement changed (as the text of an array of the table's row type, which
+# the alert query's session reads back exactly) and notifies with the log entry's id. It runs as its owner, the
+# service's trigger role, so writers need no right on the log, and a fixed search_path keeps their objects out of
+# it. The rows go to a table only that role can read, not into the notification: any session may LISTEN.
+CAPTURE_FUNCTION_BODY = (
+    " DECLARE old_text text := '{}'; new_text text := '{}'; key text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);"
+    " entry bigint; BEGIN"
+    " IF TG_OP = 'UPDATE' THEN SELECT CASE WHEN count(*) <= " + str(CHANGE_LOG_MAX_ROWS)
+    + " THEN coalesce(array_agg(c.r)::text, '{}') END INTO old_text FROM (SELECT r FROM old_rows r LIMIT "
+    + str(CHANGE_LOG_MAX_ROWS + 1) + ") c; END IF;"
+    " SELECT CASE WHEN count(*) <= " + str(CHANGE_LOG_MAX_ROWS)
+    + " THEN coalesce(array_agg(c.r)::text, '{}') END INTO new_text FROM (SELECT r FROM new_rows r LIMIT "
+    + str(CHANGE_LOG_MAX_ROWS + 1) + ") c;"
+    " IF coalesce(octet_length(old_text) + octet_length(new_text) > " + str(CHANGE_LOG_MAX_BYTES) + ", false) THEN"
+    " old_text := NULL; new_text := NULL; END IF;"
+    " INSERT INTO " + TRIGGER_SCHEMA + "." + CHANGE_LOG + " (table_key, old_rows, new_rows)"
+    " VALUES (key, old_text, new_text) RETURNING id INTO entry;"
+    " PERFORM pg_notify('" + NOTIFY_CHANNEL + "', key || ' ' || entry); RETURN NULL; END "
+)
+
+
+def parse_notification(payload: str) -> tuple[str, int | None]:
+    """A change notification's table key and, when the statement's rows were logged, the log entry's id."""
+    table, _, change = payload.rpartition(" ")
+    # A quoted name may hold spaces but ends with a quote: only the id is all digits after the last space.
+    return (table, int(change)) if table and change.isdigit() else (payload, None)
+
+
 def _ensure_trigger_function(cur) -> None:
     cur.execute(
-        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s AND p.proname = %s",
-        (TRIGGER_SCHEMA, TRIGGER_FUNCTION),
+        "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname IN (%s, %s)",
+        (TRIGGER_SCHEMA, TRIGGER_FUNCTION, CAPTURE_FUNCTION),
     )
-    row = cur.fetchone()
-    if row is not None and row[0] == TRIGGER_FUNCTION_BODY:
+    found = dict(cur.fetchall())
+    if found == {TRIGGER_FUNCTION: TRIGGER_FUNCTION_BODY, CAPTURE_FUNCTION: CAPTURE_FUNCTION_BODY}:
         return
     # No USAGE for anyone else: a trigger calls its function by oid, so writers of watched tables need none, and in
     # the service's own database this schema holds the service's tables.
@@ -2028,6 +2149,41 @@ def _ensure_trigger_function(cur) -> None:
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
             sql.Identifier(TRIGGER_SCHEMA, TRIGGER_FUNCTION), sql.Literal(TRIGGER_FUNCTION_BODY))
     )
+    # Unlogged: a crash may empty it, and an entry that is gone only means a full evaluation.
+    cur.execute(sql.SQL(
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+        "xid xid8 NOT NULL DEFAULT pg_current_xact_id(), logged_at timestamptz NOT NULL DEFAULT now(), "
+        "table_key text NOT NULL, old_rows text, new_rows text)").format(
+            sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)))
+    cur.execute(
+        sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+                "SET search_path = pg_catalog, pg_temp AS {}").format(
+            sql.Identifier(TRIGGER_SCHEMA, CAPTURE_FUNCTION), sql.Literal(CAPTURE_FUNCTION_BODY))
+    )
+    cur.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(
+        sql.Identifier(TRIGGER_SCHEMA, CAPTURE_FUNCTION)))
+
+
+def read_changes(pool: Pool, *, ids: Sequence[int]) -> dict[int, dict]:
+    """The logged changes with these ids that are still kept: {id: {xid, table_key, old_rows, new_rows}} (rows
+    None when the statement changed too many to log)."""
+    with pool.transaction() as cur:
+        cur.execute(sql.SQL("SELECT id, xid::text AS xid, table_key, old_rows, new_rows FROM {} "
+                            "WHERE id = ANY(%s)").format(sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)),
+                    (list(ids),))
+        return {row["id"]: row for row in cur.fetchall()}
+
+
+def prune_changes(pool: Pool, *, older_than_seconds: float) -> int:
+    """Forget logged changes older than this (an evaluation that comes later evaluates in full); how many."""
+    with pool.transaction() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL AS present",
+                    (f"{_quote_ident(TRIGGER_SCHEMA)}.{_quote_ident(CHANGE_LOG)}",))
+        if not cur.fetchone()["present"]:
+            return 0
+        cur.execute(sql.SQL("DELETE FROM {} WHERE logged_at < now() - make_interval(secs => %s)").format(
+            sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)), (older_than_seconds,))
+        return cur.rowcount
 
 
 def open_listener(dsn: str) -> psycopg2.extensions.connection:

@@ -15,6 +15,7 @@ from uuid import UUID
 
 import database
 import notification
+import query_analysis
 import rules
 from config import Settings
 
@@ -53,6 +54,8 @@ class Outcome:
     retry_in: float | None = None
     again: bool = False
     query_seconds: float = 0.0
+    # Evaluated from logged rows, not in a snapshot: events that came while it ran are not in its result.
+    incremental: bool = False
 
 
 class Batch:
@@ -67,9 +70,13 @@ class Batch:
         self._running_since: float | None = None
         self._handed: set[UUID] = set()
         self.waiters: dict[UUID, list[threading.Event]] = {}  # run-now callers this batch answers (scheduler's)
+        # For alerts that may be evaluated from the changes logged on their table instead of their full query: the
+        # table's key and the changes' ids, in commit order.
+        self.deltas: dict[UUID, tuple[str, list[int]]] = {}
 
     def plan(self, alert_ids: list[UUID]) -> None:
-        """The order the queries will run in (alerts without a query to run are not in it)."""
+        """The order the queries will run in, by the alert each is for (an alert may have two in a row; alerts
+        without a query to run are not in it)."""
         with self._lock:
             self._order = [alert_id for alert_id in alert_ids if alert_id not in self._handed]
 
@@ -90,7 +97,9 @@ class Batch:
     def hand_off(self) -> list[tuple[UUID, str]]:
         """Take away the alerts whose queries have not started; this batch will not evaluate them."""
         with self._lock:
-            rest = [alert_id for alert_id in self._order[self._next:] if alert_id not in self._handed]
+            rest = list(dict.fromkeys(a for a in self._order[self._next:] if a not in self._handed))
+            if self._next and rest and self._order[self._next - 1] == rest[0]:
+                rest.pop(0)  # its first query runs now: it stays in this batch
             self._handed.update(rest)
             causes = dict(self.requests)
             return [(alert_id, causes[alert_id]) for alert_id in rest]
@@ -118,8 +127,22 @@ class _Job:
     condition: rules.Condition | None = None
     result: tuple | str | None = None  # the checked result, or the error as text
     seconds: float = 0.0  # the query's own time
+    # An incremental evaluation: the rows the logged statements added and removed, the result's size once they
+    # are applied, and the queries that run over them (whose answers replace the full query's).
+    delta: _Delta | None = None
+    snapshot: str | None = None  # the snapshot a full query ran in
     decision: rules.Decision | None = None
     rendered: list[notification.Rendered] = field(default_factory=list)
+
+
+@dataclass
+class _Delta:
+    """The logged changes an alert is evaluated from: the text of the arrays of rows they added and removed."""
+
+    added: str
+    removed: str
+    row_count: int = 0  # the full result's size once applied
+    needs_full: bool = False  # the rows did not decide alone: the full query must
 
 
 @dataclass
@@ -146,6 +169,14 @@ class Evaluator:
         self.on_outbox = on_outbox
         self.source_health: dict[UUID, SourceHealth] = {}
         self._dry_runs = threading.BoundedSemaphore(settings.dry_run_workers)
+        # For each alert whose stored result came from a full query run by this evaluator: (the alert's version, the
+        # snapshot that query ran in). Incremental evaluations build on it; anything else that happens to the alert
+        # (an error, a newer result stored elsewhere, a changed alert) drops it, so the next run is a full one.
+        self._baselines: dict[UUID, tuple[int, str]] = {}
+        self._baselines_lock = threading.Lock()
+        # Evaluations computed from logged rows, and those whose rows could not decide alone (for /health).
+        self.incremental_evaluations = 0
+        self.incremental_fallbacks = 0
 
     # --- batches ---------------------------------------------------------------------------------------------
 
@@ -178,12 +209,24 @@ class Evaluator:
                 by_source.setdefault(job.alert["data_source_id"], []).append(job)
             except rules.RuleError as exc:
                 job.result = str(exc)
-        batch.plan([job.alert["id"] for source_jobs in by_source.values() for job in source_jobs])
+        planned = {source_id: self._plan_queries(source_id, source_jobs, batch.deltas)
+                   for source_id, source_jobs in by_source.items()}
+        batch.plan([job.alert["id"] for items in planned.values() for job, _, _ in items])
         offset = 0
-        for source_id, source_jobs in by_source.items():
-            self._run_queries(source_id, source_jobs, proceed=lambda i, base=offset: batch.proceed(base + i))
-            offset += len(source_jobs)
+        for source_id, items in planned.items():
+            self._run_queries(source_id, items, proceed=lambda i, base=offset: batch.proceed(base + i))
+            offset += len(items)
         handed = batch.close()
+        for source_id, source_jobs in by_source.items():
+            # A change whose rows could not decide alone (an error over them, a removed row that was in the
+            # result): the full query, in a snapshot of its own.
+            again = [job for job in source_jobs if job.delta is not None and job.delta.needs_full
+                     and job.alert["id"] not in handed]
+            self.incremental_fallbacks += len(again)  # a statistic: a lost update under a race is harmless
+            for job in again:
+                job.delta, job.seconds = None, 0.0
+            if again:
+                self._run_queries(source_id, [(job, job.alert["query"], "full") for job in again])
         for alert_id in handed:
             outcomes.pop(alert_id, None)
         jobs = [job for job in jobs if job.alert["id"] not in handed]
@@ -201,27 +244,89 @@ class Evaluator:
             decided.append(job)
         if self.stopping() or not decided:
             return outcomes  # a template render cut short by the shutdown is no message to store
-        queued = self._store_batch(decided, outcomes, started_at=started_at, now=now)
+        try:
+            queued = self._store_batch(decided, outcomes, started_at=started_at, now=now)
+        finally:
+            self._note_baselines(jobs, outcomes)
         if queued:
             self.on_outbox()
         return outcomes
 
-    def _run_queries(self, source_id: UUID, jobs: list[_Job], *, proceed: Callable[[int], bool]) -> None:
-        """Run the jobs' queries on their data source in one snapshot and put each result (or error) on its job."""
-        results = self._query(source_id, [job.alert["query"] for job in jobs], for_api=False, proceed=proceed)
-        for job, (result, seconds) in zip(jobs, results):
-            job.seconds = seconds
-            job.result = self._checked(job.alert, job.condition, result)
+    def _plan_queries(self, source_id: UUID, jobs: list[_Job], deltas: dict[UUID, tuple[str, list[int]]]
+                      ) -> list[tuple[_Job, str | database.DeltaQuery, str]]:
+        """The queries to run for the jobs, in order: each alert's own query, or, for an alert that can be evaluated
+        from the changes logged since its last result, its query over the rows they added (and, when they removed
+        rows, over those too, to find out whether any was in the result)."""
+        wanted = {job.alert["id"]: deltas[job.alert["id"]] for job in jobs
+                  if job.alert["id"] in deltas and self._can_build_on(job)}
+        changes: dict[int, dict] = {}
+        if wanted:
+            try:
+                changes = database.read_changes(self.sources.triggers(source_id),
+                                                ids=sorted({i for _, ids in wanted.values() for i in ids}))
+            except database.DatabaseError as exc:
+                logger.info("logged changes on data source %s could not be read (evaluating in full): %s",
+                            source_id, exc)
+        planned: list[tuple[_Job, str | database.DeltaQuery, str]] = []
+        for job in jobs:
+            key, ids = wanted.get(job.alert["id"], (None, None))
+            delta = None
+            if key is not None:
+                delta = _delta(ids, changes, key, self._baselines[job.alert["id"]][1])
+                form = query_analysis.delta_form(job.alert["query"])
+                if isinstance(form, str) or (delta is not None and job.prior.digest and delta.added == "{}"):
+                    delta = None  # a digest due now is sent with the query's columns: the full query gives them
+            if delta is None:
+                planned.append((job, job.alert["query"], "full"))
+                continue
+            job.delta, delta.row_count = delta, job.row["row_count"]
+            self.incremental_evaluations += 1
+            job.result = ([], [], False, None)  # nothing added, until the query over the added rows says otherwise
+            text = form.query(key)
+            if delta.added != "{}":
+                planned.append((job, database.DeltaQuery(text, delta.added), "added"))
+            if delta.removed != "{}":
+                planned.append((job, database.DeltaQuery(text, delta.removed), "removed"))
+        return planned
 
-    def _query(self, source_id: UUID, queries: list[str], *, for_api: bool,
-               proceed: Callable[[int], bool] | None = None) -> list[tuple[object, float]]:
+    def _can_build_on(self, job: _Job) -> bool:
+        """Whether the alert's stored result is one this evaluator computed, and a new_rows one an incremental
+        evaluation can add to."""
+        baseline = self._baselines.get(job.alert["id"])
+        return (baseline is not None and baseline[0] == job.alert["version"] and job.row is not None
+                and job.prior is not None and job.prior.initialized and not job.prior.error_notified
+                and job.condition is not None and job.condition.type == "new_rows")
+
+    def _run_queries(self, source_id: UUID, items: list[tuple[_Job, str | database.DeltaQuery, str]], *,
+                     proceed: Callable[[int], bool] | None = None) -> None:
+        """Run the queries on their data source in one snapshot and put each result (or error) on its job. Over
+        removed rows, a query only says whether any of them was in the result (then the job needs its full query)."""
+        snapshot: list[str] = []
+        results = self._query(source_id, [query for _, query, _ in items], for_api=False, proceed=proceed,
+                              snapshot=snapshot)
+        for (job, _, kind), (result, seconds) in zip(items, results):
+            job.seconds += seconds
+            if kind == "full":
+                job.snapshot = snapshot[0] if snapshot else None
+                job.result = self._checked(job.alert, job.condition, result)
+            elif isinstance(result, database.DatabaseUnavailable):
+                job.delta, job.result = None, str(result)  # as the full query would have ended
+            elif isinstance(result, database.DatabaseError) or result[2] or (kind == "removed" and result[1]):
+                job.delta.needs_full = True  # the rows alone do not decide (an error over them, a removed row)
+            elif kind == "added":
+                job.result = self._checked(job.alert, job.condition, result)
+                job.delta.row_count += len(result[1])
+
+    def _query(self, source_id: UUID, queries: list[str | database.DeltaQuery], *, for_api: bool,
+               proceed: Callable[[int], bool] | None = None,
+               snapshot: list[str] | None = None) -> list[tuple[object, float]]:
         """Each query's result or error, with the time it took (fewer when `proceed` said stop); records whether
         the data source answered."""
         try:
             results = database.run_queries(
                 self.sources.get(source_id, for_api=for_api), queries=queries,
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
-                max_bytes=self.settings.max_result_bytes, proceed=proceed)
+                max_bytes=self.settings.max_result_bytes, proceed=proceed, snapshot=snapshot)
         except database.DatabaseError as exc:  # no connection to the data source (or no such data source)
             results = [(exc if isinstance(exc, database.DatabaseUnavailable) else database.QueryFailed(str(exc)),
                         0.0)] * len(queries)
@@ -255,6 +360,9 @@ class Evaluator:
         if isinstance(job.result, str):
             return rules.decide_error(prior=job.prior, error=job.result, error_notify_after=error_notify_after)
         columns, rows, truncated, keys = job.result
+        if job.delta is not None:
+            return rules.decide_added(condition=job.condition, prior=job.prior, columns=columns, rows=rows,
+                                      keys=keys, now=now)
         return rules.decide(condition=job.condition, prior=job.prior, columns=columns, rows=rows, keys=keys,
                             now=now, truncated=truncated)
 
@@ -296,7 +404,7 @@ class Evaluator:
                 stored[alert["id"]] = Outcome(again=True)  # someone stored a newer result: measure against that
                 continue
             error = job.result if isinstance(job.result, str) else None
-            row_count = None if error else len(job.result[1])
+            row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
                      row_count=row_count, is_state=job.condition is not None and job.condition.is_state)
             summary = decision.summary or {}
@@ -307,7 +415,8 @@ class Evaluator:
                 "truncated": False if error else job.result[2], "outcome": decision.outcome, "error": error,
             })
             stored[alert["id"]] = Outcome(decision.outcome, wake_at=decision.wake_at,
-                                          keep_wakeup=decision.outcome == "error", query_seconds=job.seconds)
+                                          keep_wakeup=decision.outcome == "error", query_seconds=job.seconds,
+                                          incremental=job.delta is not None)
             if decision.notices:
                 logger.info("alert %s (%s): %s", alert["name"], alert["id"],
                             ", ".join(n.headline for n in decision.notices))
@@ -316,6 +425,20 @@ class Evaluator:
             notifications=writes.notifications, states=writes.states, evaluations=writes.evaluations)
         outcomes.update(stored)  # only once the statements went through
         return len(writes.notifications)
+
+    def _note_baselines(self, jobs: list[_Job], outcomes: dict[UUID, Outcome]) -> None:
+        """Remember the snapshot of each stored full result, keep it under a stored incremental one, and forget
+        it for every other alert of the batch."""
+        with self._baselines_lock:
+            for job in jobs:
+                alert_id, outcome = job.alert["id"], outcomes.get(job.alert["id"], Outcome())
+                if outcome.outcome in (None, "error"):
+                    self._baselines.pop(alert_id, None)
+                elif job.delta is None:
+                    if job.snapshot is None:
+                        self._baselines.pop(alert_id, None)
+                    else:
+                        self._baselines[alert_id] = (job.alert["version"], job.snapshot)
 
     # --- dry runs --------------------------------------------------------------------------------------------
 
@@ -362,6 +485,34 @@ class Evaluator:
             health.last_error = error
             if health.not_answering_since is None:
                 health.not_answering_since = datetime.now(timezone.utc)
+
+
+def _delta(ids: list[int], changes: dict[int, dict], key: str, baseline: str) -> _Delta | None:
+    """The rows the logged changes added to and removed from the table since the baseline snapshot, or None when a
+    change is no longer kept, was too large to log its rows, or is on another table."""
+    added, removed = [], []
+    for change_id in ids:
+        change = changes.get(change_id)
+        if change is None or change["table_key"] != key or change["new_rows"] is None or change["old_rows"] is None:
+            return None
+        if visible_in(int(change["xid"]), baseline):
+            continue  # committed before the full query's snapshot: its rows are in that result already
+        added.append(change["new_rows"])
+        removed.append(change["old_rows"])
+    return _Delta(added=join_arrays(added), removed=join_arrays(removed))
+
+
+def visible_in(xid: int, snapshot: str) -> bool:
+    """Whether a committed transaction is visible in a snapshot, given as pg_current_snapshot() prints it
+    (xmin:xmax:in-progress ids)."""
+    xmin, xmax, running = snapshot.split(":")
+    return xid < int(xmin) or (xid < int(xmax) and str(xid) not in running.split(","))
+
+
+def join_arrays(arrays: list[str]) -> str:
+    """One array literal with the elements of several one-dimensional ones, in order ({a,b} and {c}: {a,b,c})."""
+    inner = [text[1:-1] for text in arrays if text != "{}"]
+    return "{" + ",".join(inner) + "}"
 
 
 def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],

@@ -7,7 +7,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError, parse_sql_json, scan
 
 _WRITING_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 
@@ -221,3 +221,120 @@ def stable_reason(deps: QueryDependencies, *, tables: Mapping[tuple[str | None, 
 
 def _function_name(pair: tuple[str | None, str]) -> str:
     return pair[1] if pair[0] is None else f"{pair[0]}.{pair[1]}"
+
+
+# --- incremental evaluation ------------------------------------------------------------------------------------
+
+# The setting that carries a change's rows (as the text of an array of the table's row type) into the session that
+# runs the alert's query over them; set with set_config(..., true) just before, so it lives only in that savepoint.
+DELTA_SETTING = "alert_service.delta"
+# SelectStmt fields that make a result more than "each row of the table, filtered and projected on its own".
+_NOT_ROW_BY_ROW = {
+    "withClause": "has a WITH clause", "distinctClause": "uses DISTINCT", "groupClause": "groups rows",
+    "havingClause": "has HAVING", "windowClause": "uses a window", "limitCount": "has LIMIT",
+    "limitOffset": "has OFFSET", "valuesLists": "is a VALUES list", "larg": "is a set operation",
+    "intoClause": "creates a table", "lockingClause": "locks rows",
+}
+_AGGREGATE_FLAGS = ("agg_star", "agg_distinct", "agg_filter", "agg_order", "agg_within_group", "over")
+
+
+@dataclass(frozen=True)
+class DeltaForm:
+    """An alert query that only filters and projects the rows of one table: its result over the rows a statement
+    added is exactly the part of the full result those rows make. `before` and `after` are the query's text
+    around the table's name, which a delta query replaces with the rows."""
+
+    table: TableRef
+    before: str
+    after: str
+    alias: str | None  # None when the query names no alias: the rows then take the table's name
+
+    def query(self, row_type: str) -> str:
+        """The query over the rows in DELTA_SETTING; `row_type` is the table's quoted `schema.table`."""
+        rows = f"pg_catalog.unnest(pg_catalog.current_setting('{DELTA_SETTING}')::{row_type}[])"
+        named = "" if self.alias is not None else f" AS {quote_ident(self.table.name)}"
+        return f"{self.before}{rows}{named}{self.after}"
+
+
+def quote_ident(name: str) -> str:
+    """An identifier quoted as PostgreSQL's quote_ident() would always do it."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def delta_form(text: str) -> DeltaForm | str:
+    """The query's DeltaForm, or in plain words why its result cannot be computed from the changed rows alone.
+    Which functions it calls (aggregates, set-returning, volatile) is for the catalog to say, not the parser."""
+    try:
+        statements = json.loads(parse_sql_json(text)).get("stmts", [])
+    except ParseError as exc:
+        return f"syntax error: {exc}"
+    if len(statements) != 1 or "SelectStmt" not in statements[0]["stmt"]:
+        return "it is not one SELECT"
+    select = statements[0]["stmt"]["SelectStmt"]
+    for name, reason in _NOT_ROW_BY_ROW.items():
+        if name in select:
+            return f"the query {reason}"
+    from_clause = select.get("fromClause", [])
+    if len(from_clause) != 1 or "RangeVar" not in from_clause[0]:
+        return "the query does not read exactly one table (joins and subqueries in FROM need the whole tables)"
+    relation = from_clause[0]["RangeVar"]
+    if not relation.get("inh", False):
+        return "the query reads ONLY the table"
+    problem = _row_by_row_problem({key: value for key, value in select.items() if key != "fromClause"})
+    if problem:
+        return problem
+    # libpg_query gives byte offsets, the scanner character offsets.
+    start = len(text.encode("utf-8")[:relation["location"]].decode("utf-8", "ignore"))
+    tokens = scan(text)
+    position = next((i for i, token in enumerate(tokens) if token.start == start), None)
+    if position is None:
+        return "the table's name could not be found in the text"
+    end = position + 2 * sum(1 for part in ("catalogname", "schemaname") if part in relation)  # name . name . name
+    if end >= len(tokens):
+        return "the table's name could not be found in the text"
+    if position > 0 and tokens[position - 1].name == "TABLE":  # TABLE t is SELECT * FROM t
+        before = text[:tokens[position - 1].start] + "SELECT * FROM "
+    else:
+        before = text[:start]
+    alias = relation.get("alias", {}).get("aliasname")
+    return DeltaForm(table=TableRef(relation.get("schemaname"), relation["relname"]), before=before,
+                     after=text[tokens[end].end + 1:], alias=alias)
+
+
+def _row_by_row_problem(tree) -> str | None:
+    """Why a part of a query needs more than one row at a time (a subquery, an aggregate, a window), or None."""
+    if isinstance(tree, list):
+        return next((p for item in tree if (p := _row_by_row_problem(item))), None)
+    if not isinstance(tree, dict):
+        return None
+    if "SubLink" in tree:
+        return "the query has a subquery, which reads beyond the changed rows"
+    if "FuncCall" in tree and any(flag in tree["FuncCall"] for flag in _AGGREGATE_FLAGS):
+        return "the query aggregates or uses a window"
+    if "GroupingFunc" in tree:
+        return "the query groups rows"
+    return next((p for value in tree.values() if (p := _row_by_row_problem(value))), None)
+
+
+def delta_table(deps: QueryDependencies, form: DeltaForm | str, *,
+                tables: Mapping[tuple[str | None, str], str | None],
+                functions: Mapping[tuple[str | None, str], str | None],
+                delta_tables: Mapping[str, str | None],
+                delta_functions: Mapping[tuple[str | None, str], str | None]) -> tuple[str | None, str | None]:
+    """(the table's key, None) when the query's result over the rows a statement added is exactly what those rows
+    add to its full result, else (None, why not). The mappings are database.describe_dependencies' answer."""
+    if isinstance(form, str):
+        return None, form
+    if deps.time_dependent:
+        return None, deps.time_dependent[0]
+    for pair in deps.functions:
+        for facts in (functions, delta_functions):
+            if pair not in facts:
+                return None, f"calls {_function_name(pair)}(), which was not checked"
+            if facts[pair] is not None:
+                return None, facts[pair]
+    key = tables.get((form.table.schema, form.table.name))
+    if key is None:
+        return None, "the table it reads was not found"
+    reason = delta_tables.get(key, f"{key} was not checked")
+    return (None, reason) if reason is not None else (key, None)

@@ -456,6 +456,31 @@ def _decide_change(condition: Condition, prior: AlertState, state: AlertState, c
         found = [["added", *r] for r in added] + [["removed", *r] for r in removed] + [["changed", *r] for r in changed]
         out_columns, headline_word = ["change", *columns], "change"
     summary["triggering"] = len(found)
+    return _notify_change(condition, prior, state, found, out_columns, headline_word, now, summary)
+
+
+def decide_added(*, condition: Condition, prior: AlertState, columns: list[str], rows: Sequence[Sequence[Any]],
+                 keys: list[int] | None, now: datetime) -> Decision:
+    """What a new_rows evaluation decides from the rows committed statements added to the result alone (`rows`:
+    the query over those rows), given the state the last evaluation left: the same decision the whole result would
+    give, since the result is the old one plus these rows."""
+    if condition.type != "new_rows" or not prior.initialized or prior.error_notified:
+        raise ValueError("an incremental evaluation needs a new_rows alert whose last evaluation succeeded")
+    rows_json = _JsonRows(rows)
+    ids = identities(rows, keys)
+    state = AlertState(
+        initialized=True, fingerprints=prior.fingerprints | frozenset(ids), condition_state=prior.condition_state,
+        pending_since=prior.pending_since, firing_incident_id=prior.firing_incident_id,
+        last_notified_at=prior.last_notified_at, cooldown_until=prior.cooldown_until, digest=prior.digest,
+    )
+    found = [rows_json[i] for i in new_row_positions(prior.fingerprints, ids)]
+    summary = {"added": len(found), "removed": 0, "changed": 0, "triggering": len(found), "incremental": True}
+    return _notify_change(condition, prior, state, found, columns, "new row", now, summary)
+
+
+def _notify_change(condition: Condition, prior: AlertState, state: AlertState, found: list[list],
+                   out_columns: list[str], headline_word: str, now: datetime, summary: dict) -> Decision:
+    """The message a change condition sends for the rows it found, or the digest it keeps during a cooldown."""
     pending = list(prior.digest or [])
     in_cooldown = bool(condition.cooldown_seconds and prior.cooldown_until and now < prior.cooldown_until)
     if in_cooldown:

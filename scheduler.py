@@ -44,6 +44,10 @@ HAND_OFF_CHECK_SECONDS = 0.05
 # dropped, a column renamed, a table made a hypertable: none of them fires a trigger). Until then a scheduled run
 # may be skipped on what was true before.
 STABILITY_CHECK_SECONDS = 5
+# Changed rows the triggers logged are kept this long: an evaluation that comes later (a long backlog) runs the
+# full query instead.
+CHANGE_LOG_KEEP_SECONDS = 120
+CHANGE_LOG_PRUNE_SECONDS = 30
 
 
 class _Workers:
@@ -120,6 +124,9 @@ class _Flight:
     # When the evaluation now queued or running was asked for: while its query has not begun (query_started is
     # older), it will see everything committed so far.
     requested: float = 0.0
+    # The logged changes (ids, in commit order) the next evaluation may be computed from instead of the full query;
+    # None when something else asked for it (a schedule, a change that logged no rows), so it must run in full.
+    deltas: list[int] | None = field(default_factory=list)
 
 
 _TOKENS = itertools.count()
@@ -142,6 +149,10 @@ class _Registered:
     # When the queries of the last stored evaluation began (monotonic), if it succeeded under this registration.
     clean_since: float | None = None
     slow: bool = False
+    # Whether the query could be computed from the rows a statement changed (its shape, from the parser), and the
+    # table whose logged rows it is computed from once the catalog agreed (None: always the full query).
+    delta_form: query_analysis.DeltaForm | str = "not yet checked"
+    delta_table: str | None = None
 
 
 @dataclass
@@ -226,12 +237,13 @@ class AlertScheduler:
         self._schedule.every(WAKEUP_CHECK_SECONDS).seconds.do(self._guarded, self._run_wakeups)
         self._schedule.every(STABILITY_CHECK_SECONDS).seconds.do(
             self._guarded, self._executor.submit, self._guarded, self._check_all_stability)
-        # The DELETE runs on a worker: the schedule thread only hands work out.
+        # The DELETEs run on a worker: the schedule thread only hands work out.
         self._schedule.every(1).hours.do(self._guarded, self._executor.submit, self._guarded, self._prune_history)
+        self._schedule.every(CHANGE_LOG_PRUNE_SECONDS).seconds.do(
+            self._guarded, self._executor.submit, self._guarded, self._prune_changes)
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch_batches, name="batch-watch", daemon=True).start()
-        # Rows written while the service was down are found here; only the difference is sent.
         # Rows written while the service was down are found here; only the difference is sent. An alert whose
         # result depends on nothing that can change (no table, no clock) and was stored under its current version
         # needs no catch-up. (Without a record of changes made while the service was down, every alert that reads
@@ -316,6 +328,7 @@ class AlertScheduler:
                 entry.stable_reason = next(iter(entry.dependencies.time_dependent), None)
         except query_analysis.QueryRejected as exc:
             entry.stable_reason = f"the query does not parse: {exc}"
+        entry.delta_form = _delta_form(alert, self.settings)
         with self._state_lock:
             self._unregister(alert_id)
             if parsed.seconds is not None:
@@ -392,7 +405,10 @@ class AlertScheduler:
                 wanted = {t for (s, t) in self._by_table if s == source_id}
                 wanted_here = {t for (s, t) in self._by_table if s in same_database}
                 alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
-            errors = database.sync_triggers(self.sources.triggers(source_id), wanted=wanted_here)
+                # Tables some alert could be evaluated from the changed rows of also log those rows.
+                capture = {t for e in self._registered.values() if e.data_source_id in same_database
+                           and not isinstance(e.delta_form, str) for t in e.tables}
+            errors = database.sync_triggers(self.sources.triggers(source_id), wanted=wanted_here, capture=capture)
         except database.DatabaseError as exc:
             with self._state_lock:
                 wanted = {t for (s, t) in self._by_table if s == source_id}
@@ -435,21 +451,40 @@ class AlertScheduler:
         except database.DatabaseError as exc:
             reason = f"could not tell what the query depends on: {exc}"
             reasons = {id(e): reason for e in entries}
+            delta_tables = {}
             redefined: set[str] = set()
             facts = {"tables": {}}
         else:
             versions = facts.pop("versions")
+            delta_facts = {"delta_tables": facts.pop("delta_tables"), "delta_functions": facts.pop("delta_functions")}
             before = self._table_versions.get(source_id, {})
             redefined = {key for key, version in versions.items() if before.get(key, version) != version}
             self._table_versions[source_id] = versions
             reasons = {id(e): query_analysis.stable_reason(e.dependencies, watched_tables_with_triggers=with_triggers,
                                                            **facts) for e in entries}
+            delta_tables = {id(e): query_analysis.delta_table(
+                e.dependencies, e.delta_form, tables=facts["tables"], functions=facts["functions"], **delta_facts)[0]
+                for e in entries}
         with self._state_lock:
             for entry in entries:
                 entry.stable_reason = reasons[id(entry)]
+                entry.delta_table = delta_tables.get(id(entry))
                 if redefined & set(entry.tables) or any(facts["tables"].get((r.schema, r.name)) in redefined
                                                         for r in entry.dependencies.relations):
                     entry.clean_since = None  # its stored result says nothing about the table as it is now
+
+    def _prune_changes(self) -> None:
+        """Forget changed rows logged long ago on every answering data source whose tables log them."""
+        with self._state_lock:
+            sources = {e.data_source_id for e in self._registered.values() if not isinstance(e.delta_form, str)}
+        health = dict(self.evaluator.source_health)
+        for source_id in sources:
+            if health.get(source_id, SourceHealth()).not_answering_since is not None:
+                continue
+            try:
+                database.prune_changes(self.sources.triggers(source_id), older_than_seconds=CHANGE_LOG_KEEP_SECONDS)
+            except database.DatabaseError as exc:
+                logger.info("could not prune the changed rows logged on data source %s: %s", source_id, exc)
 
     def _check_all_stability(self) -> None:
         """The catalog can change under a running service (a trigger disabled, a table made a hypertable): look
@@ -473,14 +508,20 @@ class AlertScheduler:
         """Ask for an evaluation; if one is running, remember that one more is needed after it."""
         self.submit_many([alert_id], cause)
 
-    def submit_many(self, alert_ids, cause: str) -> None:
-        """Ask for evaluations of several alerts at once (they can then share a batch)."""
+    def submit_many(self, alert_ids, cause: str, *, deltas: dict[UUID, list[int]] | None = None) -> None:
+        """Ask for evaluations of several alerts at once (they can then share a batch). For an event, `deltas` has
+        the logged changes each alert may be evaluated from; any other request makes the next evaluation a full one."""
         starting = []
         covered: set[UUID] = set()
         now = time.monotonic()
         with self._flight_lock:
             for alert_id in alert_ids:
                 flight = self._flights.setdefault(alert_id, _Flight())
+                ids = deltas.get(alert_id) if deltas is not None and cause == "event" else None
+                if ids is None:
+                    flight.deltas = None
+                elif flight.deltas is not None:
+                    flight.deltas.extend(ids)
                 if cause == "event":
                     flight.last_event = now
                 if flight.running and cause == "schedule" and flight.query_started < flight.requested:
@@ -586,6 +627,7 @@ class AlertScheduler:
                     for alert_id, _ in batch:
                         if alert_id not in queued:
                             self._flights[alert_id].running = False
+                            self._flights[alert_id].deltas = None
 
     @staticmethod
     def _take_batch(share: _Share) -> list[tuple[UUID, str]]:
@@ -614,9 +656,22 @@ class AlertScheduler:
 
     def _fly(self, source_id: UUID | None, requests: list[tuple[UUID, str]]) -> None:
         batch = Batch(requests)
+        taken: dict[UUID, list[int]] = {}
         with self._flight_lock:
             for alert_id, _ in requests:
                 batch.waiters[alert_id] = self._waiters.pop(alert_id, [])  # answered by this evaluation
+                flight = self._flights.get(alert_id)
+                if flight is not None:
+                    # This evaluation answers the changes logged so far; the next ones gather for the next.
+                    if flight.deltas:
+                        taken[alert_id] = flight.deltas
+                    flight.deltas = []
+        if taken:
+            with self._state_lock:
+                for alert_id, ids in taken.items():
+                    entry = self._registered.get(alert_id)
+                    if entry is not None and entry.delta_table is not None:
+                        batch.deltas[alert_id] = (entry.delta_table, ids)
         with self._batches_lock:
             self._batches[batch] = source_id
         try:
@@ -631,6 +686,11 @@ class AlertScheduler:
         finally:
             with self._batches_lock:
                 del self._batches[batch]
+        with self._flight_lock:
+            for alert_id in batch.deltas:
+                if outcomes.get(alert_id, Outcome()).outcome is None:
+                    # The changes it took were not evaluated: only a full query can still find their rows.
+                    self._flights[alert_id].deltas = None
         kept = batch.kept()
         with self._flight_lock:
             answered = [event for alert_id, _ in kept for event in batch.waiters.pop(alert_id, [])]
@@ -655,6 +715,8 @@ class AlertScheduler:
                     with self._flight_lock:  # whoever waits for these waits for the batch that takes them now
                         for alert_id, _ in rest:
                             self._waiters.setdefault(alert_id, []).extend(batch.waiters.pop(alert_id, []))
+                            if alert_id in batch.deltas:  # the changes it took go with this batch: run in full
+                                self._flights[alert_id].deltas = None
                     if rest:
                         logger.info("a slow query holds a batch on data source %s: %d alert(s) handed to another "
                                     "worker", source_id, len(rest))
@@ -677,8 +739,13 @@ class AlertScheduler:
             forced = outcome.again and flight.pending is None
             if forced:
                 flight.pending = cause  # someone stored a newer result meanwhile: measure against that
-            if flight.pending == "event" and not forced and flight.last_event < flight.query_started:
-                flight.pending = None  # every event so far was committed before the query ran: no re-run
+            if flight.pending == "event" and not forced:
+                if outcome.incremental:
+                    if flight.deltas == []:
+                        flight.pending = None  # the changes of every event so far were in the rows it took
+                elif flight.last_event < flight.query_started:
+                    flight.pending = None  # every event so far was committed before the query ran: no re-run
+                    flight.deltas = []
             if flight.pending is None or self._stop.is_set():
                 flight.running = False
                 flight.pending = None
@@ -842,9 +909,9 @@ class AlertScheduler:
                         last_ping = time.monotonic()
                     # Drained on every pass: the ping's round trip also reads notifications that were waiting.
                     if conn.notifies:
-                        tables = {n.payload for n in conn.notifies}
+                        changes = _changes_by_table([n.payload for n in conn.notifies])
                         conn.notifies.clear()
-                        self._on_tables_changed(source_id, tables)
+                        self._on_tables_changed(source_id, changes)
             except (psycopg2.Error, database.DatabaseError, OSError) as exc:
                 state.connected, state.up_since = False, None
                 state.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -866,13 +933,21 @@ class AlertScheduler:
                         pass
         state.connected, state.up_since = False, None
 
-    def _on_tables_changed(self, source_id: UUID, tables: set[str]) -> None:
+    def _on_tables_changed(self, source_id: UUID, changes: dict[str, list[int] | None]) -> None:
+        """Notifications arrived: `changes` has, per table, the ids of the changes logged with their rows, in
+        commit order (None when a statement's rows were not logged)."""
         now = time.monotonic()
+        deltas: dict[UUID, list[int]] = {}
         with self._state_lock:
-            for table in tables:
+            for table in changes:
                 self._table_changed[(source_id, table)] = now
-            alert_ids = set().union(*(self._by_table.get((source_id, t), set()) for t in tables)) if tables else set()
-        self.submit_many(alert_ids, "event")
+            alert_ids = set().union(*(self._by_table.get((source_id, t), set()) for t in changes)) if changes else set()
+            for alert_id in alert_ids:
+                entry = self._registered.get(alert_id)
+                ids = changes.get(entry.delta_table) if entry is not None and entry.delta_table else None
+                if ids is not None and set(entry.tables) <= {entry.delta_table}:
+                    deltas[alert_id] = ids
+        self.submit_many(alert_ids, "event", deltas=deltas)
 
     def _catch_up(self, source_id: UUID) -> None:
         """Notifications sent while the listener was away are gone: evaluate every event-driven alert there."""
@@ -907,6 +982,8 @@ class AlertScheduler:
             "active_alerts": active,
             "skipped_scheduled_runs": self.skipped_runs + self._covered_runs,
             "skipped_catch_ups": self.skipped_catch_ups,
+            "incremental_evaluations": self.evaluator.incremental_evaluations,
+            "incremental_fallbacks": self.evaluator.incremental_fallbacks,
             "data_sources": data_sources,
             "listeners": {
                 str(source_id): {"connected": s.connected, "reconnects": s.reconnects, "last_error": s.last_error,
@@ -915,6 +992,31 @@ class AlertScheduler:
                 for source_id, s in listeners.items()
             },
         }
+
+
+def _changes_by_table(payloads: list[str]) -> dict[str, list[int] | None]:
+    """Notification payloads (`schema.table`, followed by ` <id>` when the statement's rows were logged) as the
+    ids logged per table, in order; None for a table when one of its statements logged no rows."""
+    changes: dict[str, list[int] | None] = {}
+    for payload in payloads:
+        table, change = database.parse_notification(payload)
+        known = changes.setdefault(table, [])
+        if known is not None:
+            changes[table] = None if change is None else known + [change]
+    return changes
+
+
+def _delta_form(alert: dict, settings: Settings) -> query_analysis.DeltaForm | str:
+    """Whether the alert could be evaluated from the rows statements changed, as far as its text says."""
+    if not settings.incremental_evaluation:
+        return "incremental evaluation is switched off (INCREMENTAL_EVALUATION)"
+    try:
+        condition = rules.parse_condition(alert["condition"])
+    except rules.RuleError as exc:
+        return str(exc)
+    if condition.type != "new_rows":
+        return f"the condition is {condition.type}: only new_rows is decided by the added rows alone"
+    return query_analysis.delta_form(alert["query"])
 
 
 def _events_error(tables: tuple[str, ...], errors: dict[str, str]) -> str | None:

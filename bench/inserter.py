@@ -13,6 +13,8 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
+import database
+
 CHANNEL = "alert_service_table_change"  # the channel the service's trigger notifies
 
 
@@ -62,8 +64,8 @@ class NotifyListener:
                 if select.select([conn], [], [], 0.1)[0]:
                     conn.poll()
                     now, wall = time.monotonic(), time.time()
-                    for notify in conn.notifies:
-                        self.received.append((now, wall, notify.payload))
+                    for notify in conn.notifies:  # the table's name, without the id of its logged rows
+                        self.received.append((now, wall, database.parse_notification(notify.payload)[0]))
                     conn.notifies.clear()
         except psycopg2.Error as exc:
             self.error = str(exc)

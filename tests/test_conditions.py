@@ -283,7 +283,7 @@ def test_dry_runs_show_rows_diff_and_messages_and_send_nothing(service, smtp_ser
     preview = service.client.post(f"/alert-configs/{alert['id']}/test").json()
     assert preview["row_count"] == 3 and preview["summary"]["added"] == 0 and preview["would_notify"] is False
 
-    execute(db_dsn, "ALTER TABLE dc_order DISABLE TRIGGER alert_service_notify")
+    execute(db_dsn, "ALTER TABLE dc_order DISABLE TRIGGER USER")  # the change triggers: ORD4 wakes nothing
     insert_orders(db_dsn, ["ORD4"])
     preview = service.client.post(f"/alert-configs/{alert['id']}/test").json()
     assert preview["summary"]["added"] == 1 and preview["outcome"] == "triggered"

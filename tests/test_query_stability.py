@@ -167,7 +167,8 @@ def described_reason(pool, query: str, watched: set[str]) -> str | None:
     deps = dependencies(query)
     described = database.describe_dependencies(
         pool, relations=[(ref.schema, ref.name) for ref in deps.relations], functions=deps.functions)
-    described.pop("versions")
+    for key in ("versions", "delta_tables", "delta_functions"):
+        described.pop(key)
     return stable_reason(deps, watched_tables_with_triggers=watched, **described)
 
 
@@ -267,7 +268,7 @@ def test_a_function_of_a_built_in_name_in_a_schema_on_the_search_path_makes_the_
 def test_nothing_to_describe_costs_no_round_trip(db_dsn):
     pool = database.Pool(database.read_only_dsn(dsn_with(db_dsn, dbname="no_such_database")), 1)
     assert database.describe_dependencies(pool, relations=[], functions=[]) == {
-        "tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}}
+        "tables": {}, "unstable_tables": {}, "functions": {}, "versions": {}, "delta_tables": {}, "delta_functions": {}}
     pool.close()
 
 
@@ -306,7 +307,9 @@ def test_without_timescaledb_a_plain_table_is_described_all_the_same(empty_dsn):
         assert described.pop("versions").keys() == {"public.plain"}
         assert described == {"tables": {(None, "plain"): "public.plain"},
                              "unstable_tables": {"public.plain": "public.plain has no change trigger"},
-                             "functions": {}}
+                             "functions": {},
+                             "delta_tables": {"public.plain": "public.plain has no trigger that logs changed rows"},
+                             "delta_functions": {}}
     finally:
         pool.close()
 

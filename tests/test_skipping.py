@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import database
+
 from tests.conftest import create_orders_table, eventually, execute, fetch, insert_orders
 
 
@@ -86,7 +88,7 @@ def test_a_dropped_change_trigger_brings_the_scheduled_runs_back(service, smtp_s
     alert = service.create_alert(schedule="interval:1s", notification_channels={"email": ["ops@example.com"]})
     smtp_server.wait_for(1)
     service.wait_idle()
-    execute(db_dsn, "DROP TRIGGER alert_service_notify ON dc_order")
+    execute(db_dsn, "; ".join(f"DROP TRIGGER {name} ON dc_order" for name in database.CHANGE_TRIGGERS))
     service.services.scheduler._check_all_stability()  # what the minutely look at the catalog does
     insert_orders(db_dsn, ["ORD-UNHEARD"])
     mail = smtp_server.wait_for(2, timeout=5)[1]

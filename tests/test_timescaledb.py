@@ -300,3 +300,17 @@ def test_alert_queries_cannot_read_the_chunks_of_the_evaluation_history(service,
         "name": "peek", "query": f"SELECT alert_config_id FROM {history_chunks[0]['chunk']}", "schedule": "interval:1h",
         "notification_channels": {"email": ["ops@example.com"]}})
     assert response.status_code == 422 and "permission denied" in response.text, response.text
+
+
+def test_an_alert_on_a_compressed_hypertable_is_evaluated_from_the_logged_rows(service, smtp_server, tsdb_dsn):
+    make_hypertable(tsdb_dsn)
+    start_watching(service, smtp_server, query="SELECT order_number FROM dc_order WHERE priority IS DISTINCT FROM 'LOW'")
+    # Compression can still be switched on: the triggers that log rows use no DELETE transition table.
+    execute(tsdb_dsn, "ALTER TABLE dc_order SET (timescaledb.compress, timescaledb.compress_orderby = 'created_at')")
+    execute(tsdb_dsn, "SELECT compress_chunk(c) FROM show_chunks('dc_order') c")
+    before = service.client.get("/health").json()["scheduler"]["incremental_evaluations"]
+    execute(tsdb_dsn, "INSERT INTO dc_order (order_number, priority, created_at) "
+                      "VALUES ('ORD-HYPER', 'HIGH', now()), ('ORD-QUIET', 'LOW', now())")
+    mail = smtp_server.wait_for(2)[1]
+    assert "ORD-HYPER" in text(mail) and "ORD-QUIET" not in text(mail)
+    assert service.client.get("/health").json()["scheduler"]["incremental_evaluations"] == before + 1
