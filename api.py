@@ -16,7 +16,7 @@ import psycopg2.extensions
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
@@ -28,6 +28,7 @@ from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
 from evaluation import DryRunsBusy
+from metrics import Metrics
 from scheduler import AlertScheduler
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Services:
     sources: database.SourcePools
     dispatcher: Dispatcher
     scheduler: AlertScheduler
+    metrics: Metrics
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
 
@@ -85,13 +87,15 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
                                        reader_dsn=reader_dsn,
                                        deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
                                        api_size=settings.dry_run_workers + 1)
-        dispatcher = Dispatcher(pool, settings)
-        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
+        metrics = Metrics()
+        dispatcher = Dispatcher(pool, settings, metrics=metrics)
+        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake, metrics=metrics)
+        metrics.watch(pool=pool, scheduler_status=scheduler.status)
     except BaseException:
         pool.close()
         raise
     services = Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
-                        scheduler=scheduler)
+                        scheduler=scheduler, metrics=metrics)
     try:
         # Started in the background: the first templated message should not wait for them, nor start-up.
         templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
@@ -145,6 +149,7 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
     )
     _install_error_handlers(app)
     _install_routes(app)
+    _install_metrics(app)
     return app
 
 
@@ -1161,6 +1166,21 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                 else "unavailable")
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
+
+
+def _install_metrics(app: FastAPI) -> None:
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @router.get("/metrics", tags=["health"], response_class=Response,
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                 "description": "The Prometheus text format (OpenMetrics when asked for)"}})
+    def metrics(request: Request, services: ServicesDep) -> Response:
+        """The service's figures for Prometheus: evaluations, deliveries, the outbox, incidents, alerts and
+        listeners. Needs the API key when one is set (Prometheus sends it as a bearer token)."""
+        body, media_type = services.metrics.exposition(request.headers.get("accept"))
+        return Response(content=body, media_type=media_type)
+
+    app.include_router(router)
 
 
 # `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.
