@@ -78,6 +78,12 @@ def test_figures_move_as_an_alert_fires_and_resolves(service, db_dsn):
     assert value(resolved, "alert_service_evaluations_total", cause="event", outcome="resolved") == 1
     assert value(resolved, "alert_service_alerts", state="firing") == 0
 
+    # Prometheus asks for OpenMetrics first.
+    openmetrics = service.client.get("/metrics", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n") and "alert_service_evaluations_total" in openmetrics.text
+
 
 def test_failed_sends_a_waiting_outbox_and_a_failing_query_are_reported(service, smtp_server, db_dsn):
     create_orders_table(db_dsn)
