@@ -302,11 +302,9 @@ class _Gate:
         if scope["type"] == "http":
             request = Request(scope)
             refusal = None
-            app = scope["app"]
-            public = ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL)
             path = scope["path"]
-            problem = (None if path in public or path.startswith(DOCS_ASSETS_URL + "/")
-                       else _key_refusal(request))
+            public = path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL) or path.startswith(DOCS_ASSETS_URL + "/")
+            problem = None if public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
                                        headers={"WWW-Authenticate": "Bearer"})

@@ -15,7 +15,8 @@ import uvicorn
 import api
 from config import load_settings
 from tests.browser import CHROMIUM, HeadlessChromium
-from tests.conftest import TEST_SECRET_KEY, _new_database, drop_database, dsn_with, free_port, wait_for_health
+from tests.conftest import (TEST_SECRET_KEY, Service, _new_database, drop_database, dsn_with, free_port,
+                            wait_for_health)
 
 # Screenshots are kept here after the run (ignored by git), for a person to look at.
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -99,8 +100,6 @@ def test_the_docs_pages_load_everything_from_the_service_itself(service_url):
 
 
 def test_with_an_api_key_set_the_docs_and_their_assets_need_none(settings):
-    from tests.conftest import Service
-
     key = "docs-key-0123456789abcdef"
     secured = Service(settings.model_copy(update={"api_key": load_settings(_env_file=None, api_key=key).api_key}))
     secured.start()
