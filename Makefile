@@ -37,4 +37,4 @@ inbox: $(VENV)/.dev
 	$(BIN)/python -m tests.servers
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -9,15 +9,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
+import fastapi_offline
 import psycopg2.extensions
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 import database
@@ -28,6 +32,7 @@ from config import Settings, ascii_email, is_e164, load_settings
 import notification
 from notification import Dispatcher
 from evaluation import DryRunsBusy
+from metrics import Metrics
 from scheduler import AlertScheduler
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,15 @@ STOP_SECONDS = 4.0
 # /health waits this long for the service database, so it answers within a second even when the database hangs.
 HEALTH_PING_SECONDS = 0.8
 MUTE_LIMIT = datetime(3000, 1, 1, tzinfo=timezone.utc)
+# Swagger UI and ReDoc, with their scripts, styles and icon served from here (no CDN): the docs work offline.
+DOCS_URL = "/api/docs"
+REDOC_URL = "/api/redoc"
+DOCS_ASSETS_URL = "/api/docs-assets"
+OPENAPI_URL = "/api/openapi.json"
+# The docs pages may load nothing from another origin. ReDoc's sidebar asks a CDN for its logo whatever its options;
+# this keeps the browser from sending that request (the logo hides itself when it does not load).
+DOCS_CONTENT_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                       "img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'self'")
 
 
 # --- wiring ----------------------------------------------------------------------------------------------------
@@ -55,6 +69,7 @@ class Services:
     sources: database.SourcePools
     dispatcher: Dispatcher
     scheduler: AlertScheduler
+    metrics: Metrics
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
 
@@ -85,13 +100,15 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
                                        reader_dsn=reader_dsn,
                                        deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
                                        api_size=settings.dry_run_workers + 1)
-        dispatcher = Dispatcher(pool, settings)
-        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
+        metrics = Metrics()
+        dispatcher = Dispatcher(pool, settings, metrics=metrics)
+        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake, metrics=metrics)
+        metrics.watch(pool=pool, scheduler_status=scheduler.status)
     except BaseException:
         pool.close()
         raise
     services = Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
-                        scheduler=scheduler)
+                        scheduler=scheduler, metrics=metrics)
     try:
         # Started in the background: the first templated message should not wait for them, nor start-up.
         templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
@@ -138,14 +155,46 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
         max_body_size=MAX_BODY_BYTES,
         description="Register SQL queries; get email and WhatsApp alerts when their results change.",
         version="1.0.0",
-        docs_url="/api/docs",
-        openapi_url="/api/openapi.json",
+        docs_url=None,  # FastAPI's own pages load Swagger UI and ReDoc from a CDN: see _install_docs
         redoc_url=None,
+        openapi_url=OPENAPI_URL,
         lifespan=lifespan,
     )
+    _install_docs(app)
     _install_error_handlers(app)
     _install_routes(app)
+    _install_metrics(app)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """Swagger UI and ReDoc with every script, style sheet and icon served by the service, from fastapi-offline's
+    copy of them, so the docs work without internet."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"),
+              name="docs-assets")
+
+    @app.get(DOCS_URL, include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{OPENAPI_URL}", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            # Otherwise Swagger UI may offer to check the schema at validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None})
+        page.headers["Content-Security-Policy"] = DOCS_CONTENT_POLICY
+        return page
+
+    @app.get(REDOC_URL, include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{OPENAPI_URL}", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False)
+        page.headers["Content-Security-Policy"] = DOCS_CONTENT_POLICY
+        return page
 
 
 def _services(request: Request) -> Services:
@@ -253,9 +302,9 @@ class _Gate:
         if scope["type"] == "http":
             request = Request(scope)
             refusal = None
-            app = scope["app"]
-            public = ("/health", app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-            problem = None if scope["path"] in public else _key_refusal(request)
+            path = scope["path"]
+            public = path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL) or path.startswith(DOCS_ASSETS_URL + "/")
+            problem = None if public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
                                        headers={"WWW-Authenticate": "Bearer"})
@@ -1161,6 +1210,21 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                 else "unavailable")
             return JSONResponse(status_code=503, content={"status": "unavailable", **body})
         return {"status": "ok", **body}
+
+
+def _install_metrics(app: FastAPI) -> None:
+    router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @router.get("/metrics", tags=["health"], response_class=Response,
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                 "description": "The Prometheus text format (OpenMetrics when asked for)"}})
+    def metrics(request: Request, services: ServicesDep) -> Response:
+        """The service's figures for Prometheus: evaluations, deliveries, the outbox, incidents, alerts and
+        listeners. Needs the API key when one is set (Prometheus sends it as a bearer token)."""
+        body, media_type = services.metrics.exposition(request.headers.get("accept"))
+        return Response(content=body, media_type=media_type)
+
+    app.include_router(router)
 
 
 # `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.

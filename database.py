@@ -1462,6 +1462,48 @@ def mark_notification_failed(cur, *, notification_ids: Sequence[UUID], claimant_
     return [row["id"] for row in cur.fetchall()]
 
 
+# --- figures for /metrics --------------------------------------------------------------------------------------
+
+
+def outbox_depth(cur) -> list[dict]:
+    """Notifications waiting to be sent, per channel and status, with the age of the oldest (read through the
+    partial index of waiting rows, however long the history)."""
+    cur.execute(
+        "SELECT channel, status::text AS status, count(*) AS messages, "
+        "EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest_age_seconds "
+        "FROM notification WHERE status IN ('PENDING', 'RETRY') GROUP BY channel, status"
+    )
+    return cur.fetchall()
+
+
+def open_incidents_by_priority(cur) -> list[dict]:
+    """How many incidents are active or acknowledged, per priority and status."""
+    cur.execute(
+        "SELECT priority::text AS priority, status::text AS status, count(*) AS incidents FROM incident "
+        "WHERE status IN ('ACTIVE', 'ACKNOWLEDGED') GROUP BY priority, status"
+    )
+    return cur.fetchall()
+
+
+def alerts_by_state(cur) -> list[dict]:
+    """How many alerts are in each state: inactive, error (the last evaluation failed), new (no result stored
+    yet), or the condition's ok, pending or firing."""
+    cur.execute(
+        "SELECT CASE WHEN a.status = 'INACTIVE' THEN 'inactive' "
+        "WHEN s.consecutive_errors > 0 THEN 'error' "
+        "WHEN s.alert_config_id IS NULL OR NOT s.initialized THEN 'new' "
+        "ELSE lower(s.condition_state) END AS state, count(*) AS alerts "
+        "FROM alert_config a LEFT JOIN alert_state s ON s.alert_config_id = a.id GROUP BY 1"
+    )
+    return cur.fetchall()
+
+
+def data_source_names(cur) -> list[dict]:
+    """Every data source's id and name."""
+    cur.execute("SELECT id, name FROM data_source ORDER BY name")
+    return cur.fetchall()
+
+
 # --- queries against a data source -----------------------------------------------------------------------------
 
 

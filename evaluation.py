@@ -18,6 +18,7 @@ import notification
 import query_analysis
 import rules
 from config import Settings
+from metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +162,14 @@ class Evaluator:
     """Evaluates batches of alerts and dry runs. Thread-safe: workers call it concurrently, one batch each."""
 
     def __init__(self, pool: database.Pool, settings: Settings, *, sources: database.SourcePools,
-                 stopping: Callable[[], bool] = lambda: False, on_outbox: Callable[[], None] = lambda: None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, on_outbox: Callable[[], None] = lambda: None,
+                 metrics: Metrics | None = None) -> None:
         self.pool = pool
         self.settings = settings
         self.sources = sources
         self.stopping = stopping
         self.on_outbox = on_outbox
+        self.metrics = metrics or Metrics()
         self.source_health: dict[UUID, SourceHealth] = {}
         self._dry_runs = threading.BoundedSemaphore(settings.dry_run_workers)
         # For each alert whose stored result came from a full query run by this evaluator: (the alert's version, the
@@ -372,7 +375,9 @@ class Evaluator:
         be stored whole (a bug, a constraint), each alert is stored on its own so one cannot hold up the rest."""
         try:
             with self.pool.transaction() as cur:
-                return self._store_jobs(cur, jobs, outcomes, started_at=started_at, now=now)
+                queued = self._store_jobs(cur, jobs, outcomes, started_at=started_at, now=now)
+            self._count(jobs, outcomes)
+            return queued
         except database.DatabaseUnavailable:
             raise
         except Exception:
@@ -384,11 +389,19 @@ class Evaluator:
             try:
                 with self.pool.transaction() as cur:
                     queued += self._store_jobs(cur, [job], outcomes, started_at=started_at, now=now)
+                self._count([job], outcomes)
             except database.DatabaseUnavailable:
                 raise
             except Exception:
                 logger.exception("the evaluation of alert %s could not be stored", job.alert["id"])
         return queued
+
+    def _count(self, jobs: list[_Job], outcomes: dict[UUID, Outcome]) -> None:
+        """Count the evaluations a committed transaction stored."""
+        for job in jobs:
+            stored = outcomes.get(job.alert["id"])
+            if stored is not None and stored.outcome is not None:
+                self.metrics.evaluated(cause=job.cause, outcome=stored.outcome, seconds=job.seconds)
 
     def _store_jobs(self, cur, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
                     now: datetime) -> int:

@@ -22,6 +22,7 @@ import database
 import rules
 import templating
 from config import Settings, ascii_email
+from metrics import Metrics
 from templating import TemplateFailed
 
 logger = logging.getLogger(__name__)
@@ -669,10 +670,11 @@ class Dispatcher:
 
     def __init__(
         self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
-        threads_per_channel: int | None = None,
+        threads_per_channel: int | None = None, metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
         threads = {"email": settings.smtp_connections, "whatsapp": settings.twilio_connections}
         self._threads = {name: threads_per_channel or threads.get(name, 4) for name in self.channels}
@@ -811,9 +813,12 @@ class Dispatcher:
                 message = combine_messages(group)
                 rows, later = group[:message.carries], group[message.carries:]
                 ids = [row["id"] for row in rows]
-                provider_id = channel.send(
-                    recipient=first["recipient"], subject=message.subject, body=message.body, html_body=message.html
-                )
+                started = time.monotonic()
+                try:
+                    provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
+                                               body=message.body, html_body=message.html)
+                finally:
+                    self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
             except NotificationError as exc:
                 self._record_failure(rows, claimant, exc)
             except Exception as exc:  # a bug in a channel must not kill the sender thread
@@ -828,6 +833,7 @@ class Dispatcher:
                          "details": {"channel": first["channel"], "recipient": first["recipient"]}}
                         for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
                         if incident_id is not None])
+                self.metrics.notified(channel=first["channel"], status="success", count=len(sent))
                 if len(sent) < len(ids):
                     logger.warning("notification %s was sent after its claim passed to another sender",
                                    _some([i for i in ids if i not in sent]))
@@ -867,6 +873,8 @@ class Dispatcher:
                                     base_seconds=self.settings.retry_delay_seconds, retry_after=exc.retry_after)
                 retried = database.mark_notification_retry(cur, notification_ids=[row["id"] for row in retry],
                                                            claimant_pid=claimant, error=str(exc), delay_seconds=delay)
+        self.metrics.notified(channel=first["channel"], status="failed", count=len(failed))
+        self.metrics.notified(channel=first["channel"], status="retry", count=len(retried))
         # Rows whose claim passed to another sender are recorded by that sender.
         if failed:
             logger.error("%s notification %s to %s FAILED: %s", first["channel"],

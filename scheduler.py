@@ -25,6 +25,7 @@ import query_analysis
 import rules
 from config import Settings
 from evaluation import UNAVAILABLE_RETRY_SECONDS, Batch, Evaluator, Outcome, SourceHealth
+from metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,10 @@ class _Flight:
     # The logged changes (ids, in commit order) the next evaluation may be computed from instead of the full query;
     # None when something else asked for it (a schedule, a change that logged no rows), so it must run in full.
     deltas: list[int] | None = field(default_factory=list)
+    # The first change notification no query has begun after yet, and the one the running evaluation answers:
+    # how long after it that evaluation is stored is the commit-to-evaluation lag.
+    unseen_change: float | None = None
+    answering_change: float | None = None
 
 
 _TOKENS = itertools.count()
@@ -172,19 +177,20 @@ class AlertScheduler:
 
     def __init__(
         self, pool: database.Pool, settings: Settings, *, sources: database.SourcePools,
-        on_outbox: Callable[[], None] = lambda: None,
+        on_outbox: Callable[[], None] = lambda: None, metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.sources = sources
         self.on_outbox = on_outbox
+        self.metrics = metrics or Metrics()
         self._executor = _Workers(settings.workers, "evaluate")
         # Each data source runs at most WORKERS_PER_DATA_SOURCE evaluations at once; the rest wait in its queue
         # without holding a worker, so a source that hangs cannot take every worker from the others.
         self._shares: dict[UUID | None, _Share] = {}
         self._share_lock = threading.Lock()
         self.evaluator = Evaluator(pool, settings, sources=sources, stopping=self._stop_requested,
-                                   on_outbox=on_outbox)
+                                   on_outbox=on_outbox, metrics=self.metrics)
         self._flights: dict[UUID, _Flight] = {}
         self._flight_lock = threading.Lock()
         # Housekeeping runs as `schedule` jobs. Alert runs are kept in a heap of due times: one `schedule.Job` per
@@ -524,6 +530,8 @@ class AlertScheduler:
                     flight.deltas.extend(ids)
                 if cause == "event":
                     flight.last_event = now
+                    if flight.unseen_change is None:
+                        flight.unseen_change = now
                 if flight.running and cause == "schedule" and flight.query_started < flight.requested:
                     # Its evaluation is queued and has not begun: it will find what this run would.
                     self._covered_runs += 1
@@ -652,7 +660,11 @@ class AlertScheduler:
         now = time.monotonic()
         with self._flight_lock:
             for alert_id in alert_ids:
-                self._flights.setdefault(alert_id, _Flight()).query_started = now
+                flight = self._flights.setdefault(alert_id, _Flight())
+                flight.query_started = now
+                if flight.answering_change is None:
+                    flight.answering_change = flight.unseen_change
+                flight.unseen_change = None
 
     def _fly(self, source_id: UUID | None, requests: list[tuple[UUID, str]]) -> None:
         batch = Batch(requests)
@@ -731,7 +743,12 @@ class AlertScheduler:
         if outcome.outcome is not None:
             # Before the flight lock: the schedule loop takes the state lock first and the flight lock inside it.
             with self._flight_lock:
-                started = self._flights[alert_id].query_started
+                flight = self._flights[alert_id]
+                started, change = flight.query_started, None
+                if outcome.outcome != "error":  # a failed query saw no change: the next one that runs answers it
+                    change, flight.answering_change = flight.answering_change, None
+            if change is not None:
+                self.metrics.change_answered(time.monotonic() - change)
             self._mark_clean(alert_id, started if outcome.outcome != "error" else None,
                              slow=outcome.query_seconds > SLOW_QUERY_SECONDS)
         with self._flight_lock:
