@@ -131,6 +131,12 @@ class _ServiceCollector:
             labels=["cause"])
         skipped.add_metric(["schedule"], status["skipped_scheduled_runs"])
         skipped.add_metric(["catch_up"], status["skipped_catch_ups"])
+        incremental = CounterMetricFamily(
+            f"{PREFIX}_evaluations_incremental", "Evaluations computed from the rows statements changed instead of "
+            "the full query (result=fallback: they ran the full query after all)", labels=["result"])
+        incremental.add_metric(["incremental"],
+                               status["incremental_evaluations"] - status["incremental_fallbacks"])
+        incremental.add_metric(["fallback"], status["incremental_fallbacks"])
         connected = GaugeMetricFamily(f"{PREFIX}_listener_connected",
                                       "1 while the LISTEN connection to a data source is up", labels=["data_source_id"])
         reconnects = CounterMetricFamily(f"{PREFIX}_listener_reconnects",
@@ -139,7 +145,7 @@ class _ServiceCollector:
         for source_id, listener in status["listeners"].items():
             connected.add_metric([source_id], 1 if listener["connected"] else 0)
             reconnects.add_metric([source_id], listener["reconnects"])
-        return [skipped, connected, reconnects]
+        return [skipped, incremental, connected, reconnects]
 
 
 def _database_figures(outbox: list[dict], incidents: list[dict], alerts: list[dict],

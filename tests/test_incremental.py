@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 import database
 import query_analysis
@@ -100,6 +101,10 @@ def test_a_committed_row_is_reported_from_the_logged_rows(service, smtp_server, 
     assert "ORD-1" in text and "ORD-2" not in text
     service.wait_idle()
     assert health_scheduler(service)["incremental_evaluations"] >= 1
+    families = {f.name: f for f in text_string_to_metric_families(service.client.get("/metrics").text)}
+    counted = {s.labels["result"]: s.value for s in families["alert_service_evaluations_incremental"].samples
+               if s.name.endswith("_total")}
+    assert counted["incremental"] >= 1 and counted["fallback"] == 0
     assert incidents_rows(service, alert["id"])[-1] == [["ORD-1", "P1"]]
     # The result's size is kept exact without running the query: 1 row.
     assert service.sql("SELECT row_count FROM alert_state WHERE alert_config_id = %s", (alert["id"],)) == [
