@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Event re-runs of one alert start at least this long after the previous evaluation's query began: a burst of
 # commits costs a few evaluations, and the first event of a quiet period is still served at once.
 EVENT_RERUN_SPACING_SECONDS = 0.1
+# An incremental re-run costs what the new rows cost, not a scan of the table: it waits less.
+INCREMENTAL_RERUN_SPACING_SECONDS = 0.02
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 WAKEUP_CHECK_SECONDS = 1
@@ -767,7 +769,9 @@ class AlertScheduler:
                 flight.running = False
                 flight.pending = None
                 return None
-            resume_at = flight.query_started + EVENT_RERUN_SPACING_SECONDS
+            incremental = outcome.incremental and bool(flight.deltas)
+            resume_at = flight.query_started + (INCREMENTAL_RERUN_SPACING_SECONDS if incremental
+                                                else EVENT_RERUN_SPACING_SECONDS)
             if flight.pending == "event" and time.monotonic() < resume_at:
                 defer = True
             else:
