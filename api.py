@@ -18,7 +18,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 import database
 import query_analysis
@@ -812,61 +813,140 @@ def service_schema_error(tables: list[str]) -> HTTPException | None:
                                 f"({', '.join(own)}): the service writes it at every evaluation")
 
 
+def validate_alert(services: Services, body: AlertConfigIn, *, source: dict | None = None,
+                   pool: database.Pool | None = None) -> dict:
+    """Check everything that needs the database; return the fields to store. An import passes the data source
+    and the pool to compile on when the source is not stored yet (or about to change)."""
+    with services.pool.transaction() as cur:
+        if source is None:
+            source = database.get_data_source(cur, data_source_id=body.data_source_id)
+        if source is None:
+            raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
+        if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
+            raise field_error("created_by", f"user {body.created_by} does not exist")
+    refs = query_analysis.analyse_query(body.query)
+    # Named outright: refused before the query is sent (on the default source the reader could not read it).
+    named = service_schema_error([database.table_key(r.schema, r.name) for r in refs if r.schema is not None])
+    if named is not None:
+        raise named
+    try:
+        pool = pool or services.sources.get(source["id"], for_api=True)
+        columns = rules.unique_columns(database.compile_query(
+            pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
+        tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
+    except database.QueryFailed as exc:
+        raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
+    except database.DatabaseUnavailable as exc:
+        if source["is_default"]:
+            raise
+        # As at the probe: libpq's text would show an API user what answers at the source's address now.
+        logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
+                       exc)
+        raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
+                                            "not accept a login; the service's log has the reason") from None
+    # Through a view, or on a data source that is the service's own database with a privileged role.
+    watched = service_schema_error(tables)
+    if watched is not None:
+        raise watched
+    try:
+        rules.key_indexes(columns, body.key_columns)
+    except rules.RuleError as exc:
+        raise field_error("key_columns", str(exc)) from None
+    if body.message_template is not None:
+        try:
+            notification.check_template(body.message_template)
+        except notification.TemplateFailed as exc:
+            raise field_error("message_template", f"the template does not render: {exc}") from None
+    condition = rules.parse_condition(body.trigger_condition)
+    try:
+        rules.check_condition_columns(condition, columns)
+    except rules.RuleError as exc:
+        raise field_error("trigger_condition", str(exc)) from None
+    fields = body.model_dump(mode="json")
+    fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value,
+                  condition=condition.as_dict(),
+                  trigger_condition=body.trigger_condition if isinstance(body.trigger_condition, str) else None)
+    fields["watched_tables"] = tables
+    return fields
+
+
+def _error_list(exc: HTTPException | ValidationError) -> list[dict]:
+    """A 4xx's or a model's errors as a list of {loc, msg}."""
+    if isinstance(exc, ValidationError):
+        return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    if isinstance(exc.detail, str):
+        return [{"loc": [], "msg": exc.detail}]
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.detail]
+
+
+def restart_alert_state(cur, *, alert_id: UUID, reason: str) -> None:
+    """The alert starts again from scratch (its next evaluation is an initial report); an open incident of the
+    old definition is resolved rather than left to dangle."""
+    state = database.get_alert_state(cur, alert_id=alert_id)
+    if state is not None and state["firing_incident_id"] is not None:
+        database.resolve_incident(cur, incident_id=state["firing_incident_id"], resolved_by=None)
+        database.insert_activity(cur, action="auto_resolved", incident_id=state["firing_incident_id"],
+                                 alert_id=alert_id, details={"reason": reason})
+    database.clear_alert_state(cur, alert_id=alert_id)
+
+
+def alert_body(row: dict) -> dict:
+    """A stored alert as the request body that would create it."""
+    return {
+        "name": row["name"], "description": row["description"], "query": row["query"],
+        "data_source_id": row["data_source_id"],
+        "trigger_condition": row["trigger_condition"] if row["trigger_condition"] is not None else row["condition"],
+        "message_template": row["message_template"], "key_columns": row["key_columns"],
+        "schedule": row["schedule"], "notification_channels": row["notification_channels"],
+        "priority": row["priority"], "created_by": row["created_by"],
+    }
+
+
+def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | None = None) -> dict:
+    """Check a data source as creating one does (it logs in, its role's rights, the trigger role) and return the
+    columns to store with `connection_changed`. For an update (`stored`: its row with the encrypted passwords), a
+    password left out keeps the stored one, and an unchanged connection is not checked again."""
+    params, password = body.connection_params()
+    trigger_params, trigger_password = body.trigger_params()
+    sealed = stored["password"] if stored is not None and password is None else None
+    trigger_sealed = (stored["trigger_password"] if stored is not None and trigger_password is None
+                      and trigger_params is not None else None)
+    try:
+        if sealed is not None:
+            password = services.box.open(sealed)
+        if trigger_sealed is not None:
+            trigger_password = services.box.open(trigger_sealed)
+    except database.SecretKeyError as exc:
+        raise field_error("password", str(exc)) from None
+    changed = (stored is None or params != stored["connection_params"]
+               or trigger_params != stored["trigger_connection_params"]
+               or (sealed is None and password is not None) or (trigger_sealed is None and trigger_password is not None))
+    rights = None if stored is None else stored["role"]
+    if changed or rights is None:
+        dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
+        rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
+    problems = database.role_problems(rights)
+    opt_in_allowed = services.settings.allow_privileged_data_sources
+    if problems and not (body.allow_privileged_role and opt_in_allowed):
+        raise field_error("dsn" if body.dsn else "user", privileged_role_message(
+            rights["role"], problems, opt_in_allowed=opt_in_allowed))
+    if trigger_params is not None and changed:
+        check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
+    try:
+        if sealed is None and password:
+            sealed = services.box.seal(password)
+        if trigger_sealed is None and trigger_password:
+            trigger_sealed = services.box.seal(trigger_password)
+    except database.SecretKeyError as exc:
+        raise field_error("password", str(exc)) from None
+    return {"name": body.name, "connection_params": params, "password": sealed,
+            "allow_privileged_role": body.allow_privileged_role, "role_rights": rights,
+            "trigger_connection_params": trigger_params, "trigger_password": trigger_sealed,
+            "connection_changed": changed}
+
+
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     router = APIRouter(dependencies=[Depends(require_api_key)])
-    def validate_alert(services: Services, body: AlertConfigIn) -> dict:
-        """Check everything that needs the database; return the fields to store."""
-        with services.pool.transaction() as cur:
-            source = database.get_data_source(cur, data_source_id=body.data_source_id)
-            if source is None:
-                raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
-            if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
-                raise field_error("created_by", f"user {body.created_by} does not exist")
-        refs = query_analysis.analyse_query(body.query)
-        # Named outright: refused before the query is sent (on the default source the reader could not read it).
-        named = service_schema_error([database.table_key(r.schema, r.name) for r in refs if r.schema is not None])
-        if named is not None:
-            raise named
-        try:
-            pool = services.sources.get(source["id"], for_api=True)
-            columns = rules.unique_columns(database.compile_query(
-                pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
-            tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
-        except database.QueryFailed as exc:
-            raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
-        except database.DatabaseUnavailable as exc:
-            if source["is_default"]:
-                raise
-            # As at the probe: libpq's text would show an API user what answers at the source's address now.
-            logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
-                           exc)
-            raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
-                                                "not accept a login; the service's log has the reason") from None
-        # Through a view, or on a data source that is the service's own database with a privileged role.
-        watched = service_schema_error(tables)
-        if watched is not None:
-            raise watched
-        try:
-            rules.key_indexes(columns, body.key_columns)
-        except rules.RuleError as exc:
-            raise field_error("key_columns", str(exc)) from None
-        if body.message_template is not None:
-            try:
-                notification.check_template(body.message_template)
-            except notification.TemplateFailed as exc:
-                raise field_error("message_template", f"the template does not render: {exc}") from None
-        condition = rules.parse_condition(body.trigger_condition)
-        try:
-            rules.check_condition_columns(condition, columns)
-        except rules.RuleError as exc:
-            raise field_error("trigger_condition", str(exc)) from None
-        fields = body.model_dump(mode="json")
-        fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value,
-                      condition=condition.as_dict(),
-                      trigger_condition=body.trigger_condition if isinstance(body.trigger_condition, str) else None)
-        fields["watched_tables"] = tables
-        return fields
-
     @router.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
     def create_alert(body: AlertConfigIn, services: ServicesDep):
         """Create an alert; its current result is sent once as the initial report."""
@@ -909,13 +989,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
                                      events_error=None)
             if _result_meaning_changed(old, row):
-                state = database.get_alert_state(cur, alert_id=alert_id)
-                if state is not None and state["firing_incident_id"] is not None:
-                    # The new definition starts from scratch; the old one's open incident must not dangle.
-                    database.resolve_incident(cur, incident_id=state["firing_incident_id"], resolved_by=None)
-                    database.insert_activity(cur, action="auto_resolved", incident_id=state["firing_incident_id"],
-                                             alert_id=alert_id, details={"reason": "the alert's definition changed"})
-                database.clear_alert_state(cur, alert_id=alert_id)
+                restart_alert_state(cur, alert_id=alert_id, reason="the alert's definition changed")
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
 
@@ -992,27 +1066,10 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.post("/data-sources/", response_model=DataSourceOut, status_code=201, tags=["data sources"])
     def create_data_source(body: DataSourceIn, services: ServicesDep):
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
-        params, password = body.connection_params()
-        dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
-        rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
-        problems = database.role_problems(rights)
-        opt_in_allowed = services.settings.allow_privileged_data_sources
-        if problems and not (body.allow_privileged_role and opt_in_allowed):
-            raise field_error("dsn" if body.dsn else "user", privileged_role_message(
-                rights["role"], problems, opt_in_allowed=opt_in_allowed))
-        trigger_params, trigger_password = body.trigger_params()
-        if trigger_params is not None:
-            check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
-        try:
-            sealed = services.box.seal(password) if password else None
-            trigger_sealed = services.box.seal(trigger_password) if trigger_password else None
-        except database.SecretKeyError as exc:
-            raise field_error("password", str(exc)) from None
+        checked = check_data_source(services, body)
+        del checked["connection_changed"]
         with services.pool.transaction() as cur:
-            return database.insert_data_source(
-                cur, name=body.name, connection_params=params, password=sealed,
-                allow_privileged_role=body.allow_privileged_role, role_rights=rights,
-                trigger_connection_params=trigger_params, trigger_password=trigger_sealed)
+            return database.insert_data_source(cur, **checked)
 
     @router.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
     def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
@@ -1025,6 +1082,73 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One data source."""
         return _fetch_or_404(services, "data source", data_source_id,
                              lambda cur: database.get_data_source(cur, data_source_id=data_source_id))
+
+    @router.put("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
+    def update_data_source(data_source_id: UUID, body: DataSourceIn, services: ServicesDep):
+        """Replace a data source's definition; a password left out keeps the stored one. A changed connection is
+        checked as at creation, and the source's listener and connections start again on it."""
+        with services.pool.transaction() as cur:
+            stored = database.get_data_source(cur, data_source_id=data_source_id)
+            secrets_row = database.get_data_source_connection(cur, data_source_id=data_source_id)
+        if stored is None:
+            raise not_found("data source", data_source_id)
+        if stored["is_default"]:
+            raise HTTPException(409, "the default data source is the service's own database: change it with "
+                                     "DB_CONNECTION, not through the API")
+        checked = check_data_source(services, body, stored={**stored, **secrets_row})
+        changed = checked.pop("connection_changed")
+        with services.pool.transaction() as cur:
+            row = database.update_data_source(cur, data_source_id=data_source_id, **checked)
+        if row is None:
+            raise not_found("data source", data_source_id)
+        if changed:
+            services.scheduler.data_source_changed(data_source_id)
+        return row
+
+    @router.delete("/data-sources/{data_source_id}", status_code=204, tags=["data sources"])
+    def delete_data_source(data_source_id: UUID, services: ServicesDep, move_alerts_to: Annotated[
+            UUID | None, Query(description="Move the alerts that use it to this data source first")] = None):
+        """Delete a data source; refused (409) while alerts use it, unless move_alerts_to names where they go."""
+        with services.pool.transaction() as cur:
+            source = database.get_data_source(cur, data_source_id=data_source_id)
+            alert_ids = database.alert_ids_on_data_source(cur, data_source_id=data_source_id)
+            target = (database.get_data_source(cur, data_source_id=move_alerts_to)
+                      if move_alerts_to is not None else None)
+        if source is None:
+            raise not_found("data source", data_source_id)
+        if source["is_default"]:
+            raise HTTPException(409, "the default data source is the service's own database and cannot be deleted")
+        if move_alerts_to is not None and (target is None or move_alerts_to == data_source_id):
+            why = "is the data source being deleted" if target is not None else "does not exist"
+            raise HTTPException(422, [{"loc": ["query", "move_alerts_to"], "type": "value_error",
+                                       "msg": f"data source {move_alerts_to} {why}"}])
+        if alert_ids and target is None:
+            raise HTTPException(409, f"{len(alert_ids)} alert(s) use data source {source['name']}: delete them, or "
+                                     f"send ?move_alerts_to=<id of another data source> to move them there first")
+        # Each moved alert must work on its new source: its query compiles there and its tables are found anew.
+        moved: dict[UUID, dict] = {}
+        with services.pool.transaction() as cur:
+            rows = [database.get_alert(cur, alert_id=alert_id) for alert_id in alert_ids]
+        for row in rows:
+            try:
+                moved[row["id"]] = validate_alert(
+                    services, AlertConfigIn(**{**alert_body(row), "data_source_id": target["id"]}))
+            except (HTTPException, ValidationError) as exc:
+                messages = "; ".join(e["msg"] for e in _error_list(exc))
+                raise HTTPException(422, [{"loc": ["query", "move_alerts_to"], "type": "value_error",
+                                           "msg": f"alert {row['name']} ({row['id']}) cannot move to data source "
+                                                  f"{target['name']}: {messages}"}]) from None
+        with services.pool.transaction() as cur:
+            if set(database.alert_ids_on_data_source(cur, data_source_id=data_source_id, lock=True)) != set(moved):
+                raise HTTPException(409, "alerts on this data source changed meanwhile; try again")
+            for alert_id, fields in moved.items():
+                database.update_alert(cur, alert_id=alert_id, fields=fields)
+                database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
+                                         events_error=None)
+                restart_alert_state(cur, alert_id=alert_id, reason="the alert moved to another data source")
+            database.delete_data_source(cur, data_source_id=data_source_id)
+        services.scheduler.alerts_changed(list(moved))
+        services.scheduler.data_source_changed(data_source_id)
 
     @router.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
     def create_team(body: TeamIn, services: ServicesDep):
@@ -1043,6 +1167,17 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One team."""
         return _fetch_or_404(services, "team", team_id,
                              lambda cur: database.get_team(cur, team_id=team_id))
+
+    @router.put("/teams/{team_id}", response_model=TeamOut, tags=["people"])
+    def update_team(team_id: UUID, body: TeamIn, services: ServicesDep):
+        """Replace a team's name and description."""
+        return _fetch_or_404(services, "team", team_id, lambda cur: database.update_team(
+            cur, team_id=team_id, name=body.name, description=body.description))
+
+    @router.delete("/teams/{team_id}", status_code=204, tags=["people"])
+    def delete_team(team_id: UUID, services: ServicesDep):
+        """Delete a team; its users stay, without a team."""
+        _fetch_or_404(services, "team", team_id, lambda cur: database.delete_team(cur, team_id=team_id))
 
     @router.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
     def create_user(body: UserIn, services: ServicesDep):
@@ -1064,6 +1199,22 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One user."""
         return _fetch_or_404(services, "user", user_id,
                              lambda cur: database.get_user(cur, user_id=user_id))
+
+    @router.put("/users/{user_id}", response_model=UserOut, tags=["people"])
+    def update_user(user_id: UUID, body: UserIn, services: ServicesDep):
+        """Replace a user's details."""
+        with services.pool.transaction() as cur:
+            if database.get_user(cur, user_id=user_id) is None:
+                raise not_found("user", user_id)
+            if body.team_id is not None and database.get_team(cur, team_id=body.team_id) is None:
+                raise field_error("team_id", f"team {body.team_id} does not exist")
+            return database.update_user(cur, user_id=user_id, name=body.name, email=body.email, phone=body.phone,
+                                        team_id=body.team_id)
+
+    @router.delete("/users/{user_id}", status_code=204, tags=["people"])
+    def delete_user(user_id: UUID, services: ServicesDep):
+        """Delete a user; alerts they created stay."""
+        _fetch_or_404(services, "user", user_id, lambda cur: database.delete_user(cur, user_id=user_id))
 
     @router.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
     def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,
