@@ -5,22 +5,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 from uuid import UUID
 
 import psycopg2.extensions
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
+import config_plan
 import database
 import query_analysis
 import rules
@@ -54,13 +56,37 @@ class Services:
     pool: database.Pool
     box: database.SecretBox
     sources: database.SourcePools
-    dispatcher: Dispatcher
-    scheduler: AlertScheduler
+    dispatcher: Dispatcher | None = None  # None without background threads (the apply command)
+    scheduler: AlertScheduler | None = None
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
 
 def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
+    services = open_services(settings, dsn)
+    try:
+        services.dispatcher = Dispatcher(services.pool, settings)
+        services.scheduler = AlertScheduler(services.pool, settings, sources=services.sources,
+                                            on_outbox=services.dispatcher.wake)
+    except BaseException:
+        services.sources.close()
+        services.pool.close()
+        raise
+    try:
+        # Started in the background: the first templated message should not wait for them, nor start-up.
+        templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
+                         memory_mb=settings.template_memory_mb)
+        services.dispatcher.start()
+        services.scheduler.start()
+    except BaseException:
+        stop_services(services)
+        raise
+    return services
+
+
+def open_services(settings: Settings, dsn: str | None = None) -> Services:
+    """Connect, migrate, and check the stored secrets and the role alert queries run as: what the routes need,
+    without the background threads."""
     dsn = dsn or database.resolve_dsn(settings)
     logger.info("service database: %s", database.describe_dsn(dsn))
     pool = database.service_pool(dsn, size=settings.workers + settings.dry_run_workers + 8,
@@ -86,23 +112,10 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
                                        reader_dsn=reader_dsn,
                                        deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
                                        api_size=settings.dry_run_workers + 1)
-        dispatcher = Dispatcher(pool, settings)
-        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake)
     except BaseException:
         pool.close()
         raise
-    services = Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
-                        scheduler=scheduler)
-    try:
-        # Started in the background: the first templated message should not wait for them, nor start-up.
-        templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
-                         memory_mb=settings.template_memory_mb)
-        dispatcher.start()
-        scheduler.start()
-    except BaseException:
-        stop_services(services)
-        raise
-    return services
+    return Services(settings=settings, pool=pool, box=box, sources=sources)
 
 
 def stop_services(services: Services) -> None:
@@ -110,10 +123,13 @@ def stop_services(services: Services) -> None:
     # Evaluations store nothing from here on; then the render processes go, so that an evaluation rendering a
     # runaway template ends now instead of holding up the stop.
     try:
-        services.scheduler.stopping()
+        if services.scheduler is not None:
+            services.scheduler.stopping()
         templating.stop()
-        services.scheduler.stop(timeout=STOP_SECONDS)
-        services.dispatcher.stop(timeout=STOP_SECONDS)
+        if services.scheduler is not None:
+            services.scheduler.stop(timeout=STOP_SECONDS)
+        if services.dispatcher is not None:
+            services.dispatcher.stop(timeout=STOP_SECONDS)
     finally:
         services.sources.close()
         services.pool.close()
@@ -830,7 +846,8 @@ def validate_alert(services: Services, body: AlertConfigIn, *, source: dict | No
     if named is not None:
         raise named
     try:
-        pool = pool or services.sources.get(source["id"], for_api=True)
+        if pool is None:
+            pool = services.sources.get(source["id"], for_api=True)
         columns = rules.unique_columns(database.compile_query(
             pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
         tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
@@ -904,8 +921,9 @@ def alert_body(row: dict) -> dict:
 
 def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | None = None) -> dict:
     """Check a data source as creating one does (it logs in, its role's rights, the trigger role) and return the
-    columns to store with `connection_changed`. For an update (`stored`: its row with the encrypted passwords), a
-    password left out keeps the stored one, and an unchanged connection is not checked again."""
+    columns to store, with `connection_changed` and `dsn` (it holds the password: never log it). For an update
+    (`stored`: its row with the encrypted passwords), a password left out keeps the stored one, and an unchanged
+    connection is not checked again."""
     params, password = body.connection_params()
     trigger_params, trigger_password = body.trigger_params()
     sealed = stored["password"] if stored is not None and password is None else None
@@ -922,8 +940,8 @@ def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | 
                or trigger_params != stored["trigger_connection_params"]
                or (sealed is None and password is not None) or (trigger_sealed is None and trigger_password is not None))
     rights = None if stored is None else stored["role"]
+    dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
     if changed or rights is None:
-        dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
         rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
     problems = database.role_problems(rights)
     opt_in_allowed = services.settings.allow_privileged_data_sources
@@ -942,11 +960,382 @@ def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | 
     return {"name": body.name, "connection_params": params, "password": sealed,
             "allow_privileged_role": body.allow_privileged_role, "role_rights": rights,
             "trigger_connection_params": trigger_params, "trigger_password": trigger_sealed,
-            "connection_changed": changed}
+            "connection_changed": changed, "dsn": dsn}
+
+
+# --- alerts as code --------------------------------------------------------------------------------------------
+
+
+class ImportResult(BaseModel):
+    """What an import changed, or with dry_run would change."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "applied": True, "changes": [{"action": "create", "kind": "alert", "name": "Order Monitor", "fields": []}],
+        "summary": {"create": 1, "update": 0, "delete": 0}}})
+
+    applied: bool = Field(description="False for a dry run: nothing was changed")
+    changes: list[dict[str, Any]]
+    summary: dict[str, int]
+
+
+def _dsn_text(params: dict | None) -> str | None:
+    # Keywords in one order, so that equal connections compare equal as text.
+    return None if params is None else psycopg2.extensions.make_dsn(**dict(sorted(params.items())))
+
+
+def _stored_configuration(cur) -> tuple[dict, dict, list[str]]:
+    """The stored configuration as a file's entries (kind -> key -> entry), the rows by kind and key, and the names
+    that more than one alert has."""
+    rows = database.configuration(cur)
+    entries: dict[str, dict] = {kind: {} for kind in config_plan.KINDS}
+    by_key: dict[str, dict] = {kind: {} for kind in config_plan.KINDS}
+    source_names = {r["id"]: None if r["is_default"] else r["name"] for r in rows["data_sources"]}
+    team_names = {r["id"]: r["name"] for r in rows["teams"]}
+    user_emails = {r["id"]: r["email"] for r in rows["users"]}
+    for row in rows["data_sources"]:
+        if row["is_default"]:
+            by_key["default"] = row
+            continue
+        entries["data_sources"][row["name"]] = {
+            "name": row["name"], "dsn": _dsn_text(row["connection_params"]),
+            "allow_privileged_role": row["allow_privileged_role"],
+            "trigger_dsn": _dsn_text(row["trigger_connection_params"])}
+        by_key["data_sources"][row["name"]] = row
+    for row in rows["teams"]:
+        entries["teams"][row["name"]] = {"name": row["name"], "description": row["description"]}
+        by_key["teams"][row["name"]] = row
+    for row in rows["users"]:
+        entries["users"][row["email"]] = {"name": row["name"], "email": row["email"], "phone": row["phone"],
+                                          "team": team_names.get(row["team_id"])}
+        by_key["users"][row["email"]] = row
+    duplicates = []
+    for row in rows["alerts"]:
+        if row["name"] in entries["alerts"]:
+            duplicates.append(row["name"])
+        body = alert_body(row)
+        if isinstance(body["trigger_condition"], dict):
+            # In the order a person writes it (jsonb keeps keys by length).
+            body["trigger_condition"] = rules.parse_condition(body["trigger_condition"]).as_dict()
+        entries["alerts"][row["name"]] = {
+            **{k: body[k] for k in ("name", "description", "query")},
+            "data_source": source_names[row["data_source_id"]],
+            **{k: body[k] for k in ("trigger_condition", "message_template", "key_columns", "schedule",
+                                    "notification_channels", "priority")},
+            "status": row["status"], "created_by": user_emails.get(row["created_by"])}
+        by_key["alerts"][row["name"]] = row
+    return entries, by_key, sorted(set(duplicates))
+
+
+def _duplicate_names_message(names: list[str]) -> str:
+    return (f"more than one alert is named {', '.join(map(repr, names))}: alerts as code matches alerts by name; "
+            f"rename them first (PUT /alert-configs/{{id}})")
+
+
+def export_configuration(services: Services) -> str:
+    """Every data source (without its password), team, user and alert as a configuration file."""
+    with services.pool.transaction() as cur:
+        entries, _, duplicates = _stored_configuration(cur)
+    if duplicates:
+        raise database.Conflict(_duplicate_names_message(duplicates))
+    return config_plan.dump(entries)
+
+
+@dataclass
+class _Desired:
+    """A file's entries once validated: as entries to compare, and as the request bodies they stand for."""
+
+    entries: dict[str, dict] = field(default_factory=lambda: {kind: {} for kind in config_plan.KINDS})
+    bodies: dict[tuple[str, str], Any] = field(default_factory=dict)
+    index: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, key): the entry's place in the file
+    broken: dict[str, set] = field(default_factory=lambda: {kind: set() for kind in config_plan.KINDS})
+
+
+def _reference(entry: dict, name: str, errors: list, document: config_plan.Document, kind: str, index: int,
+               choices: tuple[str, ...] | None = None) -> Any:
+    """Take a field that names something (text or null) out of an entry."""
+    value = entry.pop(name, None)
+    if value is not None and not isinstance(value, str):
+        errors.append(document.error(kind, index, [name], "must be text (a name) or null"))
+    elif choices is not None and value is not None and value not in choices:
+        errors.append(document.error(kind, index, [name], f"must be one of {', '.join(choices)}"))
+    return value
+
+
+def _validate_entries(document: config_plan.Document, environ: Mapping[str, str]) -> tuple[_Desired, list]:
+    """Every entry through the model the API uses for it; the errors of all of them."""
+    desired, errors = _Desired(), []
+    keys = []
+    for kind in config_plan.KINDS:
+        for index, raw in enumerate(document.entries[kind]):
+            entry = dict(raw)
+            found: list = []
+            try:
+                if kind == "data_sources":
+                    for name in ("dsn", "password", "trigger_dsn"):
+                        try:
+                            entry[name] = config_plan.resolve_secret(entry.get(name), environ)
+                        except KeyError as missing:
+                            found.append(document.error(kind, index, [name],
+                                                        config_plan.secret_reference_problem(missing.args[0])))
+                    if found:
+                        raise _Refused
+                    body = DataSourceIn(**entry)
+                    params, password = body.connection_params()
+                    trigger_params, trigger_password = body.trigger_params()
+                    item = {"name": body.name, "dsn": _dsn_text(params),
+                            "allow_privileged_role": body.allow_privileged_role,
+                            "trigger_dsn": _dsn_text(trigger_params)}
+                    # Kept only to compare with the stored one; a plan names the field, never its value.
+                    item.update({k: v for k, v in (("password", password), ("trigger_password", trigger_password))
+                                 if v})
+                elif kind == "teams":
+                    body = TeamIn(**entry)
+                    item = {"name": body.name, "description": body.description}
+                elif kind == "users":
+                    team = _reference(entry, "team", found, document, kind, index)
+                    body = UserIn(**entry)
+                    item = {"name": body.name, "email": body.email, "phone": body.phone, "team": team}
+                else:
+                    source = _reference(entry, "data_source", found, document, kind, index)
+                    creator = _reference(entry, "created_by", found, document, kind, index)
+                    status = _reference(entry, "status", found, document, kind, index, ("ACTIVE", "INACTIVE"))
+                    body = AlertConfigIn(**entry)
+                    condition = body.trigger_condition
+                    item = {"name": body.name, "description": body.description, "query": body.query,
+                            "data_source": source,
+                            "trigger_condition": condition if isinstance(condition, str)
+                            else rules.parse_condition(condition).as_dict(),
+                            "message_template": body.message_template, "key_columns": body.key_columns,
+                            "schedule": body.schedule, "notification_channels": body.notification_channels.model_dump(),
+                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator}
+                if found:
+                    raise _Refused
+            except (ValidationError, HTTPException) as exc:
+                found += [document.error(kind, index, [p for p in e["loc"] if p != "body"], e["msg"])
+                          for e in _error_list(exc)]
+            except _Refused:
+                pass
+            if found:
+                errors += found
+                key = raw.get(config_plan.KEYS[kind])
+                if isinstance(key, str):
+                    desired.broken[kind].add(key.strip())
+                continue
+            key = item[config_plan.KEYS[kind]]
+            keys.append((kind, index, key))
+            if (kind, key) not in desired.index:
+                desired.entries[kind][key] = item
+                desired.bodies[(kind, key)] = body
+                desired.index[(kind, key)] = index
+    errors += config_plan.duplicate_errors(keys, document)
+    return desired, errors
+
+
+class _Refused(Exception):
+    """An entry already has errors: go on to the next."""
+
+
+def _forget_unchanged_secrets(services: Services, desired: _Desired, stored: dict) -> None:
+    """Drop a file's password where it equals the stored one, so that it plans as no change."""
+    for key, item in desired.entries["data_sources"].items():
+        row = stored["data_sources"].get(key)
+        for name in ("password", "trigger_password"):
+            if name in item and row is not None and row[name] is not None:
+                try:
+                    if services.box.open(row[name]) == item[name]:
+                        del item[name]
+                except database.SecretKeyError:
+                    pass  # planned as a change; applying it reports the key problem
+
+
+def _check_changes(services: Services, plan: config_plan.Plan, desired: _Desired, stored: dict,
+                   document: config_plan.Document) -> tuple[dict, dict, list]:
+    """What creating or updating each entry needs the databases for, as the API checks it: data sources log in,
+    alert queries compile on their (new) data source. Returns the data sources' columns and the alerts' fields."""
+    errors: list = []
+    sources: dict[str, dict] = {}
+    alerts: dict[str, dict] = {}
+    for change in plan.of("create", "data_sources") + plan.of("update", "data_sources"):
+        row = stored["data_sources"].get(change.key)
+        try:
+            sources[change.key] = check_data_source(services, desired.bodies[("data_sources", change.key)],
+                                                    stored=row)
+        except HTTPException as exc:
+            index = desired.index[("data_sources", change.key)]
+            errors += [document.error("data_sources", index, [p for p in e["loc"] if p != "body"], e["msg"])
+                       for e in _error_list(exc)]
+            desired.broken["data_sources"].add(change.key)
+    pools: dict[str, database.Pool] = {}
+    try:
+        for change in plan.of("create", "alerts") + plan.of("update", "alerts"):
+            if change.action == "update" and set(change.fields) <= {"status"}:
+                continue
+            item = desired.entries["alerts"][change.key]
+            name = item["data_source"]
+            if name in desired.broken["data_sources"]:
+                continue  # its data source's problem is reported already
+            pool = None
+            if name is None:
+                source = stored["default"]
+            elif name in sources and sources[name]["connection_changed"]:
+                source = {"id": None, "name": name, "is_default": False}
+                if name not in pools:
+                    pools[name] = database.Pool(database.read_only_dsn(sources[name]["dsn"]), 1,
+                                                name=f"data source {name} (configuration check)",
+                                                deadline_seconds=services.sources.deadline_seconds)
+                pool = pools[name]
+            elif name in stored["data_sources"]:
+                source = stored["data_sources"][name]
+            else:
+                continue  # reported as a reference to nothing
+            try:
+                alerts[change.key] = validate_alert(services, desired.bodies[("alerts", change.key)], source=source,
+                                                    pool=pool)
+            except HTTPException as exc:
+                index = desired.index[("alerts", change.key)]
+                errors += [document.error("alerts", index, [p for p in e["loc"] if p != "body"], e["msg"])
+                           for e in _error_list(exc)]
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return sources, alerts, errors
+
+
+def apply_configuration(services: Services, text: str, *, prune: bool = False, dry_run: bool = False,
+                        environ: Mapping[str, str] | None = None) -> config_plan.Plan:
+    """Make the service's configuration what a file describes, matched by name, in one transaction; with dry_run
+    only plan. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler,
+    when the service runs one, takes the changes up as it does the API's."""
+    document, errors = config_plan.load(text)
+    if prune and not document.sections and not errors:
+        raise config_plan.FileRefused([config_plan.FileError(
+            ("file",), "the file names none of data_sources, teams, users, alerts: with prune it would delete "
+                       "everything; to mean that, write alerts: [] (and the others)", 1)])
+    desired, found = _validate_entries(document, os.environ if environ is None else environ)
+    errors += found
+    with services.pool.transaction() as cur:
+        current, stored, duplicates = _stored_configuration(cur)
+        for key, row in stored["data_sources"].items():
+            secret = database.get_data_source_connection(cur, data_source_id=row["id"])
+            stored["data_sources"][key] = {**row, **secret}
+    if duplicates:
+        errors.append(config_plan.FileError(("service",), _duplicate_names_message(duplicates)))
+    _forget_unchanged_secrets(services, desired, stored)
+    errors += config_plan.reference_errors(desired.entries, current, prune=prune, document=document,
+                                           where=desired.index, broken=desired.broken)
+    plan = config_plan.plan(desired.entries, current, prune=prune)
+    # The entries that passed so far are checked against the databases too, so that one answer lists everything.
+    sources, alerts, found = _check_changes(services, plan, desired, stored, document)
+    errors += found
+    if errors:
+        raise config_plan.FileRefused(sorted(errors, key=lambda e: (e.line or 0)))
+    if dry_run or plan.empty:
+        return plan
+    changed_alerts, changed_sources = _write_plan(services, plan, desired, current, sources, alerts)
+    if services.scheduler is not None:
+        services.scheduler.alerts_changed(changed_alerts)
+        for source_id in changed_sources:
+            services.scheduler.data_source_changed(source_id)
+    return plan
+
+
+def _write_plan(services: Services, plan: config_plan.Plan, desired: _Desired, planned_on: dict, sources: dict,
+                alerts: dict) -> tuple[list[UUID], list[UUID]]:
+    """Apply a checked plan in one transaction; the alerts changed, and the data sources to reconnect."""
+    changed_alerts: list[UUID] = []
+    changed_sources: list[UUID] = []
+    with services.pool.transaction() as cur:
+        database.lock_configuration(cur)
+        current, stored, _ = _stored_configuration(cur)
+        if current != planned_on:
+            raise database.Conflict("the configuration changed while the file was being checked; apply it again")
+        ids = {kind: {key: row["id"] for key, row in stored[kind].items()} for kind in config_plan.KINDS}
+        default_id = stored["default"]["id"]
+        for change in plan.changes:
+            kind, key = change.kind, change.key
+            item = desired.entries[kind].get(key)
+            if change.action == "delete":
+                remove = {"data_sources": lambda i: database.delete_data_source(cur, data_source_id=i),
+                          "teams": lambda i: database.delete_team(cur, team_id=i),
+                          "users": lambda i: database.delete_user(cur, user_id=i),
+                          "alerts": lambda i: database.delete_alert(cur, alert_id=i)}[kind]
+                remove(ids[kind][key])
+                if kind == "alerts":
+                    changed_alerts.append(ids[kind][key])
+                elif kind == "data_sources":
+                    changed_sources.append(ids[kind][key])
+            elif kind == "data_sources":
+                columns = {k: v for k, v in sources[key].items() if k not in ("connection_changed", "dsn")}
+                if change.action == "create":
+                    ids[kind][key] = database.insert_data_source(cur, **columns)["id"]
+                else:
+                    database.update_data_source(cur, data_source_id=ids[kind][key], **columns)
+                    if sources[key]["connection_changed"]:
+                        changed_sources.append(ids[kind][key])
+            elif kind == "teams":
+                if change.action == "create":
+                    ids[kind][key] = database.insert_team(cur, name=item["name"],
+                                                          description=item["description"])["id"]
+                else:
+                    database.update_team(cur, team_id=ids[kind][key], name=item["name"],
+                                         description=item["description"])
+            elif kind == "users":
+                person = {"name": item["name"], "email": item["email"], "phone": item["phone"],
+                          "team_id": ids["teams"][item["team"]] if item["team"] is not None else None}
+                if change.action == "create":
+                    ids[kind][key] = database.insert_user(cur, **person)["id"]
+                else:
+                    database.update_user(cur, user_id=ids[kind][key], **person)
+            else:
+                alert_id = ids[kind].get(key)
+                if key in alerts:
+                    fields = {**alerts[key], "created_by": ids["users"].get(item["created_by"]),
+                              "data_source_id": (ids["data_sources"][item["data_source"]]
+                                                 if item["data_source"] is not None else default_id)}
+                    if alert_id is None:
+                        alert_id = database.insert_alert(cur, fields=fields)["id"]
+                    else:
+                        old = database.get_alert(cur, alert_id=alert_id)
+                        row = database.update_alert(cur, alert_id=alert_id, fields=fields)
+                        if _result_meaning_changed(old, row):
+                            restart_alert_state(cur, alert_id=alert_id, reason="the alert's definition changed")
+                    database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
+                                             events_error=None)
+                if change.action == "create" and item["status"] != "ACTIVE" or "status" in change.fields:
+                    database.set_alert_status(cur, alert_id=alert_id, status=item["status"])
+                changed_alerts.append(alert_id)
+    return changed_alerts, changed_sources
 
 
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     router = APIRouter(dependencies=[Depends(require_api_key)])
+
+    # Before /alert-configs/{alert_id}, which would otherwise take "export" for an id.
+    @router.get("/alert-configs/export", response_class=PlainTextResponse, tags=["alerts as code"], responses={
+        200: {"content": {"application/yaml": {"schema": {"type": "string"}}},
+              "description": "The configuration file"}})
+    def export_alert_configs(services: ServicesDep):
+        """Every alert, data source (without its password), team and user as a YAML file to keep in git."""
+        return PlainTextResponse(export_configuration(services), media_type="application/yaml")
+
+    @router.post("/alert-configs/import", response_model=ImportResult, tags=["alerts as code"], openapi_extra={
+        "requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}})
+    async def import_alert_configs(
+            request: Request, services: ServicesDep,
+            prune: Annotated[bool, Query(description="Delete what the file no longer has")] = False,
+            dry_run: Annotated[bool, Query(description="Only return the plan; change nothing")] = False):
+        """Apply a configuration file (the export's format) by name: create, update and with prune delete. A file
+        with any problem is refused whole, every problem listed with its line; nothing is half-applied."""
+        try:
+            text = (await request.body()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(422, [{"loc": ["body"], "msg": "the body must be a YAML file in UTF-8",
+                                       "type": "value_error"}]) from None
+        try:
+            plan = await run_in_threadpool(apply_configuration, services, text, prune=prune, dry_run=dry_run)
+        except config_plan.FileRefused as exc:
+            raise HTTPException(422, [error.as_dict() for error in exc.errors]) from None
+        return {"applied": not dry_run, **plan.as_dict()}
     @router.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
     def create_alert(body: AlertConfigIn, services: ServicesDep):
         """Create an alert; its current result is sent once as the initial report."""
@@ -1067,7 +1456,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     def create_data_source(body: DataSourceIn, services: ServicesDep):
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
         checked = check_data_source(services, body)
-        del checked["connection_changed"]
+        del checked["connection_changed"], checked["dsn"]
         with services.pool.transaction() as cur:
             return database.insert_data_source(cur, **checked)
 
@@ -1097,6 +1486,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                      "DB_CONNECTION, not through the API")
         checked = check_data_source(services, body, stored={**stored, **secrets_row})
         changed = checked.pop("connection_changed")
+        del checked["dsn"]
         with services.pool.transaction() as cur:
             row = database.update_data_source(cur, data_source_id=data_source_id, **checked)
         if row is None:
