@@ -1203,14 +1203,12 @@ def _check_changes(services: Services, plan: config_plan.Plan, desired: _Desired
 
 def apply_configuration(services: Services, text: str, *, prune: bool = False, dry_run: bool = False,
                         environ: Mapping[str, str] | None = None) -> config_plan.Plan:
-    """Make the service's configuration what a file describes, matched by name, in one transaction; with dry_run
-    only plan. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler,
+    """Make the service's configuration what a file describes, matched by name, in one transaction (with prune,
+    deleting of each kind the file has a section for what that section lacks); with dry_run only plan. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler,
     when the service runs one, takes the changes up as it does the API's."""
     document, errors = config_plan.load(text)
-    if prune and not document.sections and not errors:
-        raise config_plan.FileRefused([config_plan.FileError(
-            ("file",), "the file names none of data_sources, teams, users, alerts: with prune it would delete "
-                       "everything; to mean that, write alerts: [] (and the others)", 1)])
+    # Only the kinds the file has a section for: a file of alerts alone, pruned, leaves the users be.
+    pruned = document.sections if prune else set()
     desired, found = _validate_entries(document, os.environ if environ is None else environ)
     errors += found
     with services.pool.transaction() as cur:
@@ -1221,9 +1219,9 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
     if duplicates:
         errors.append(config_plan.FileError(("service",), _duplicate_names_message(duplicates)))
     _forget_unchanged_secrets(services, desired, stored)
-    errors += config_plan.reference_errors(desired.entries, current, prune=prune, document=document,
+    errors += config_plan.reference_errors(desired.entries, current, prune=pruned, document=document,
                                            where=desired.index, broken=desired.broken)
-    plan = config_plan.plan(desired.entries, current, prune=prune)
+    plan = config_plan.plan(desired.entries, current, prune=pruned)
     # The entries that passed so far are checked against the databases too, so that one answer lists everything.
     sources, alerts, found = _check_changes(services, plan, desired, stored, document)
     errors += found

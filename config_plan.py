@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import yaml
 
@@ -204,8 +204,9 @@ class Plan:
 Entries = Mapping[str, Mapping[str, Mapping[str, Any]]]  # kind -> key -> canonical entry
 
 
-def plan(desired: Entries, current: Entries, *, prune: bool) -> Plan:
-    """The changes that make `current` what `desired` describes; with `prune`, what it no longer has is deleted."""
+def plan(desired: Entries, current: Entries, *, prune: Collection[str] = ()) -> Plan:
+    """The changes that make `current` what `desired` describes; of the kinds in `prune`, what `desired` does not
+    have is deleted."""
     changes: list[Change] = []
     for kind in KINDS:
         want, have = desired.get(kind, {}), current.get(kind, {})
@@ -217,8 +218,8 @@ def plan(desired: Entries, current: Entries, *, prune: bool) -> Plan:
                               if entry.get(name) != have[key].get(name))
             if differing:
                 changes.append(Change("update", kind, key, differing))
-    if prune:
-        for kind in reversed(KINDS):
+    for kind in reversed(KINDS):
+        if kind in prune:
             want, have = desired.get(kind, {}), current.get(kind, {})
             changes.extend(Change("delete", kind, key) for key in have if key not in want)
     return Plan(tuple(changes))
@@ -228,10 +229,11 @@ def plan(desired: Entries, current: Entries, *, prune: bool) -> Plan:
 REFERENCES = (("users", "team", "teams"), ("alerts", "data_source", "data_sources"), ("alerts", "created_by", "users"))
 
 
-def reference_errors(desired: Entries, current: Entries, *, prune: bool, document: Document,
+def reference_errors(desired: Entries, current: Entries, *, prune: Collection[str], document: Document,
                      where: Mapping[tuple[str, str], int], broken: Mapping[str, set]) -> list[FileError]:
-    """Entries naming a team, data source or user that will not exist after the apply (where: (kind, key) to the
-    entry's index in the file; broken: per kind, the keys of entries already refused, not reported again)."""
+    """Entries naming a team, data source or user that will not exist after the apply (prune: the kinds pruned;
+    where: (kind, key) to the entry's index in the file; broken: per kind, the keys of entries already refused,
+    not reported again)."""
     errors = []
     for kind, name, target in REFERENCES:
         for key, entry in desired.get(kind, {}).items():
@@ -239,7 +241,7 @@ def reference_errors(desired: Entries, current: Entries, *, prune: bool, documen
             if value is None or value in desired.get(target, {}) or value in broken.get(target, ()):
                 continue
             if value in current.get(target, {}):
-                if not prune:
+                if target not in prune:
                     continue
                 problem = f"{SINGULAR[target]} {value!r} is not in the file, so prune would delete it"
             else:

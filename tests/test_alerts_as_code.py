@@ -121,7 +121,10 @@ def test_a_dry_run_returns_the_plan_and_changes_nothing_and_prune_deletes_what_t
     assert pruned["changes"] == [{"action": "delete", "kind": "alert", "name": "Paused", "fields": []}]
     assert {a["name"]: a["priority"] for a in service.client.get("/alert-configs/").json()} == {
         "Orders": "LOW", "Warehouse stock": "CRITICAL", "New one": "MEDIUM"}
-    assert refused(service, "", prune=True)[0]["msg"].startswith("the file names none of")
+    only_teams = apply(service, "teams:\n  - name: day\n  - name: night\n    description: 22:00-06:00\n",
+                       prune=True)
+    assert only_teams["changes"] == [], "prune deletes only from the sections a file has"
+    assert apply(service, "", prune=True)["changes"] == []
 
 
 BAD_FILE = """\

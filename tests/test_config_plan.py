@@ -18,13 +18,14 @@ def test_a_plan_creates_before_it_deletes_and_deletes_alerts_before_what_they_us
     desired = entries(data_sources={"new": {"name": "new", "dsn": "host=b"}},
                       alerts={"same": {"name": "same", "priority": "HIGH"}})
 
-    plan = config_plan.plan(desired, current, prune=True)
+    plan = config_plan.plan(desired, current, prune=config_plan.KINDS)
 
     assert [str(change) for change in plan.changes] == [
         "+ create data source new", "~ update alert same (priority)", "- delete alert gone",
         "- delete data source old"]
-    assert [c.action for c in config_plan.plan(desired, current, prune=False).changes] == ["create", "update"]
-    assert config_plan.plan(current, current, prune=True).empty
+    assert [c.action for c in config_plan.plan(desired, current).changes] == ["create", "update"]
+    assert [str(c) for c in config_plan.plan(desired, current, prune=["alerts"]).changes][-1] == "- delete alert gone"
+    assert config_plan.plan(current, current, prune=config_plan.KINDS).empty
 
 
 def test_every_entry_and_field_of_a_file_has_its_line():
