@@ -99,7 +99,9 @@ def apply_command(argv: list[str]) -> int:
     if args.dry_run:
         print("dry run: nothing was changed")
     elif not plan.empty:
-        print("applied")
+        # The scheduler of a service running on this database does not watch for changes written elsewhere.
+        print("applied; a service running on this database takes the changes up at its next start (to apply to a "
+              "running service, POST the file to /alert-configs/import)")
     return 0
 
 
