@@ -1218,6 +1218,16 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
             stored["data_sources"][key] = {**row, **secret}
     if duplicates:
         errors.append(config_plan.FileError(("service",), _duplicate_names_message(duplicates)))
+    default_name = stored["default"]["name"]
+    if default_name in desired.entries["data_sources"]:
+        index = desired.index[("data_sources", default_name)]
+        errors.append(document.error("data_sources", index, ["name"], f"{default_name!r} is the service's own "
+                                     "database, which is not configured in a file (leave data_source out of an "
+                                     "alert to use it)"))
+        del desired.entries["data_sources"][default_name]
+    for item in desired.entries["alerts"].values():
+        if item["data_source"] == default_name:
+            item["data_source"] = None  # as an export leaves it out
     _forget_unchanged_secrets(services, desired, stored)
     errors += config_plan.reference_errors(desired.entries, current, prune=pruned, document=document,
                                            where=desired.index, broken=desired.broken)

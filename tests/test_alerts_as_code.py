@@ -176,6 +176,8 @@ def test_a_bad_file_is_refused_whole_with_every_problem_and_its_line(service, db
     laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefg", "bcdefgh"))
     assert "values once its aliases" in refused(service, laughs)[0]["msg"]
+    own = refused(service, "data_sources:\n  - name: default\n    host: 127.0.0.1\n")
+    assert own[0]["loc"] == ["data_sources", 0, "name"] and "service's own database" in own[0]["msg"]
 
 
 def test_a_data_source_password_comes_from_an_alert_secret_variable_and_no_other(service, empty_dsn, monkeypatch):
