@@ -1055,16 +1055,25 @@ class _Desired:
     bodies: dict[tuple[str, str], Any] = field(default_factory=dict)
     index: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, key): the entry's place in the file
     broken: dict[str, set] = field(default_factory=lambda: {kind: set() for kind in config_plan.KINDS})
+    references: list[config_plan.Reference] = field(default_factory=list)  # of every entry, refused ones too
 
 
 def _reference(entry: dict, name: str, errors: list, document: config_plan.Document, kind: str, index: int,
-               choices: tuple[str, ...] | None = None) -> Any:
-    """Take a field that names something (text or null) out of an entry."""
+               choices: tuple[str, ...] | None = None, desired: _Desired | None = None) -> Any:
+    """Take a field that names something (text or null) out of an entry; with `desired`, record the reference."""
     value = entry.pop(name, None)
     if value is not None and not isinstance(value, str):
         errors.append(document.error(kind, index, [name], "must be text (a name) or null"))
-    elif choices is not None and value is not None and value not in choices:
+        return None
+    if choices is not None and value is not None and value not in choices:
         errors.append(document.error(kind, index, [name], f"must be one of {', '.join(choices)}"))
+    if name == "created_by" and value is not None:
+        try:
+            value = ascii_email(value)  # users are keyed by their address as stored
+        except ValueError:
+            pass  # then no user has it, which is reported
+    if desired is not None and value is not None:
+        desired.references.append(config_plan.Reference(kind, index, name, value))
     return value
 
 
@@ -1099,12 +1108,12 @@ def _validate_entries(document: config_plan.Document, environ: Mapping[str, str]
                     body = TeamIn(**entry)
                     item = {"name": body.name, "description": body.description}
                 elif kind == "users":
-                    team = _reference(entry, "team", found, document, kind, index)
+                    team = _reference(entry, "team", found, document, kind, index, desired=desired)
                     body = UserIn(**entry)
                     item = {"name": body.name, "email": body.email, "phone": body.phone, "team": team}
                 else:
-                    source = _reference(entry, "data_source", found, document, kind, index)
-                    creator = _reference(entry, "created_by", found, document, kind, index)
+                    source = _reference(entry, "data_source", found, document, kind, index, desired=desired)
+                    creator = _reference(entry, "created_by", found, document, kind, index, desired=desired)
                     status = _reference(entry, "status", found, document, kind, index, ("ACTIVE", "INACTIVE"))
                     body = AlertConfigIn(**entry)
                     condition = body.trigger_condition
@@ -1235,9 +1244,10 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
     for item in desired.entries["alerts"].values():
         if item["data_source"] == default_name:
             item["data_source"] = None  # as an export leaves it out
+    references = [r for r in desired.references if not (r.field == "data_source" and r.value == default_name)]
     _forget_unchanged_secrets(services, desired, stored)
-    errors += config_plan.reference_errors(desired.entries, current, prune=pruned, document=document,
-                                           where=desired.index, broken=desired.broken)
+    errors += config_plan.reference_errors(references, desired.entries, current, prune=pruned, document=document,
+                                           broken=desired.broken)
     plan = config_plan.plan(desired.entries, current, prune=pruned)
     # The entries that passed so far are checked against the databases too, so that one answer lists everything.
     sources, alerts, found = _check_changes(services, plan, desired, stored, document)

@@ -225,28 +225,37 @@ def plan(desired: Entries, current: Entries, *, prune: Collection[str] = ()) -> 
     return Plan(tuple(changes))
 
 
-# Which field of an entry names an entry of another kind.
-REFERENCES = (("users", "team", "teams"), ("alerts", "data_source", "data_sources"), ("alerts", "created_by", "users"))
+# Which field of an entry names an entry of which kind.
+REFERENCES = {("users", "team"): "teams", ("alerts", "data_source"): "data_sources", ("alerts", "created_by"): "users"}
 
 
-def reference_errors(desired: Entries, current: Entries, *, prune: Collection[str], document: Document,
-                     where: Mapping[tuple[str, str], int], broken: Mapping[str, set]) -> list[FileError]:
-    """Entries naming a team, data source or user that will not exist after the apply (prune: the kinds pruned;
-    where: (kind, key) to the entry's index in the file; broken: per kind, the keys of entries already refused,
-    not reported again)."""
+@dataclass(frozen=True)
+class Reference:
+    """An entry's field that names another entry: where it is, and the name."""
+
+    kind: str
+    index: int
+    field: str
+    value: str
+
+
+def reference_errors(references: list[Reference], desired: Entries, current: Entries, *, prune: Collection[str],
+                     document: Document, broken: Mapping[str, set]) -> list[FileError]:
+    """References to a team, data source or user that will not exist after the apply (prune: the kinds pruned;
+    broken: per kind, the names of entries already refused, not reported again). Entries refused for another
+    reason have their references checked too, so that one answer lists everything."""
     errors = []
-    for kind, name, target in REFERENCES:
-        for key, entry in desired.get(kind, {}).items():
-            value = entry.get(name)
-            if value is None or value in desired.get(target, {}) or value in broken.get(target, ()):
+    for ref in references:
+        target = REFERENCES[(ref.kind, ref.field)]
+        if ref.value in desired.get(target, {}) or ref.value in broken.get(target, ()):
+            continue
+        if ref.value in current.get(target, {}):
+            if target not in prune:
                 continue
-            if value in current.get(target, {}):
-                if target not in prune:
-                    continue
-                problem = f"{SINGULAR[target]} {value!r} is not in the file, so prune would delete it"
-            else:
-                problem = f"no {SINGULAR[target]} {value!r} in the file or the service"
-            errors.append(document.error(kind, where[(kind, key)], [name], problem))
+            problem = f"{SINGULAR[target]} {ref.value!r} is not in the file, so prune would delete it"
+        else:
+            problem = f"no {SINGULAR[target]} {ref.value!r} in the file or the service"
+        errors.append(document.error(ref.kind, ref.index, [ref.field], problem))
     return errors
 
 

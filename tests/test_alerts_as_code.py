@@ -165,6 +165,7 @@ def test_a_bad_file_is_refused_whole_with_every_problem_and_its_line(service, db
     found = {(tuple(p["loc"]), p["line"]) for p in problems}
     assert (("teams", 1, "name"), 4) in found
     assert (("users", 0, "email"), 7) in found
+    assert (("users", 0, "team"), 8) in found, "a refused entry's references are checked too"
     assert (("alerts", 1, "schedule"), 16) in found
     assert (("alerts", 1, "notification_channels", "whatsapp"), 17) in found
     assert (("alerts", 2, "query"), 19) in found
