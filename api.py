@@ -938,7 +938,8 @@ def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | 
         raise field_error("password", str(exc)) from None
     changed = (stored is None or params != stored["connection_params"]
                or trigger_params != stored["trigger_connection_params"]
-               or (sealed is None and password is not None) or (trigger_sealed is None and trigger_password is not None))
+               or (sealed is None and password is not None)
+               or (trigger_sealed is None and trigger_password is not None))
     rights = None if stored is None else stored["role"]
     dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
     if changed or rights is None:
@@ -1021,8 +1022,10 @@ def _stored_configuration(cur) -> tuple[dict, dict, list[str]]:
             duplicates.append(row["name"])
         body = alert_body(row)
         if isinstance(body["trigger_condition"], dict):
-            # In the order a person writes it (jsonb keeps keys by length).
-            body["trigger_condition"] = rules.parse_condition(body["trigger_condition"]).as_dict()
+            try:  # in the order a person writes it (jsonb keeps keys by length)
+                body["trigger_condition"] = rules.parse_condition(body["trigger_condition"]).as_dict()
+            except rules.RuleError:
+                pass  # stored by an older version: exported as it is, and refused with the reason when applied
         entries["alerts"][row["name"]] = {
             **{k: body[k] for k in ("name", "description", "query")},
             "data_source": source_names[row["data_source_id"]],
@@ -1219,9 +1222,11 @@ def _check_changes(services: Services, plan: config_plan.Plan, desired: _Desired
 
 def apply_configuration(services: Services, text: str, *, prune: bool = False, dry_run: bool = False,
                         environ: Mapping[str, str] | None = None) -> config_plan.Plan:
-    """Make the service's configuration what a file describes, matched by name, in one transaction (with prune,
-    deleting of each kind the file has a section for what that section lacks); with dry_run only plan. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler,
-    when the service runs one, takes the changes up as it does the API's."""
+    """Make the service's configuration what a file describes, matched by name, in one transaction; return the plan.
+
+    With prune, of each kind the file has a section for, what that section lacks is deleted; with dry_run nothing is
+    changed. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler, when
+    the service runs one, takes the changes up as it does the API's."""
     document, errors = config_plan.load(text)
     # Only the kinds the file has a section for: a file of alerts alone, pruned, leaves the users be.
     pruned = document.sections if prune else set()
