@@ -239,6 +239,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unavailable(request: Request, exc: database.DatabaseUnavailable):
         return JSONResponse(status_code=503, content={"detail": f"database unavailable: {exc}"})
 
+    @app.exception_handler(database.Deadlock)
+    async def _deadlock(request: Request, exc: database.Deadlock):
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "1"})
+
     @app.exception_handler(database.Conflict)
     async def _conflict(request: Request, exc: database.Conflict):
         return JSONResponse(status_code=409, content={"detail": str(exc)})
@@ -1272,9 +1276,9 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
 def _write_plan(services: Services, plan: config_plan.Plan, desired: _Desired, planned_on: dict, sources: dict,
                 alerts: dict) -> tuple[list[UUID], list[UUID]]:
     """Apply a checked plan in one transaction; the alerts changed, and the data sources to reconnect."""
-    changed_alerts: list[UUID] = []
-    changed_sources: list[UUID] = []
-    with services.pool.transaction() as cur:
+    def write(cur) -> tuple[list[UUID], list[UUID]]:
+        changed_alerts: list[UUID] = []
+        changed_sources: list[UUID] = []
         database.lock_configuration(cur)
         current, stored, _ = _stored_configuration(cur)
         if current != planned_on:
@@ -1334,7 +1338,9 @@ def _write_plan(services: Services, plan: config_plan.Plan, desired: _Desired, p
                 if change.action == "create" and item["status"] != "ACTIVE" or "status" in change.fields:
                     database.set_alert_status(cur, alert_id=alert_id, status=item["status"])
                 changed_alerts.append(alert_id)
-    return changed_alerts, changed_sources
+        return changed_alerts, changed_sources
+
+    return database.in_transaction(services.pool, write)
 
 
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
@@ -1557,7 +1563,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 raise HTTPException(422, [{"loc": ["query", "move_alerts_to"], "type": "value_error",
                                            "msg": f"alert {row['name']} ({row['id']}) cannot move to data source "
                                                   f"{target['name']}: {messages}"}]) from None
-        with services.pool.transaction() as cur:
+        def move_and_delete(cur) -> None:
             if set(database.alert_ids_on_data_source(cur, data_source_id=data_source_id, lock=True)) != set(moved):
                 raise HTTPException(409, "alerts on this data source changed meanwhile; try again")
             for alert_id, fields in moved.items():
@@ -1566,6 +1572,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                          events_error=None)
                 restart_alert_state(cur, alert_id=alert_id, reason="the alert moved to another data source")
             database.delete_data_source(cur, data_source_id=data_source_id)
+
+        database.in_transaction(services.pool, move_and_delete)
         services.scheduler.alerts_changed(list(moved))
         services.scheduler.data_source_changed(data_source_id)
 
@@ -1590,13 +1598,17 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.put("/teams/{team_id}", response_model=TeamOut, tags=["people"])
     def update_team(team_id: UUID, body: TeamIn, services: ServicesDep):
         """Replace a team's name and description."""
-        return _fetch_or_404(services, "team", team_id, lambda cur: database.update_team(
+        row = database.in_transaction(services.pool, lambda cur: database.update_team(
             cur, team_id=team_id, name=body.name, description=body.description))
+        if row is None:
+            raise not_found("team", team_id)
+        return row
 
     @router.delete("/teams/{team_id}", status_code=204, tags=["people"])
     def delete_team(team_id: UUID, services: ServicesDep):
         """Delete a team; its users stay, without a team."""
-        _fetch_or_404(services, "team", team_id, lambda cur: database.delete_team(cur, team_id=team_id))
+        if database.in_transaction(services.pool, lambda cur: database.delete_team(cur, team_id=team_id)) is None:
+            raise not_found("team", team_id)
 
     @router.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
     def create_user(body: UserIn, services: ServicesDep):
@@ -1622,7 +1634,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.put("/users/{user_id}", response_model=UserOut, tags=["people"])
     def update_user(user_id: UUID, body: UserIn, services: ServicesDep):
         """Replace a user's details."""
-        with services.pool.transaction() as cur:
+        def update(cur) -> dict:
             if database.get_user(cur, user_id=user_id) is None:
                 raise not_found("user", user_id)
             if body.team_id is not None and database.get_team(cur, team_id=body.team_id) is None:
@@ -1630,10 +1642,13 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             return database.update_user(cur, user_id=user_id, name=body.name, email=body.email, phone=body.phone,
                                         team_id=body.team_id)
 
+        return database.in_transaction(services.pool, update)
+
     @router.delete("/users/{user_id}", status_code=204, tags=["people"])
     def delete_user(user_id: UUID, services: ServicesDep):
         """Delete a user; alerts they created stay."""
-        _fetch_or_404(services, "user", user_id, lambda cur: database.delete_user(cur, user_id=user_id))
+        if database.in_transaction(services.pool, lambda cur: database.delete_user(cur, user_id=user_id)) is None:
+            raise not_found("user", user_id)
 
     @router.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
     def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,

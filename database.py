@@ -74,6 +74,10 @@ class Conflict(DatabaseError):
     """A unique or foreign-key constraint rejected the write."""
 
 
+class Deadlock(DatabaseError):
+    """PostgreSQL ended the transaction to break a deadlock, every time it was tried."""
+
+
 class SecretKeyError(DatabaseError):
     """SECRET_KEY is missing or is not the key stored passwords were encrypted with."""
 
@@ -512,6 +516,20 @@ class Pool:
                 _close_quietly(self._idle.get_nowait())
             except queue.Empty:
                 return
+
+
+def in_transaction(pool: Pool, work: Callable, *, attempts: int = 3):
+    """work(cur) in one transaction, run again when PostgreSQL ends it to break a deadlock, as its manual advises;
+    Deadlock when every attempt was. (An evaluation that makes TimescaleDB create a chunk of the evaluation history
+    locks alert_config while it holds alert rows, so a concurrent write to alert_config can deadlock with it.)"""
+    for attempt in range(attempts):
+        try:
+            with pool.transaction() as cur:
+                return work(cur)
+        except psycopg2.errors.TransactionRollbackError as exc:
+            logger.info("transaction ended by PostgreSQL (attempt %d of %d): %s", attempt + 1, attempts,
+                        _first_line(exc))
+    raise Deadlock(f"the transaction deadlocked {attempts} times with concurrent work; try again")
 
 
 def select_readable(conn: psycopg2.extensions.connection) -> bool:

@@ -90,7 +90,7 @@ def apply_command(argv: list[str]) -> int:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return 1
-    except database.Conflict as exc:
+    except (database.Conflict, database.Deadlock) as exc:
         print(f"{args.file} was not applied: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Iterator
 
+import psycopg2
 import pytest
+
+import database
 
 from tests.conftest import (_new_database, create_orders_table, drop_database, dsn_with, eventually, free_port,
                             insert_orders)
@@ -175,3 +180,34 @@ def test_renaming_a_data_source_keeps_its_password_and_needs_no_new_check(servic
         "name": "other", "dsn": other_dsn, "allow_privileged_role": True})
     assert conflict.status_code == 409
     assert service.client.get(f"/data-sources/{source['id']}").json()["name"] == "archive"
+
+
+def test_a_write_that_postgresql_ends_to_break_a_deadlock_is_run_again(service, db_dsn):
+    night = service.client.post("/teams/", json={"name": "night"}).json()["id"]
+    day = service.client.post("/teams/", json={"name": "day"}).json()["id"]
+    other = psycopg2.connect(db_dsn)
+    attempts = []
+    try:
+        with other.cursor() as cur:
+            # This session waits long before it looks for deadlocks, so the service's transaction is the one ended.
+            cur.execute("SET deadlock_timeout = '20s'; SET search_path = alert_service")
+            cur.execute("UPDATE team SET description = 'other' WHERE id = %s", (day,))
+        blocker = threading.Thread(target=lambda: other.cursor().execute(
+            "UPDATE team SET description = 'other' WHERE id = %s", (night,)))
+
+        def work(cur):
+            attempts.append(1)
+            cur.execute("UPDATE team SET description = 'service' WHERE id = %s", (night,))
+            if len(attempts) == 1:
+                blocker.start()
+                time.sleep(0.3)  # the other session now waits for this row
+                threading.Timer(3, other.commit).start()  # it ends once the deadlock is broken
+            cur.execute("UPDATE team SET description = 'service' WHERE id = %s RETURNING id", (day,))
+            return cur.fetchone()["id"]
+
+        assert str(database.in_transaction(service.services.pool, work)) == day
+    finally:
+        blocker.join(10)
+        other.close()
+    assert len(attempts) == 2
+    assert service.client.get(f"/teams/{night}").json()["description"] == "service"
