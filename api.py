@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 from uuid import UUID
 
 import fastapi_offline
@@ -19,11 +20,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
+import config_plan
 import database
 import query_analysis
 import rules
@@ -67,14 +70,40 @@ class Services:
     pool: database.Pool
     box: database.SecretBox
     sources: database.SourcePools
-    dispatcher: Dispatcher
-    scheduler: AlertScheduler
-    metrics: Metrics
+    dispatcher: Dispatcher | None = None  # None without background threads (the apply command)
+    scheduler: AlertScheduler | None = None
+    metrics: Metrics | None = None
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
 
 def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
+    services = open_services(settings, dsn)
+    try:
+        services.metrics = Metrics()
+        services.dispatcher = Dispatcher(services.pool, settings, metrics=services.metrics)
+        services.scheduler = AlertScheduler(services.pool, settings, sources=services.sources,
+                                            on_outbox=services.dispatcher.wake, metrics=services.metrics)
+        services.metrics.watch(pool=services.pool, scheduler_status=services.scheduler.status)
+    except BaseException:
+        services.sources.close()
+        services.pool.close()
+        raise
+    try:
+        # Started in the background: the first templated message should not wait for them, nor start-up.
+        templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
+                         memory_mb=settings.template_memory_mb)
+        services.dispatcher.start()
+        services.scheduler.start()
+    except BaseException:
+        stop_services(services)
+        raise
+    return services
+
+
+def open_services(settings: Settings, dsn: str | None = None) -> Services:
+    """Connect, migrate, and check the stored secrets and the role alert queries run as: what the routes need,
+    without the background threads."""
     dsn = dsn or database.resolve_dsn(settings)
     logger.info("service database: %s", database.describe_dsn(dsn))
     pool = database.service_pool(dsn, size=settings.workers + settings.dry_run_workers + 8,
@@ -100,25 +129,10 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
                                        reader_dsn=reader_dsn,
                                        deadline_seconds=database.query_deadline(settings.query_timeout_seconds),
                                        api_size=settings.dry_run_workers + 1)
-        metrics = Metrics()
-        dispatcher = Dispatcher(pool, settings, metrics=metrics)
-        scheduler = AlertScheduler(pool, settings, sources=sources, on_outbox=dispatcher.wake, metrics=metrics)
-        metrics.watch(pool=pool, scheduler_status=scheduler.status)
     except BaseException:
         pool.close()
         raise
-    services = Services(settings=settings, pool=pool, box=box, sources=sources, dispatcher=dispatcher,
-                        scheduler=scheduler, metrics=metrics)
-    try:
-        # Started in the background: the first templated message should not wait for them, nor start-up.
-        templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
-                         memory_mb=settings.template_memory_mb)
-        dispatcher.start()
-        scheduler.start()
-    except BaseException:
-        stop_services(services)
-        raise
-    return services
+    return Services(settings=settings, pool=pool, box=box, sources=sources)
 
 
 def stop_services(services: Services) -> None:
@@ -126,10 +140,13 @@ def stop_services(services: Services) -> None:
     # Evaluations store nothing from here on; then the render processes go, so that an evaluation rendering a
     # runaway template ends now instead of holding up the stop.
     try:
-        services.scheduler.stopping()
+        if services.scheduler is not None:
+            services.scheduler.stopping()
         templating.stop()
-        services.scheduler.stop(timeout=STOP_SECONDS)
-        services.dispatcher.stop(timeout=STOP_SECONDS)
+        if services.scheduler is not None:
+            services.scheduler.stop(timeout=STOP_SECONDS)
+        if services.dispatcher is not None:
+            services.dispatcher.stop(timeout=STOP_SECONDS)
     finally:
         services.sources.close()
         services.pool.close()
@@ -270,6 +287,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(database.DatabaseUnavailable)
     async def _unavailable(request: Request, exc: database.DatabaseUnavailable):
         return JSONResponse(status_code=503, content={"detail": f"database unavailable: {exc}"})
+
+    @app.exception_handler(database.Deadlock)
+    async def _deadlock(request: Request, exc: database.Deadlock):
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "1"})
 
     @app.exception_handler(database.Conflict)
     async def _conflict(request: Request, exc: database.Conflict):
@@ -861,61 +882,544 @@ def service_schema_error(tables: list[str]) -> HTTPException | None:
                                 f"({', '.join(own)}): the service writes it at every evaluation")
 
 
+def validate_alert(services: Services, body: AlertConfigIn, *, source: dict | None = None,
+                   pool: database.Pool | None = None) -> dict:
+    """Check everything that needs the database; return the fields to store. An import passes the data source
+    and the pool to compile on when the source is not stored yet (or about to change)."""
+    with services.pool.transaction() as cur:
+        if source is None:
+            source = database.get_data_source(cur, data_source_id=body.data_source_id)
+        if source is None:
+            raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
+        if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
+            raise field_error("created_by", f"user {body.created_by} does not exist")
+    refs = query_analysis.analyse_query(body.query)
+    # Named outright: refused before the query is sent (on the default source the reader could not read it).
+    named = service_schema_error([database.table_key(r.schema, r.name) for r in refs if r.schema is not None])
+    if named is not None:
+        raise named
+    try:
+        if pool is None:
+            pool = services.sources.get(source["id"], for_api=True)
+        columns = rules.unique_columns(database.compile_query(
+            pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
+        tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
+    except database.QueryFailed as exc:
+        raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
+    except database.DatabaseUnavailable as exc:
+        if source["is_default"]:
+            raise
+        # As at the probe: libpq's text would show an API user what answers at the source's address now.
+        logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
+                       exc)
+        raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
+                                            "not accept a login; the service's log has the reason") from None
+    # Through a view, or on a data source that is the service's own database with a privileged role.
+    watched = service_schema_error(tables)
+    if watched is not None:
+        raise watched
+    try:
+        rules.key_indexes(columns, body.key_columns)
+    except rules.RuleError as exc:
+        raise field_error("key_columns", str(exc)) from None
+    if body.message_template is not None:
+        try:
+            notification.check_template(body.message_template)
+        except notification.TemplateFailed as exc:
+            raise field_error("message_template", f"the template does not render: {exc}") from None
+    condition = rules.parse_condition(body.trigger_condition)
+    try:
+        rules.check_condition_columns(condition, columns)
+    except rules.RuleError as exc:
+        raise field_error("trigger_condition", str(exc)) from None
+    fields = body.model_dump(mode="json")
+    fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value,
+                  condition=condition.as_dict(),
+                  trigger_condition=body.trigger_condition if isinstance(body.trigger_condition, str) else None)
+    fields["watched_tables"] = tables
+    return fields
+
+
+def _error_list(exc: HTTPException | ValidationError) -> list[dict]:
+    """A 4xx's or a model's errors as a list of {loc, msg}."""
+    if isinstance(exc, ValidationError):
+        return [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    if isinstance(exc.detail, str):
+        return [{"loc": [], "msg": exc.detail}]
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.detail]
+
+
+def restart_alert_state(cur, *, alert_id: UUID, reason: str) -> None:
+    """The alert starts again from scratch (its next evaluation is an initial report); an open incident of the
+    old definition is resolved rather than left to dangle."""
+    state = database.get_alert_state(cur, alert_id=alert_id)
+    if state is not None and state["firing_incident_id"] is not None:
+        database.resolve_incident(cur, incident_id=state["firing_incident_id"], resolved_by=None)
+        database.insert_activity(cur, action="auto_resolved", incident_id=state["firing_incident_id"],
+                                 alert_id=alert_id, details={"reason": reason})
+    database.clear_alert_state(cur, alert_id=alert_id)
+
+
+def alert_body(row: dict) -> dict:
+    """A stored alert as the request body that would create it."""
+    return {
+        "name": row["name"], "description": row["description"], "query": row["query"],
+        "data_source_id": row["data_source_id"],
+        "trigger_condition": row["trigger_condition"] if row["trigger_condition"] is not None else row["condition"],
+        "message_template": row["message_template"], "key_columns": row["key_columns"],
+        "schedule": row["schedule"], "notification_channels": row["notification_channels"],
+        "priority": row["priority"], "created_by": row["created_by"],
+    }
+
+
+def check_data_source(services: Services, body: DataSourceIn, *, stored: dict | None = None) -> dict:
+    """Check a data source as creating one does (it logs in, its role's rights, the trigger role) and return the
+    columns to store, with `connection_changed` and `dsn` (it holds the password: never log it). For an update
+    (`stored`: its row with the encrypted passwords), a password left out keeps the stored one, and an unchanged
+    connection is not checked again."""
+    params, password = body.connection_params()
+    trigger_params, trigger_password = body.trigger_params()
+    sealed = stored["password"] if stored is not None and password is None else None
+    trigger_sealed = (stored["trigger_password"] if stored is not None and trigger_password is None
+                      and trigger_params is not None else None)
+    try:
+        if sealed is not None:
+            password = services.box.open(sealed)
+        if trigger_sealed is not None:
+            trigger_password = services.box.open(trigger_sealed)
+    except database.SecretKeyError as exc:
+        raise field_error("password", str(exc)) from None
+    changed = (stored is None or params != stored["connection_params"]
+               or trigger_params != stored["trigger_connection_params"]
+               or (sealed is None and password is not None)
+               or (trigger_sealed is None and trigger_password is not None))
+    rights = None if stored is None else stored["role"]
+    dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
+    if changed or rights is None:
+        rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
+    problems = database.role_problems(rights)
+    opt_in_allowed = services.settings.allow_privileged_data_sources
+    if problems and not (body.allow_privileged_role and opt_in_allowed):
+        raise field_error("dsn" if body.dsn else "user", privileged_role_message(
+            rights["role"], problems, opt_in_allowed=opt_in_allowed))
+    if trigger_params is not None and changed:
+        check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
+    try:
+        if sealed is None and password:
+            sealed = services.box.seal(password)
+        if trigger_sealed is None and trigger_password:
+            trigger_sealed = services.box.seal(trigger_password)
+    except database.SecretKeyError as exc:
+        raise field_error("password", str(exc)) from None
+    return {"name": body.name, "connection_params": params, "password": sealed,
+            "allow_privileged_role": body.allow_privileged_role, "role_rights": rights,
+            "trigger_connection_params": trigger_params, "trigger_password": trigger_sealed,
+            "connection_changed": changed, "dsn": dsn}
+
+
+# --- alerts as code --------------------------------------------------------------------------------------------
+
+
+# The shape of a configuration file, for the OpenAPI schema; its entries are the bodies of the create endpoints,
+# with names in place of ids (README: "Alerts as code").
+_FILE_SCHEMA = {"type": "object", "required": ["version", *config_plan.KINDS], "properties": {
+    "version": {"type": "integer", "enum": [config_plan.FORMAT_VERSION]},
+    **{kind: {"type": "array", "items": {"type": "object"}} for kind in config_plan.KINDS}}}
+
+
+class ImportResult(BaseModel):
+    """What an import changed, or with dry_run would change."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "applied": True, "changes": [{"action": "create", "kind": "alert", "name": "Order Monitor", "fields": []}],
+        "summary": {"create": 1, "update": 0, "delete": 0}}})
+
+    applied: bool = Field(description="False for a dry run: nothing was changed")
+    changes: list[dict[str, Any]]
+    summary: dict[str, int]
+
+
+def _dsn_text(params: dict | None) -> str | None:
+    # Keywords in one order, so that equal connections compare equal as text.
+    return None if params is None else psycopg2.extensions.make_dsn(**dict(sorted(params.items())))
+
+
+def _stored_configuration(cur) -> tuple[dict, dict, list[str]]:
+    """The stored configuration as a file's entries (kind -> key -> entry), the rows by kind and key, and the names
+    that more than one alert has."""
+    rows = database.configuration(cur)
+    entries: dict[str, dict] = {kind: {} for kind in config_plan.KINDS}
+    by_key: dict[str, dict] = {kind: {} for kind in config_plan.KINDS}
+    source_names = {r["id"]: None if r["is_default"] else r["name"] for r in rows["data_sources"]}
+    team_names = {r["id"]: r["name"] for r in rows["teams"]}
+    user_emails = {r["id"]: r["email"] for r in rows["users"]}
+    for row in rows["data_sources"]:
+        if row["is_default"]:
+            by_key["default"] = row
+            continue
+        entries["data_sources"][row["name"]] = {
+            "name": row["name"], "dsn": _dsn_text(row["connection_params"]),
+            "allow_privileged_role": row["allow_privileged_role"],
+            "trigger_dsn": _dsn_text(row["trigger_connection_params"])}
+        by_key["data_sources"][row["name"]] = row
+    for row in rows["teams"]:
+        entries["teams"][row["name"]] = {"name": row["name"], "description": row["description"]}
+        by_key["teams"][row["name"]] = row
+    for row in rows["users"]:
+        entries["users"][row["email"]] = {"name": row["name"], "email": row["email"], "phone": row["phone"],
+                                          "team": team_names.get(row["team_id"])}
+        by_key["users"][row["email"]] = row
+    duplicates = []
+    for row in rows["alerts"]:
+        if row["name"] in entries["alerts"]:
+            duplicates.append(row["name"])
+        body = alert_body(row)
+        if isinstance(body["trigger_condition"], dict):
+            try:  # in the order a person writes it (jsonb keeps keys by length)
+                body["trigger_condition"] = rules.parse_condition(body["trigger_condition"]).as_dict()
+            except rules.RuleError:
+                pass  # stored by an older version: exported as it is, and refused with the reason when applied
+        entries["alerts"][row["name"]] = {
+            **{k: body[k] for k in ("name", "description", "query")},
+            "data_source": source_names[row["data_source_id"]],
+            **{k: body[k] for k in ("trigger_condition", "message_template", "key_columns", "schedule",
+                                    "notification_channels", "priority")},
+            "status": row["status"], "created_by": user_emails.get(row["created_by"])}
+        by_key["alerts"][row["name"]] = row
+    return entries, by_key, sorted(set(duplicates))
+
+
+def _duplicate_names_message(names: list[str]) -> str:
+    return (f"more than one alert is named {', '.join(map(repr, names))}: alerts as code matches alerts by name; "
+            f"rename them first (PUT /alert-configs/{{id}})")
+
+
+def export_configuration(services: Services) -> str:
+    """Every data source (without its password), team, user and alert as a configuration file."""
+    with services.pool.transaction() as cur:
+        entries, _, duplicates = _stored_configuration(cur)
+    if duplicates:
+        raise database.Conflict(_duplicate_names_message(duplicates))
+    return config_plan.dump(entries)
+
+
+@dataclass
+class _Desired:
+    """A file's entries once validated: as entries to compare, and as the request bodies they stand for."""
+
+    entries: dict[str, dict] = field(default_factory=lambda: {kind: {} for kind in config_plan.KINDS})
+    bodies: dict[tuple[str, str], Any] = field(default_factory=dict)
+    index: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, key): the entry's place in the file
+    broken: dict[str, set] = field(default_factory=lambda: {kind: set() for kind in config_plan.KINDS})
+    references: list[config_plan.Reference] = field(default_factory=list)  # of every entry, refused ones too
+
+
+def _reference(entry: dict, name: str, errors: list, document: config_plan.Document, kind: str, index: int,
+               choices: tuple[str, ...] | None = None, desired: _Desired | None = None) -> Any:
+    """Take a field that names something (text or null) out of an entry; with `desired`, record the reference."""
+    value = entry.pop(name, None)
+    if value is not None and not isinstance(value, str):
+        errors.append(document.error(kind, index, [name], "must be text (a name) or null"))
+        return None
+    if choices is not None and value is not None and value not in choices:
+        errors.append(document.error(kind, index, [name], f"must be one of {', '.join(choices)}"))
+    if name == "created_by" and value is not None:
+        try:
+            value = ascii_email(value)  # users are keyed by their address as stored
+        except ValueError:
+            pass  # then no user has it, which is reported
+    if desired is not None and value is not None:
+        desired.references.append(config_plan.Reference(kind, index, name, value))
+    return value
+
+
+def _validate_entries(document: config_plan.Document, environ: Mapping[str, str]) -> tuple[_Desired, list]:
+    """Every entry through the model the API uses for it; the errors of all of them."""
+    desired, errors = _Desired(), []
+    keys = []
+    for kind in config_plan.KINDS:
+        for index, raw in enumerate(document.entries[kind]):
+            entry = dict(raw)
+            found: list = []
+            try:
+                if kind == "data_sources":
+                    for name in ("dsn", "password", "trigger_dsn"):
+                        try:
+                            entry[name] = config_plan.resolve_secret(entry.get(name), environ)
+                        except KeyError as missing:
+                            found.append(document.error(kind, index, [name],
+                                                        config_plan.secret_reference_problem(missing.args[0])))
+                    if found:
+                        raise _Refused
+                    body = DataSourceIn(**entry)
+                    params, password = body.connection_params()
+                    trigger_params, trigger_password = body.trigger_params()
+                    item = {"name": body.name, "dsn": _dsn_text(params),
+                            "allow_privileged_role": body.allow_privileged_role,
+                            "trigger_dsn": _dsn_text(trigger_params)}
+                    # Kept only to compare with the stored one; a plan names the field, never its value.
+                    item.update({k: v for k, v in (("password", password), ("trigger_password", trigger_password))
+                                 if v})
+                elif kind == "teams":
+                    body = TeamIn(**entry)
+                    item = {"name": body.name, "description": body.description}
+                elif kind == "users":
+                    team = _reference(entry, "team", found, document, kind, index, desired=desired)
+                    body = UserIn(**entry)
+                    item = {"name": body.name, "email": body.email, "phone": body.phone, "team": team}
+                else:
+                    source = _reference(entry, "data_source", found, document, kind, index, desired=desired)
+                    creator = _reference(entry, "created_by", found, document, kind, index, desired=desired)
+                    status = _reference(entry, "status", found, document, kind, index, ("ACTIVE", "INACTIVE"))
+                    body = AlertConfigIn(**entry)
+                    condition = body.trigger_condition
+                    item = {"name": body.name, "description": body.description, "query": body.query,
+                            "data_source": source,
+                            "trigger_condition": condition if isinstance(condition, str)
+                            else rules.parse_condition(condition).as_dict(),
+                            "message_template": body.message_template, "key_columns": body.key_columns,
+                            "schedule": body.schedule, "notification_channels": body.notification_channels.model_dump(),
+                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator}
+                if found:
+                    raise _Refused
+            except (ValidationError, HTTPException) as exc:
+                found += [document.error(kind, index, [p for p in e["loc"] if p != "body"], e["msg"])
+                          for e in _error_list(exc)]
+            except _Refused:
+                pass
+            if found:
+                errors += found
+                key = raw.get(config_plan.KEYS[kind])
+                if isinstance(key, str):
+                    desired.broken[kind].add(key.strip())
+                continue
+            key = item[config_plan.KEYS[kind]]
+            keys.append((kind, index, key))
+            if (kind, key) not in desired.index:
+                desired.entries[kind][key] = item
+                desired.bodies[(kind, key)] = body
+                desired.index[(kind, key)] = index
+    errors += config_plan.duplicate_errors(keys, document)
+    return desired, errors
+
+
+class _Refused(Exception):
+    """An entry already has errors: go on to the next."""
+
+
+def _forget_unchanged_secrets(services: Services, desired: _Desired, stored: dict) -> None:
+    """Drop a file's password where it equals the stored one, so that it plans as no change."""
+    for key, item in desired.entries["data_sources"].items():
+        row = stored["data_sources"].get(key)
+        for name in ("password", "trigger_password"):
+            if name in item and row is not None and row[name] is not None:
+                try:
+                    if services.box.open(row[name]) == item[name]:
+                        del item[name]
+                except database.SecretKeyError:
+                    pass  # planned as a change; applying it reports the key problem
+
+
+def _check_changes(services: Services, plan: config_plan.Plan, desired: _Desired, stored: dict,
+                   document: config_plan.Document) -> tuple[dict, dict, list]:
+    """What creating or updating each entry needs the databases for, as the API checks it: data sources log in,
+    alert queries compile on their (new) data source. Returns the data sources' columns and the alerts' fields."""
+    errors: list = []
+    sources: dict[str, dict] = {}
+    alerts: dict[str, dict] = {}
+    for change in plan.of("create", "data_sources") + plan.of("update", "data_sources"):
+        row = stored["data_sources"].get(change.key)
+        try:
+            sources[change.key] = check_data_source(services, desired.bodies[("data_sources", change.key)],
+                                                    stored=row)
+        except HTTPException as exc:
+            index = desired.index[("data_sources", change.key)]
+            errors += [document.error("data_sources", index, [p for p in e["loc"] if p != "body"], e["msg"])
+                       for e in _error_list(exc)]
+            desired.broken["data_sources"].add(change.key)
+    pools: dict[str, database.Pool] = {}
+    try:
+        for change in plan.of("create", "alerts") + plan.of("update", "alerts"):
+            if change.action == "update" and set(change.fields) <= {"status"}:
+                continue
+            item = desired.entries["alerts"][change.key]
+            name = item["data_source"]
+            if name in desired.broken["data_sources"]:
+                continue  # its data source's problem is reported already
+            pool = None
+            if name is None:
+                source = stored["default"]
+            elif name in sources and sources[name]["connection_changed"]:
+                source = {"id": None, "name": name, "is_default": False}
+                if name not in pools:
+                    pools[name] = database.Pool(database.read_only_dsn(sources[name]["dsn"]), 1,
+                                                name=f"data source {name} (configuration check)",
+                                                deadline_seconds=services.sources.deadline_seconds)
+                pool = pools[name]
+            elif name in stored["data_sources"]:
+                source = stored["data_sources"][name]
+            else:
+                continue  # reported as a reference to nothing
+            try:
+                alerts[change.key] = validate_alert(services, desired.bodies[("alerts", change.key)], source=source,
+                                                    pool=pool)
+            except HTTPException as exc:
+                index = desired.index[("alerts", change.key)]
+                errors += [document.error("alerts", index, [p for p in e["loc"] if p != "body"], e["msg"])
+                           for e in _error_list(exc)]
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return sources, alerts, errors
+
+
+def apply_configuration(services: Services, text: str, *, prune: bool = False, dry_run: bool = False,
+                        environ: Mapping[str, str] | None = None) -> config_plan.Plan:
+    """Make the service's configuration what a file describes, matched by name, in one transaction; return the plan.
+
+    With prune, of each kind the file has a section for, what that section lacks is deleted; with dry_run nothing is
+    changed. FileRefused lists every problem when anything is wrong, and then nothing is changed. The scheduler, when
+    the service runs one, takes the changes up as it does the API's."""
+    document, errors = config_plan.load(text)
+    # Only the kinds the file has a section for: a file of alerts alone, pruned, leaves the users be.
+    pruned = document.sections if prune else set()
+    desired, found = _validate_entries(document, os.environ if environ is None else environ)
+    errors += found
+    with services.pool.transaction() as cur:
+        current, stored, duplicates = _stored_configuration(cur)
+        for key, row in stored["data_sources"].items():
+            secret = database.get_data_source_connection(cur, data_source_id=row["id"])
+            stored["data_sources"][key] = {**row, **secret}
+    if duplicates:
+        errors.append(config_plan.FileError(("service",), _duplicate_names_message(duplicates)))
+    default_name = stored["default"]["name"]
+    if default_name in desired.entries["data_sources"]:
+        index = desired.index[("data_sources", default_name)]
+        errors.append(document.error("data_sources", index, ["name"], f"{default_name!r} is the service's own "
+                                     "database, which is not configured in a file (leave data_source out of an "
+                                     "alert to use it)"))
+        del desired.entries["data_sources"][default_name]
+    for item in desired.entries["alerts"].values():
+        if item["data_source"] == default_name:
+            item["data_source"] = None  # as an export leaves it out
+    references = [r for r in desired.references if not (r.field == "data_source" and r.value == default_name)]
+    _forget_unchanged_secrets(services, desired, stored)
+    errors += config_plan.reference_errors(references, desired.entries, current, prune=pruned, document=document,
+                                           broken=desired.broken)
+    plan = config_plan.plan(desired.entries, current, prune=pruned)
+    # The entries that passed so far are checked against the databases too, so that one answer lists everything.
+    sources, alerts, found = _check_changes(services, plan, desired, stored, document)
+    errors += found
+    if errors:
+        raise config_plan.FileRefused(sorted(errors, key=lambda e: (e.line or 0)))
+    if dry_run or plan.empty:
+        return plan
+    changed_alerts, changed_sources = _write_plan(services, plan, desired, current, sources, alerts)
+    if services.scheduler is not None:
+        services.scheduler.alerts_changed(changed_alerts)
+        for source_id in changed_sources:
+            services.scheduler.data_source_changed(source_id)
+    return plan
+
+
+def _write_plan(services: Services, plan: config_plan.Plan, desired: _Desired, planned_on: dict, sources: dict,
+                alerts: dict) -> tuple[list[UUID], list[UUID]]:
+    """Apply a checked plan in one transaction; the alerts changed, and the data sources to reconnect."""
+    def write(cur) -> tuple[list[UUID], list[UUID]]:
+        changed_alerts: list[UUID] = []
+        changed_sources: list[UUID] = []
+        database.lock_configuration(cur)
+        current, stored, _ = _stored_configuration(cur)
+        if current != planned_on:
+            raise database.Conflict("the configuration changed while the file was being checked; apply it again")
+        ids = {kind: {key: row["id"] for key, row in stored[kind].items()} for kind in config_plan.KINDS}
+        default_id = stored["default"]["id"]
+        for change in plan.changes:
+            kind, key = change.kind, change.key
+            item = desired.entries[kind].get(key)
+            if change.action == "delete":
+                remove = {"data_sources": lambda i: database.delete_data_source(cur, data_source_id=i),
+                          "teams": lambda i: database.delete_team(cur, team_id=i),
+                          "users": lambda i: database.delete_user(cur, user_id=i),
+                          "alerts": lambda i: database.delete_alert(cur, alert_id=i)}[kind]
+                remove(ids[kind][key])
+                if kind == "alerts":
+                    changed_alerts.append(ids[kind][key])
+                elif kind == "data_sources":
+                    changed_sources.append(ids[kind][key])
+            elif kind == "data_sources":
+                columns = {k: v for k, v in sources[key].items() if k not in ("connection_changed", "dsn")}
+                if change.action == "create":
+                    ids[kind][key] = database.insert_data_source(cur, **columns)["id"]
+                else:
+                    database.update_data_source(cur, data_source_id=ids[kind][key], **columns)
+                    if sources[key]["connection_changed"]:
+                        changed_sources.append(ids[kind][key])
+            elif kind == "teams":
+                if change.action == "create":
+                    ids[kind][key] = database.insert_team(cur, name=item["name"],
+                                                          description=item["description"])["id"]
+                else:
+                    database.update_team(cur, team_id=ids[kind][key], name=item["name"],
+                                         description=item["description"])
+            elif kind == "users":
+                person = {"name": item["name"], "email": item["email"], "phone": item["phone"],
+                          "team_id": ids["teams"][item["team"]] if item["team"] is not None else None}
+                if change.action == "create":
+                    ids[kind][key] = database.insert_user(cur, **person)["id"]
+                else:
+                    database.update_user(cur, user_id=ids[kind][key], **person)
+            else:
+                alert_id = ids[kind].get(key)
+                if key in alerts:
+                    fields = {**alerts[key], "created_by": ids["users"].get(item["created_by"]),
+                              "data_source_id": (ids["data_sources"][item["data_source"]]
+                                                 if item["data_source"] is not None else default_id)}
+                    if alert_id is None:
+                        alert_id = database.insert_alert(cur, fields=fields)["id"]
+                    else:
+                        old = database.get_alert(cur, alert_id=alert_id)
+                        row = database.update_alert(cur, alert_id=alert_id, fields=fields)
+                        if _result_meaning_changed(old, row):
+                            restart_alert_state(cur, alert_id=alert_id, reason="the alert's definition changed")
+                    database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
+                                             events_error=None)
+                if change.action == "create" and item["status"] != "ACTIVE" or "status" in change.fields:
+                    database.set_alert_status(cur, alert_id=alert_id, status=item["status"])
+                changed_alerts.append(alert_id)
+        return changed_alerts, changed_sources
+
+    return database.in_transaction(services.pool, write)
+
+
 def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists every route
     router = APIRouter(dependencies=[Depends(require_api_key)])
-    def validate_alert(services: Services, body: AlertConfigIn) -> dict:
-        """Check everything that needs the database; return the fields to store."""
-        with services.pool.transaction() as cur:
-            source = database.get_data_source(cur, data_source_id=body.data_source_id)
-            if source is None:
-                raise field_error("data_source_id", f"data source {body.data_source_id} does not exist")
-            if body.created_by is not None and database.get_user(cur, user_id=body.created_by) is None:
-                raise field_error("created_by", f"user {body.created_by} does not exist")
-        refs = query_analysis.analyse_query(body.query)
-        # Named outright: refused before the query is sent (on the default source the reader could not read it).
-        named = service_schema_error([database.table_key(r.schema, r.name) for r in refs if r.schema is not None])
-        if named is not None:
-            raise named
-        try:
-            pool = services.sources.get(source["id"], for_api=True)
-            columns = rules.unique_columns(database.compile_query(
-                pool, query=body.query, timeout_seconds=services.settings.query_timeout_seconds))
-            tables = database.resolve_tables(pool, refs=[(r.schema, r.name) for r in refs])
-        except database.QueryFailed as exc:
-            raise field_error("query", f"PostgreSQL rejected the query: {exc}") from None
-        except database.DatabaseUnavailable as exc:
-            if source["is_default"]:
-                raise
-            # As at the probe: libpq's text would show an API user what answers at the source's address now.
-            logger.warning("data source %s (%s) unreachable while saving an alert: %s", source["name"], source["id"],
-                           exc)
-            raise field_error("data_source_id", f"could not connect to the data source {source['name']}: it did "
-                                                "not accept a login; the service's log has the reason") from None
-        # Through a view, or on a data source that is the service's own database with a privileged role.
-        watched = service_schema_error(tables)
-        if watched is not None:
-            raise watched
-        try:
-            rules.key_indexes(columns, body.key_columns)
-        except rules.RuleError as exc:
-            raise field_error("key_columns", str(exc)) from None
-        if body.message_template is not None:
-            try:
-                notification.check_template(body.message_template)
-            except notification.TemplateFailed as exc:
-                raise field_error("message_template", f"the template does not render: {exc}") from None
-        condition = rules.parse_condition(body.trigger_condition)
-        try:
-            rules.check_condition_columns(condition, columns)
-        except rules.RuleError as exc:
-            raise field_error("trigger_condition", str(exc)) from None
-        fields = body.model_dump(mode="json")
-        fields.update(data_source_id=source["id"], created_by=body.created_by, priority=body.priority.value,
-                      condition=condition.as_dict(),
-                      trigger_condition=body.trigger_condition if isinstance(body.trigger_condition, str) else None)
-        fields["watched_tables"] = tables
-        return fields
 
+    # Before /alert-configs/{alert_id}, which would otherwise take "export" for an id.
+    @router.get("/alert-configs/export", response_class=PlainTextResponse, tags=["alerts as code"], responses={
+        200: {"content": {"application/yaml": {"schema": _FILE_SCHEMA}}, "description": "The configuration file"}})
+    def export_alert_configs(services: ServicesDep):
+        """Every alert, data source (without its password), team and user as a YAML file to keep in git."""
+        return PlainTextResponse(export_configuration(services), media_type="application/yaml")
+
+    @router.post("/alert-configs/import", response_model=ImportResult, tags=["alerts as code"], openapi_extra={
+        "requestBody": {"required": True, "content": {"application/yaml": {"schema": _FILE_SCHEMA}}}})
+    async def import_alert_configs(
+            request: Request, services: ServicesDep,
+            prune: Annotated[bool, Query(description="Delete what the file no longer has")] = False,
+            dry_run: Annotated[bool, Query(description="Only return the plan; change nothing")] = False):
+        """Apply a configuration file (the export's format) by name: create, update and with prune delete. A file
+        with any problem is refused whole, every problem listed with its line; nothing is half-applied."""
+        try:
+            text = (await request.body()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(422, [{"loc": ["body"], "msg": "the body must be a YAML file in UTF-8",
+                                       "type": "value_error"}]) from None
+        try:
+            plan = await run_in_threadpool(apply_configuration, services, text, prune=prune, dry_run=dry_run)
+        except config_plan.FileRefused as exc:
+            raise HTTPException(422, [error.as_dict() for error in exc.errors]) from None
+        return {"applied": not dry_run, **plan.as_dict()}
     @router.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
     def create_alert(body: AlertConfigIn, services: ServicesDep):
         """Create an alert; its current result is sent once as the initial report."""
@@ -958,13 +1462,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
             database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
                                      events_error=None)
             if _result_meaning_changed(old, row):
-                state = database.get_alert_state(cur, alert_id=alert_id)
-                if state is not None and state["firing_incident_id"] is not None:
-                    # The new definition starts from scratch; the old one's open incident must not dangle.
-                    database.resolve_incident(cur, incident_id=state["firing_incident_id"], resolved_by=None)
-                    database.insert_activity(cur, action="auto_resolved", incident_id=state["firing_incident_id"],
-                                             alert_id=alert_id, details={"reason": "the alert's definition changed"})
-                database.clear_alert_state(cur, alert_id=alert_id)
+                restart_alert_state(cur, alert_id=alert_id, reason="the alert's definition changed")
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
 
@@ -1041,27 +1539,10 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.post("/data-sources/", response_model=DataSourceOut, status_code=201, tags=["data sources"])
     def create_data_source(body: DataSourceIn, services: ServicesDep):
         """Register another PostgreSQL or TimescaleDB database; the connection is tested first."""
-        params, password = body.connection_params()
-        dsn = psycopg2.extensions.make_dsn(**params, **({"password": password} if password else {}))
-        rights = describe_role_of(dsn, field="dsn" if body.dsn else "host", name=f"data source {body.name}")
-        problems = database.role_problems(rights)
-        opt_in_allowed = services.settings.allow_privileged_data_sources
-        if problems and not (body.allow_privileged_role and opt_in_allowed):
-            raise field_error("dsn" if body.dsn else "user", privileged_role_message(
-                rights["role"], problems, opt_in_allowed=opt_in_allowed))
-        trigger_params, trigger_password = body.trigger_params()
-        if trigger_params is not None:
-            check_trigger_role(trigger_params, trigger_password, database_name=rights["database"])
-        try:
-            sealed = services.box.seal(password) if password else None
-            trigger_sealed = services.box.seal(trigger_password) if trigger_password else None
-        except database.SecretKeyError as exc:
-            raise field_error("password", str(exc)) from None
+        checked = check_data_source(services, body)
+        del checked["connection_changed"], checked["dsn"]
         with services.pool.transaction() as cur:
-            return database.insert_data_source(
-                cur, name=body.name, connection_params=params, password=sealed,
-                allow_privileged_role=body.allow_privileged_role, role_rights=rights,
-                trigger_connection_params=trigger_params, trigger_password=trigger_sealed)
+            return database.insert_data_source(cur, **checked)
 
     @router.get("/data-sources/", response_model=list[DataSourceOut], tags=["data sources"])
     def list_data_sources(services: ServicesDep, skip: Skip = 0, limit: Limit = 100):
@@ -1074,6 +1555,76 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One data source."""
         return _fetch_or_404(services, "data source", data_source_id,
                              lambda cur: database.get_data_source(cur, data_source_id=data_source_id))
+
+    @router.put("/data-sources/{data_source_id}", response_model=DataSourceOut, tags=["data sources"])
+    def update_data_source(data_source_id: UUID, body: DataSourceIn, services: ServicesDep):
+        """Replace a data source's definition; a password left out keeps the stored one. A changed connection is
+        checked as at creation, and the source's listener and connections start again on it."""
+        with services.pool.transaction() as cur:
+            stored = database.get_data_source(cur, data_source_id=data_source_id)
+            secrets_row = database.get_data_source_connection(cur, data_source_id=data_source_id)
+        if stored is None:
+            raise not_found("data source", data_source_id)
+        if stored["is_default"]:
+            raise HTTPException(409, "the default data source is the service's own database: change it with "
+                                     "DB_CONNECTION, not through the API")
+        checked = check_data_source(services, body, stored={**stored, **secrets_row})
+        changed = checked.pop("connection_changed")
+        del checked["dsn"]
+        with services.pool.transaction() as cur:
+            row = database.update_data_source(cur, data_source_id=data_source_id, **checked)
+        if row is None:
+            raise not_found("data source", data_source_id)
+        if changed:
+            services.scheduler.data_source_changed(data_source_id)
+        return row
+
+    @router.delete("/data-sources/{data_source_id}", status_code=204, tags=["data sources"])
+    def delete_data_source(data_source_id: UUID, services: ServicesDep, move_alerts_to: Annotated[
+            UUID | None, Query(description="Move the alerts that use it to this data source first")] = None):
+        """Delete a data source; refused (409) while alerts use it, unless move_alerts_to names where they go."""
+        with services.pool.transaction() as cur:
+            source = database.get_data_source(cur, data_source_id=data_source_id)
+            alert_ids = database.alert_ids_on_data_source(cur, data_source_id=data_source_id)
+            target = (database.get_data_source(cur, data_source_id=move_alerts_to)
+                      if move_alerts_to is not None else None)
+        if source is None:
+            raise not_found("data source", data_source_id)
+        if source["is_default"]:
+            raise HTTPException(409, "the default data source is the service's own database and cannot be deleted")
+        if move_alerts_to is not None and (target is None or move_alerts_to == data_source_id):
+            why = "is the data source being deleted" if target is not None else "does not exist"
+            raise HTTPException(422, [{"loc": ["query", "move_alerts_to"], "type": "value_error",
+                                       "msg": f"data source {move_alerts_to} {why}"}])
+        if alert_ids and target is None:
+            raise HTTPException(409, f"{len(alert_ids)} alert(s) use data source {source['name']}: delete them, or "
+                                     f"send ?move_alerts_to=<id of another data source> to move them there first")
+        # Each moved alert must work on its new source: its query compiles there and its tables are found anew.
+        moved: dict[UUID, dict] = {}
+        with services.pool.transaction() as cur:
+            rows = [database.get_alert(cur, alert_id=alert_id) for alert_id in alert_ids]
+        for row in rows:
+            try:
+                moved[row["id"]] = validate_alert(
+                    services, AlertConfigIn(**{**alert_body(row), "data_source_id": target["id"]}))
+            except (HTTPException, ValidationError) as exc:
+                messages = "; ".join(e["msg"] for e in _error_list(exc))
+                raise HTTPException(422, [{"loc": ["query", "move_alerts_to"], "type": "value_error",
+                                           "msg": f"alert {row['name']} ({row['id']}) cannot move to data source "
+                                                  f"{target['name']}: {messages}"}]) from None
+        def move_and_delete(cur) -> None:
+            if set(database.alert_ids_on_data_source(cur, data_source_id=data_source_id, lock=True)) != set(moved):
+                raise HTTPException(409, "alerts on this data source changed meanwhile; try again")
+            for alert_id, fields in moved.items():
+                database.update_alert(cur, alert_id=alert_id, fields=fields)
+                database.set_alert_watch(cur, alert_id=alert_id, watched_tables=fields["watched_tables"],
+                                         events_error=None)
+                restart_alert_state(cur, alert_id=alert_id, reason="the alert moved to another data source")
+            database.delete_data_source(cur, data_source_id=data_source_id)
+
+        database.in_transaction(services.pool, move_and_delete)
+        services.scheduler.alerts_changed(list(moved))
+        services.scheduler.data_source_changed(data_source_id)
 
     @router.post("/teams/", response_model=TeamOut, status_code=201, tags=["people"])
     def create_team(body: TeamIn, services: ServicesDep):
@@ -1092,6 +1643,21 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One team."""
         return _fetch_or_404(services, "team", team_id,
                              lambda cur: database.get_team(cur, team_id=team_id))
+
+    @router.put("/teams/{team_id}", response_model=TeamOut, tags=["people"])
+    def update_team(team_id: UUID, body: TeamIn, services: ServicesDep):
+        """Replace a team's name and description."""
+        row = database.in_transaction(services.pool, lambda cur: database.update_team(
+            cur, team_id=team_id, name=body.name, description=body.description))
+        if row is None:
+            raise not_found("team", team_id)
+        return row
+
+    @router.delete("/teams/{team_id}", status_code=204, tags=["people"])
+    def delete_team(team_id: UUID, services: ServicesDep):
+        """Delete a team; its users stay, without a team."""
+        if database.in_transaction(services.pool, lambda cur: database.delete_team(cur, team_id=team_id)) is None:
+            raise not_found("team", team_id)
 
     @router.post("/users/", response_model=UserOut, status_code=201, tags=["people"])
     def create_user(body: UserIn, services: ServicesDep):
@@ -1113,6 +1679,25 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """One user."""
         return _fetch_or_404(services, "user", user_id,
                              lambda cur: database.get_user(cur, user_id=user_id))
+
+    @router.put("/users/{user_id}", response_model=UserOut, tags=["people"])
+    def update_user(user_id: UUID, body: UserIn, services: ServicesDep):
+        """Replace a user's details."""
+        def update(cur) -> dict:
+            if database.get_user(cur, user_id=user_id) is None:
+                raise not_found("user", user_id)
+            if body.team_id is not None and database.get_team(cur, team_id=body.team_id) is None:
+                raise field_error("team_id", f"team {body.team_id} does not exist")
+            return database.update_user(cur, user_id=user_id, name=body.name, email=body.email, phone=body.phone,
+                                        team_id=body.team_id)
+
+        return database.in_transaction(services.pool, update)
+
+    @router.delete("/users/{user_id}", status_code=204, tags=["people"])
+    def delete_user(user_id: UUID, services: ServicesDep):
+        """Delete a user; alerts they created stay."""
+        if database.in_transaction(services.pool, lambda cur: database.delete_user(cur, user_id=user_id)) is None:
+            raise not_found("user", user_id)
 
     @router.get("/incidents/", response_model=list[IncidentOut], tags=["incidents"])
     def list_incidents(services: ServicesDep, alert_config_id: UUID | None = None,

@@ -89,6 +89,10 @@ class Conflict(DatabaseError):
     """A unique or foreign-key constraint rejected the write."""
 
 
+class Deadlock(DatabaseError):
+    """PostgreSQL ended the transaction to break a deadlock, every time it was tried."""
+
+
 class SecretKeyError(DatabaseError):
     """SECRET_KEY is missing or is not the key stored passwords were encrypted with."""
 
@@ -529,6 +533,20 @@ class Pool:
                 return
 
 
+def in_transaction(pool: Pool, work: Callable, *, attempts: int = 3):
+    """work(cur) in one transaction, run again when PostgreSQL ends it to break a deadlock, as its manual advises;
+    Deadlock when every attempt was. (An evaluation that makes TimescaleDB create a chunk of the evaluation history
+    locks alert_config while it holds alert rows, so a concurrent write to alert_config can deadlock with it.)"""
+    for attempt in range(attempts):
+        try:
+            with pool.transaction() as cur:
+                return work(cur)
+        except psycopg2.errors.TransactionRollbackError as exc:
+            logger.info("transaction ended by PostgreSQL (attempt %d of %d): %s", attempt + 1, attempts,
+                        _first_line(exc))
+    raise Deadlock(f"the transaction deadlocked {attempts} times with concurrent work; try again")
+
+
 def select_readable(conn: psycopg2.extensions.connection) -> bool:
     """True when an idle connection has input waiting, which for a session that sent no query means the server
     closed it (or it is otherwise unusable)."""
@@ -921,6 +939,42 @@ def get_data_source_connection(cur, *, data_source_id: UUID) -> dict | None:
     return cur.fetchone()
 
 
+def update_data_source(cur, *, data_source_id: UUID, name: str, connection_params: dict, password: str | None,
+                       allow_privileged_role: bool, role_rights: dict | None,
+                       trigger_connection_params: dict | None, trigger_password: str | None) -> dict | None:
+    """Replace a data source's definition (passwords already encrypted); None when there is no such source."""
+    try:
+        cur.execute(
+            f"UPDATE data_source SET name = %s, connection_params = %s, password = %s, allow_privileged_role = %s, "
+            f"role_rights = %s, trigger_connection_params = %s, trigger_password = %s "
+            f"WHERE id = %s AND NOT is_default RETURNING {_DATA_SOURCE_COLUMNS}",
+            (name, psycopg2.extras.Json(connection_params), password, allow_privileged_role,
+             None if role_rights is None else psycopg2.extras.Json(role_rights),
+             None if trigger_connection_params is None else psycopg2.extras.Json(trigger_connection_params),
+             trigger_password, data_source_id),
+        )
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a data source named {name!r} already exists") from None
+    return cur.fetchone()
+
+
+def alert_ids_on_data_source(cur, *, data_source_id: UUID, lock: bool = False) -> list[UUID]:
+    """The alerts that query a data source (locked against a concurrent change when `lock`)."""
+    cur.execute("SELECT id FROM alert_config WHERE data_source_id = %s ORDER BY created_at, id"
+                + (" FOR UPDATE" if lock else ""), (data_source_id,))
+    return [row["id"] for row in cur.fetchall()]
+
+
+def delete_data_source(cur, *, data_source_id: UUID) -> dict | None:
+    """Delete a data source no alert uses; Conflict while one does (the foreign key would refuse it)."""
+    try:
+        cur.execute(f"DELETE FROM data_source WHERE id = %s AND NOT is_default RETURNING {_DATA_SOURCE_COLUMNS}",
+                    (data_source_id,))
+    except psycopg2.errors.ForeignKeyViolation:
+        raise Conflict("alerts still use this data source") from None
+    return cur.fetchone()
+
+
 def insert_team(cur, *, name: str, description: str | None) -> dict:
     """Store a team."""
     try:
@@ -941,6 +995,22 @@ def list_teams(cur, *, skip: int = 0, limit: int = 100) -> list[dict]:
 def get_team(cur, *, team_id: UUID) -> dict | None:
     """One team."""
     cur.execute("SELECT * FROM team WHERE id = %s", (team_id,))
+    return cur.fetchone()
+
+
+def update_team(cur, *, team_id: UUID, name: str, description: str | None) -> dict | None:
+    """Replace a team's name and description; None when there is no such team."""
+    try:
+        cur.execute("UPDATE team SET name = %s, description = %s WHERE id = %s RETURNING *",
+                    (name, description, team_id))
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a team named {name!r} already exists") from None
+    return cur.fetchone()
+
+
+def delete_team(cur, *, team_id: UUID) -> dict | None:
+    """Delete a team; its users stay, without a team."""
+    cur.execute("DELETE FROM team WHERE id = %s RETURNING *", (team_id,))
     return cur.fetchone()
 
 
@@ -965,6 +1035,23 @@ def list_users(cur, *, skip: int = 0, limit: int = 100) -> list[dict]:
 def get_user(cur, *, user_id: UUID) -> dict | None:
     """One user."""
     cur.execute("SELECT * FROM users WHERE id = %s", (user_id,))
+    return cur.fetchone()
+
+
+def update_user(cur, *, user_id: UUID, name: str, email: str, phone: str | None,
+                team_id: UUID | None) -> dict | None:
+    """Replace a user's details; None when there is no such user."""
+    try:
+        cur.execute("UPDATE users SET name = %s, email = %s, phone = %s, team_id = %s WHERE id = %s RETURNING *",
+                    (name, email, phone, team_id, user_id))
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict(f"a user with email {email!r} already exists") from None
+    return cur.fetchone()
+
+
+def delete_user(cur, *, user_id: UUID) -> dict | None:
+    """Delete a user; alerts they created stay, without a creator."""
+    cur.execute("DELETE FROM users WHERE id = %s RETURNING *", (user_id,))
     return cur.fetchone()
 
 
@@ -1068,6 +1155,23 @@ def list_active_alerts(cur) -> list[dict]:
                 "false) AS state_clean FROM alert_config a "
                 "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.status = 'ACTIVE' ORDER BY a.created_at, a.id")
     return cur.fetchall()
+
+
+def configuration(cur) -> dict[str, list[dict]]:
+    """Every data source (without passwords), team, user and alert, in creation order: what an export holds."""
+    cur.execute(f"SELECT {_DATA_SOURCE_COLUMNS} FROM data_source ORDER BY is_default DESC, created_at, id")
+    data_sources = cur.fetchall()
+    cur.execute("SELECT * FROM team ORDER BY created_at, id")
+    teams = cur.fetchall()
+    cur.execute("SELECT * FROM users ORDER BY created_at, id")
+    users = cur.fetchall()
+    cur.execute("SELECT * FROM alert_config ORDER BY created_at, id")
+    return {"data_sources": data_sources, "teams": teams, "users": users, "alerts": cur.fetchall()}
+
+
+def lock_configuration(cur) -> None:
+    """Let one configuration import at a time plan and write (until the transaction ends)."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('alert_service.configuration_import'))")
 
 
 # --- evaluation state and results ------------------------------------------------------------------------------
@@ -2511,6 +2615,18 @@ class SourcePools:
                     self._trigger_dsns[data_source_id], 1, name=f"data source {data_source_id} (triggers)",
                     deadline_seconds=TRIGGER_SYNC_DEADLINE_SECONDS)
             return pool
+
+    def forget(self, data_source_id: UUID) -> None:
+        """Drop what is known of a changed or deleted data source: its next use reads the stored row again. Its
+        pools are closed, interrupting queries in progress on the old connection."""
+        with self._lock:
+            self._dsns.pop(data_source_id, None)
+            self._trigger_dsns.pop(data_source_id, None)
+            pools = [self._pools.pop((data_source_id, for_api), None) for for_api in (False, True)]
+            pools.append(self._trigger_pools.pop(data_source_id, None))
+        for pool in pools:
+            if pool is not None:
+                pool.close()
 
     def close(self) -> None:
         """Close every pool, interrupting the queries in progress."""

@@ -439,6 +439,12 @@ class Evaluator:
         outcomes.update(stored)  # only once the statements went through
         return len(writes.notifications)
 
+    def forget_baselines(self, alert_ids: Sequence[UUID]) -> None:
+        """The alerts' next evaluations run their full queries (their data source now reads another database)."""
+        with self._baselines_lock:
+            for alert_id in alert_ids:
+                self._baselines.pop(alert_id, None)
+
     def _note_baselines(self, jobs: list[_Job], outcomes: dict[UUID, Outcome]) -> None:
         """Remember the snapshot of each stored full result, keep it under a stored incremental one, and forget
         it for every other alert of the batch."""

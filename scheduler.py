@@ -309,20 +309,51 @@ class AlertScheduler:
 
     def alert_changed(self, alert_id: UUID) -> None:
         """Apply a created, updated, paused, resumed or deleted alert at once."""
+        self.alerts_changed([alert_id])
+
+    def alerts_changed(self, alert_ids, cause: str = "manual") -> None:
+        """Apply created, updated, paused, resumed or deleted alerts at once, each data source synced once."""
+        active = []
         with self._change_lock:
-            # Read under the lock, so two quick changes apply in order and the newest one wins.
-            with self.pool.transaction() as cur:
-                alert = database.get_alert(cur, alert_id=alert_id)
-            with self._state_lock:
-                old = self._unregister(alert_id)
-            touched = {old.data_source_id} if old else set()
-            if alert is not None and alert["status"] == "ACTIVE":
-                self._register(alert)
-                touched.add(alert["data_source_id"])
+            touched: set[UUID] = set()
+            for alert_id in alert_ids:
+                # Read under the lock, so two quick changes apply in order and the newest one wins.
+                with self.pool.transaction() as cur:
+                    alert = database.get_alert(cur, alert_id=alert_id)
+                with self._state_lock:
+                    old = self._unregister(alert_id)
+                if old is not None:
+                    touched.add(old.data_source_id)
+                if alert is not None and alert["status"] == "ACTIVE":
+                    try:
+                        self._register(alert)
+                    except rules.RuleError as exc:
+                        logger.error("alert %s (%s) not scheduled: %s", alert["name"], alert["id"], exc)
+                        continue
+                    touched.add(alert["data_source_id"])
+                    active.append(alert_id)
             for source_id in touched:
                 self._sync_source(source_id)
-        if alert is not None and alert["status"] == "ACTIVE":
-            self.submit(alert_id, "manual")
+        self.submit_many(active, cause)
+
+    def data_source_changed(self, data_source_id: UUID) -> None:
+        """Reconnect to a data source whose connection changed (or let go of a deleted one): its triggers leave the
+        database it read, its listener and pools start again from the stored row, and its alerts are evaluated
+        once, as events sent meanwhile may have been missed."""
+        with self._change_lock:
+            with self._state_lock:
+                alert_ids = [a for a, e in self._registered.items() if e.data_source_id == data_source_id]
+                for alert_id in alert_ids:
+                    self._unregister(alert_id)
+            # With none of its alerts registered, this removes the triggers only they needed and stops the listener.
+            self._sync_source(data_source_id)
+            self._stop_listener(data_source_id)
+            self.sources.forget(data_source_id)
+            self._table_versions.pop(data_source_id, None)
+            self.evaluator.source_health.pop(data_source_id, None)
+            # Their last results' snapshots were of the database the source read before: nothing builds on them.
+            self.evaluator.forget_baselines(alert_ids)
+        self.alerts_changed(alert_ids, cause="catch_up")
 
     def _register(self, alert: dict) -> None:
         alert_id = alert["id"]
