@@ -1704,6 +1704,16 @@ def run_query(pool: Pool, *, query: str, timeout_seconds: float, max_rows: int,
     return result
 
 
+# In the alert queries' own snapshot and session, for the tables whose logged rows they read: the version of the
+# table's pg_class row, and whether row-level security or the role's rights could hide rows or columns from it.
+# Every name is schema-qualified, as the session's search_path comes from the data source's DSN.
+_TABLE_FACTS = (
+    "SELECT k, c.xmin::text, c.relrowsecurity, pg_catalog.has_table_privilege(c.oid, 'SELECT') "
+    "FROM pg_catalog.unnest(%s::text[]) AS k LEFT JOIN pg_catalog.pg_class c "
+    "ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(k)::oid"
+)
+
+
 @dataclass(frozen=True)
 class DeltaQuery:
     """An alert query rewritten to read logged rows (query_analysis.DeltaForm) and those rows: the text of an array
@@ -1715,7 +1725,7 @@ class DeltaQuery:
 
 def run_queries(pool: Pool, *, queries: Sequence[str | DeltaQuery], timeout_seconds: float, max_rows: int,
                 max_bytes: int = 16_000_000, proceed: Callable[[int], bool] | None = None,
-                snapshot: list[str] | None = None,
+                snapshot: list[str] | None = None, tables: dict[str, dict] | None = None,
                 ) -> list[tuple[tuple[list[str], list[tuple], bool] | DatabaseError, float]]:
     """Run alert queries read-only, one after another on one connection in one snapshot (REPEATABLE READ), each in
     its own savepoint so that one failing query, or one changing a setting, leaves the others as they were. For each
@@ -1724,7 +1734,8 @@ def run_queries(pool: Pool, *, queries: Sequence[str | DeltaQuery], timeout_seco
     the connection was lost or a deadline passed, for it and every query after it), with the seconds it took. A
     query whose rows fit in the first fetch costs one round trip (and one more to reset the session between two
     queries). `proceed(i)` is asked before query i starts; when it says no, that query and the rest are not run
-    (and not in the list). The snapshot's text (pg_current_snapshot) is appended to `snapshot` when given."""
+    (and not in the list). The snapshot's text (pg_current_snapshot) is appended to `snapshot` when given; for
+    each key of `tables`, what the snapshot says of that table is filled in (see _TABLE_FACTS) before any query."""
     results: list = []
     seconds = query_deadline(timeout_seconds)
     try:
@@ -1734,6 +1745,11 @@ def run_queries(pool: Pool, *, queries: Sequence[str | DeltaQuery], timeout_seco
                     taken = _read_only_transaction(cur, timeout_seconds=timeout_seconds)
                 if snapshot is not None:
                     snapshot.append(taken)
+                if tables:
+                    with pool.watched(conn, seconds), conn.cursor() as cur:
+                        cur.execute(_TABLE_FACTS, (list(tables),))
+                        for key, shape, row_security, readable in cur.fetchall():
+                            tables[key] = {"shape": shape, "row_security": row_security, "readable": readable}
                 for position, query in enumerate(queries):
                     if proceed is not None and not proceed(position):
                         return results
@@ -1940,6 +1956,9 @@ SELECT
     'namespace', ns.nspname, 'relkind', c.relkind, 'partition', c.relispartition,
     'unlogged', c.relpersistence = 'u', 'row_security', c.relrowsecurity,
     'readable', CASE WHEN c.oid IS NOT NULL THEN has_table_privilege(c.oid, 'SELECT') END,
+    'unloggable', (SELECT string_agg(a.attname::text, ', ' ORDER BY a.attnum) FROM pg_attribute a
+                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (a.attgenerated = 'v' OR a.atttypid = 'money'::regtype)),
     'has_children', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid),
     'inherits', EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid),
     'replicated', EXISTS (SELECT 1 FROM pg_subscription_rel s WHERE s.srrelid = c.oid),
@@ -1989,6 +2008,9 @@ def _relation_reason(fact: dict, *, deltas: bool = False) -> str | None:
     if deltas and not fact["readable"]:
         # The logged rows carry every column: a role that may read only some must read the table itself.
         return f"the data source's role may not read every column of {key}"
+    if deltas and fact["unloggable"]:
+        # A virtual generated column is NULL in a transition table; money reads by the session's lc_monetary.
+        return f"{key} has columns its logged rows cannot carry exactly ({fact['unloggable']})"
     if namespace in ("pg_catalog", "information_schema") or namespace.startswith("pg_toast"):
         return f"reads {key}, a system catalog or view, which has no change trigger"
     if fact["continuous_aggregate"]:
@@ -2251,7 +2273,9 @@ TRIGGER_FUNCTION_BODY = (
 
 
 # The capture function logs the rows a statement changed (as the text of an array of the table's row type, which
-# the alert query's session reads back exactly) and notifies with the log entry's id. It runs as its owner, the
+# the alert query's session reads back exactly: the text is printed under fixed settings, in forms whose input does
+# not depend on the reader's, see _CAPTURE_SETTINGS) and notifies with the log entry's id. With the rows goes the
+# version of the table's pg_class row, so rows logged before an ALTER TABLE are never read as the table is after it. It runs as its owner, the
 # service's trigger role, so writers need no right on the log, and a fixed search_path keeps their objects out of
 # it. The rows go to a table only that role can read, not into the notification: any session may LISTEN.
 CAPTURE_FUNCTION_BODY = (
@@ -2265,8 +2289,9 @@ CAPTURE_FUNCTION_BODY = (
     + str(CHANGE_LOG_MAX_ROWS + 1) + ") c;"
     " IF coalesce(octet_length(old_text) + octet_length(new_text) > " + str(CHANGE_LOG_MAX_BYTES) + ", false) THEN"
     " old_text := NULL; new_text := NULL; END IF;"
-    " INSERT INTO " + TRIGGER_SCHEMA + "." + CHANGE_LOG + " (table_key, old_rows, new_rows)"
-    " VALUES (key, old_text, new_text) RETURNING id INTO entry;"
+    " INSERT INTO " + TRIGGER_SCHEMA + "." + CHANGE_LOG + " (table_key, old_rows, new_rows, shape)"
+    " VALUES (key, old_text, new_text, (SELECT c.xmin::text FROM pg_class c WHERE c.oid = TG_RELID))"
+    " RETURNING id INTO entry;"
     " PERFORM pg_notify('" + NOTIFY_CHANNEL + "', key || ' ' || entry); RETURN NULL; END "
 )
 
@@ -2299,22 +2324,31 @@ def _ensure_trigger_function(cur) -> None:
     cur.execute(sql.SQL(
         "CREATE UNLOGGED TABLE IF NOT EXISTS {} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
         "xid xid8 NOT NULL DEFAULT pg_current_xact_id(), logged_at timestamptz NOT NULL DEFAULT now(), "
-        "table_key text NOT NULL, old_rows text, new_rows text)").format(
+        "table_key text NOT NULL, old_rows text, new_rows text, shape text)").format(
             sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)))
+    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS shape text").format(
+        sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)))
     cur.execute(
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
-                "SET search_path = pg_catalog, pg_temp AS {}").format(
+                "SET search_path = pg_catalog, pg_temp " + _CAPTURE_SETTINGS + " AS {}").format(
             sql.Identifier(TRIGGER_SCHEMA, CAPTURE_FUNCTION), sql.Literal(CAPTURE_FUNCTION_BODY))
     )
     cur.execute(sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(
         sql.Identifier(TRIGGER_SCHEMA, CAPTURE_FUNCTION)))
 
 
+# The writer's session must not change how the logged rows read: floats print exactly, dates and times in ISO
+# with their offset (whatever the reader's DateStyle and TimeZone), intervals in the postgres style (explicit
+# signs). Types whose text depends on other settings (money) keep a table off incremental evaluation.
+_CAPTURE_SETTINGS = ("SET extra_float_digits = 3 SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' "
+                     "SET TimeZone = 'UTC'")
+
+
 def read_changes(pool: Pool, *, ids: Sequence[int]) -> dict[int, dict]:
-    """The logged changes with these ids that are still kept: {id: {xid, table_key, old_rows, new_rows}} (rows
-    None when the statement changed too many to log)."""
+    """The logged changes with these ids that are still kept: {id: {xid, table_key, old_rows, new_rows, shape}}
+    (rows None when the statement changed too many to log; shape: the table's pg_class version then)."""
     with pool.transaction() as cur:
-        cur.execute(sql.SQL("SELECT id, xid::text AS xid, table_key, old_rows, new_rows FROM {} "
+        cur.execute(sql.SQL("SELECT id, xid::text AS xid, table_key, old_rows, new_rows, shape FROM {} "
                             "WHERE id = ANY(%s)").format(sql.Identifier(TRIGGER_SCHEMA, CHANGE_LOG)),
                     (list(ids),))
         return {row["id"]: row for row in cur.fetchall()}

@@ -142,6 +142,8 @@ class _Delta:
 
     added: str
     removed: str
+    table: str = ""
+    shapes: frozenset[str | None] = frozenset()  # the table's pg_class version when each change was logged
     row_count: int = 0  # the full result's size once applied
     needs_full: bool = False  # the rows did not decide alone: the full query must
 
@@ -305,10 +307,17 @@ class Evaluator:
         """Run the queries on their data source in one snapshot and put each result (or error) on its job. Over
         removed rows, a query only says whether any of them was in the result (then the job needs its full query)."""
         snapshot: list[str] = []
+        # What the queries' own snapshot says of the tables whose logged rows they read.
+        tables: dict[str, dict] = {job.delta.table: {} for job, _, kind in items if kind != "full"}
         results = self._query(source_id, [query for _, query, _ in items], for_api=False, proceed=proceed,
-                              snapshot=snapshot)
+                              snapshot=snapshot, tables=tables)
         for (job, _, kind), (result, seconds) in zip(items, results):
             job.seconds += seconds
+            if kind != "full" and job.delta is None:
+                continue  # an earlier query of the job lost the connection: it ended as that error
+            if kind != "full" and not _rows_still_read_alike(job.delta, tables):
+                job.delta.needs_full = True
+                continue
             if kind == "full":
                 job.snapshot = snapshot[0] if snapshot else None
                 job.result = self._checked(job.alert, job.condition, result)
@@ -321,15 +330,15 @@ class Evaluator:
                 job.delta.row_count += len(result[1])
 
     def _query(self, source_id: UUID, queries: list[str | database.DeltaQuery], *, for_api: bool,
-               proceed: Callable[[int], bool] | None = None,
-               snapshot: list[str] | None = None) -> list[tuple[object, float]]:
+               proceed: Callable[[int], bool] | None = None, snapshot: list[str] | None = None,
+               tables: dict[str, dict] | None = None) -> list[tuple[object, float]]:
         """Each query's result or error, with the time it took (fewer when `proceed` said stop); records whether
         the data source answered."""
         try:
             results = database.run_queries(
                 self.sources.get(source_id, for_api=for_api), queries=queries,
                 timeout_seconds=self.settings.query_timeout_seconds, max_rows=self.settings.max_result_rows,
-                max_bytes=self.settings.max_result_bytes, proceed=proceed, snapshot=snapshot)
+                max_bytes=self.settings.max_result_bytes, proceed=proceed, snapshot=snapshot, tables=tables)
         except database.DatabaseError as exc:  # no connection to the data source (or no such data source)
             results = [(exc if isinstance(exc, database.DatabaseUnavailable) else database.QueryFailed(str(exc)),
                         0.0)] * len(queries)
@@ -509,7 +518,7 @@ class Evaluator:
 def _delta(ids: list[int], changes: dict[int, dict], key: str, baseline: str) -> _Delta | None:
     """The rows the logged changes added to and removed from the table since the baseline snapshot, or None when a
     change is no longer kept, was too large to log its rows, or is on another table."""
-    added, removed = [], []
+    added, removed, shapes = [], [], set()
     for change_id in ids:
         change = changes.get(change_id)
         if change is None or change["table_key"] != key or change["new_rows"] is None or change["old_rows"] is None:
@@ -518,7 +527,16 @@ def _delta(ids: list[int], changes: dict[int, dict], key: str, baseline: str) ->
             continue  # committed before the full query's snapshot: its rows are in that result already
         added.append(change["new_rows"])
         removed.append(change["old_rows"])
-    return _Delta(added=join_arrays(added), removed=join_arrays(removed))
+        shapes.add(change["shape"])
+    return _Delta(added=join_arrays(added), removed=join_arrays(removed), table=key, shapes=frozenset(shapes))
+
+
+def _rows_still_read_alike(delta: _Delta, tables: dict[str, dict]) -> bool:
+    """Whether, in the queries' snapshot, the logged rows read as they were written (the table's definition has
+    not changed since) and the role sees the whole table (no row-level security, every column)."""
+    facts = tables.get(delta.table) or {}
+    return (facts.get("shape") is not None and delta.shapes <= {facts["shape"]} and not facts["row_security"]
+            and bool(facts["readable"]))
 
 
 def visible_in(xid: int, snapshot: str) -> bool:

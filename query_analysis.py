@@ -285,7 +285,7 @@ def delta_form(text: str) -> DeltaForm | str:
         return problem
     # libpg_query gives byte offsets, the scanner character offsets.
     start = len(text.encode("utf-8")[:relation["location"]].decode("utf-8", "ignore"))
-    tokens = scan(text)
+    tokens = [token for token in scan(text) if token.name not in ("C_COMMENT", "SQL_COMMENT")]
     position = next((i for i, token in enumerate(tokens) if token.start == start), None)
     if position is None:
         return "the table's name could not be found in the text"

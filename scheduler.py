@@ -732,9 +732,10 @@ class AlertScheduler:
             with self._batches_lock:
                 del self._batches[batch]
         with self._flight_lock:
-            for alert_id in batch.deltas:
+            for alert_id, _ in batch.kept():
                 if outcomes.get(alert_id, Outcome()).outcome is None:
-                    # The changes it took were not evaluated: only a full query can still find their rows.
+                    # Nothing was stored: the changes it took, or the full evaluation it was asked for, are still
+                    # owed, and only a full query can pay them.
                     self._flights[alert_id].deltas = None
         kept = batch.kept()
         with self._flight_lock:
@@ -760,8 +761,9 @@ class AlertScheduler:
                     with self._flight_lock:  # whoever waits for these waits for the batch that takes them now
                         for alert_id, _ in rest:
                             self._waiters.setdefault(alert_id, []).extend(batch.waiters.pop(alert_id, []))
-                            if alert_id in batch.deltas:  # the changes it took go with this batch: run in full
-                                self._flights[alert_id].deltas = None
+                            # What this batch was to do for it (its logged changes, or a full evaluation) is
+                            # left undone: the batch that takes it runs the full query.
+                            self._flights[alert_id].deltas = None
                     if rest:
                         logger.info("a slow query holds a batch on data source %s: %d alert(s) handed to another "
                                     "worker", source_id, len(rest))
