@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 # Event re-runs of one alert start at least this long after the previous evaluation's query began: a burst of
 # commits costs a few evaluations, and the first event of a quiet period is still served at once.
 EVENT_RERUN_SPACING_SECONDS = 0.1
-# An incremental re-run costs what the new rows cost, not a scan of the table: it waits less.
+# An incremental re-run costs what the new rows cost, not a scan of the table: it waits less, unless more than
+# INCREMENTAL_BURST_CHANGES commits came while the last evaluation ran (a burst, gathered as a full re-run's is).
 INCREMENTAL_RERUN_SPACING_SECONDS = 0.02
+INCREMENTAL_BURST_CHANGES = 10
 LISTENER_PING_SECONDS = 10.0
 LISTENER_MAX_BACKOFF_SECONDS = 30.0
 WAKEUP_CHECK_SECONDS = 1
@@ -802,7 +804,7 @@ class AlertScheduler:
                 flight.running = False
                 flight.pending = None
                 return None
-            incremental = outcome.incremental and bool(flight.deltas)
+            incremental = outcome.incremental and 0 < len(flight.deltas or ()) <= INCREMENTAL_BURST_CHANGES
             resume_at = flight.query_started + (INCREMENTAL_RERUN_SPACING_SECONDS if incremental
                                                 else EVENT_RERUN_SPACING_SECONDS)
             if flight.pending == "event" and time.monotonic() < resume_at:
