@@ -835,6 +835,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE notification ADD COLUMN seq bigserial;
         """,
     ),
+    (
+        7,
+        "open incidents are counted without reading the resolved ones",
+        """
+        -- /metrics counts open incidents by priority at every scrape; resolved ones pile up forever.
+        CREATE INDEX incident_open_priority ON incident (priority, status) WHERE status IN ('ACTIVE', 'ACKNOWLEDGED');
+        """,
+    ),
 ]
 
 
