@@ -223,8 +223,8 @@ class Evaluator:
             offset += len(items)
         handed = batch.close()
         for source_id, source_jobs in by_source.items():
-            # A change whose rows could not decide alone (an error over them, a removed row that was in the
-            # result): the full query, in a snapshot of its own.
+            # Logged rows that could not decide alone (an error over them, a removed row that was in the result,
+            # a table altered since or no longer wholly readable): the full query, in a snapshot of its own.
             again = [job for job in source_jobs if job.delta is not None and job.delta.needs_full
                      and job.alert["id"] not in handed]
             self.incremental_fallbacks += len(again)  # a statistic: a lost update under a race is harmless
