@@ -1420,14 +1420,19 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         except config_plan.FileRefused as exc:
             raise HTTPException(422, [error.as_dict() for error in exc.errors]) from None
         return {"applied": not dry_run, **plan.as_dict()}
+
     @router.post("/alert-configs/", response_model=AlertConfigOut, status_code=201, tags=["alerts"])
     def create_alert(body: AlertConfigIn, services: ServicesDep):
         """Create an alert; its current result is sent once as the initial report."""
         fields = validate_alert(services, body)
-        with services.pool.transaction() as cur:
+
+        def insert(cur) -> dict:
             row = database.insert_alert(cur, fields=fields)
             database.set_alert_watch(cur, alert_id=row["id"], watched_tables=fields["watched_tables"],
                                      events_error=None)
+            return row
+
+        row = database.in_transaction(services.pool, insert)
         services.scheduler.alert_changed(row["id"])
         return _get_alert(services, row["id"])
 
@@ -1454,7 +1459,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         """Replace an alert's definition; takes effect at once. A new query re-sends an initial report."""
         _get_alert(services, alert_id)
         fields = validate_alert(services, body)
-        with services.pool.transaction() as cur:
+
+        def update(cur) -> None:
             old = database.get_alert(cur, alert_id=alert_id)
             if old is None:
                 raise not_found("alert config", alert_id)
@@ -1463,6 +1469,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                      events_error=None)
             if _result_meaning_changed(old, row):
                 restart_alert_state(cur, alert_id=alert_id, reason="the alert's definition changed")
+
+        database.in_transaction(services.pool, update)
         services.scheduler.alert_changed(alert_id)
         return _get_alert(services, alert_id)
 
@@ -1470,8 +1478,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     def set_alert_status(alert_id: UUID, services: ServicesDep,
                          status: Annotated[Literal["ACTIVE", "INACTIVE"], Query(description="ACTIVE or INACTIVE")]):
         """Pause (INACTIVE) or resume (ACTIVE) an alert."""
-        with services.pool.transaction() as cur:
-            row = database.set_alert_status(cur, alert_id=alert_id, status=status)
+        row = database.in_transaction(
+            services.pool, lambda cur: database.set_alert_status(cur, alert_id=alert_id, status=status))
         if row is None:
             raise not_found("alert config", alert_id)
         services.scheduler.alert_changed(alert_id)
@@ -1480,8 +1488,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     @router.delete("/alert-configs/{alert_id}", status_code=204, tags=["alerts"])
     def delete_alert(alert_id: UUID, services: ServicesDep):
         """Delete an alert; its incidents and notifications are kept."""
-        with services.pool.transaction() as cur:
-            row = database.delete_alert(cur, alert_id=alert_id)
+        row = database.in_transaction(services.pool, lambda cur: database.delete_alert(cur, alert_id=alert_id))
         if row is None:
             raise not_found("alert config", alert_id)
         services.scheduler.alert_changed(alert_id)
@@ -1524,9 +1531,9 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
         until = body.until
         if body.duration is not None:
             until = datetime.now(timezone.utc) + timedelta(seconds=rules.parse_duration(body.duration, name="duration"))
-        with services.pool.transaction() as cur:
-            if database.set_alert_mute(cur, alert_id=alert_id, until=until) is None:
-                raise not_found("alert config", alert_id)
+        if database.in_transaction(
+                services.pool, lambda cur: database.set_alert_mute(cur, alert_id=alert_id, until=until)) is None:
+            raise not_found("alert config", alert_id)
         return _get_alert(services, alert_id)
 
     @router.get("/alert-configs/{alert_id}/evaluations", response_model=list[EvaluationOut], tags=["alerts"])
