@@ -72,8 +72,9 @@ class Batch:
         self._handed: set[UUID] = set()
         self.waiters: dict[UUID, list[threading.Event]] = {}  # run-now callers this batch answers (scheduler's)
         # For alerts that may be evaluated from the changes logged on their table instead of their full query: the
-        # table's key and the changes' ids, in commit order.
-        self.deltas: dict[UUID, tuple[str, list[int]]] = {}
+        # query's DeltaForm (as the scheduler parsed it when the alert was registered), the table's key and the
+        # changes' ids, in commit order.
+        self.deltas: dict[UUID, tuple[query_analysis.DeltaForm, str, list[int]]] = {}
 
     def plan(self, alert_ids: list[UUID]) -> None:
         """The order the queries will run in, by the alert each is for (an alert may have two in a row; alerts
@@ -257,7 +258,8 @@ class Evaluator:
             self.on_outbox()
         return outcomes
 
-    def _plan_queries(self, source_id: UUID, jobs: list[_Job], deltas: dict[UUID, tuple[str, list[int]]]
+    def _plan_queries(self, source_id: UUID, jobs: list[_Job],
+                      deltas: dict[UUID, tuple[query_analysis.DeltaForm, str, list[int]]]
                       ) -> list[tuple[_Job, str | database.DeltaQuery, str]]:
         """The queries to run for the jobs, in order: each alert's own query, or, for an alert that can be evaluated
         from the changes logged since its last result, its query over the rows they added (and, when they removed
@@ -268,18 +270,17 @@ class Evaluator:
         if wanted:
             try:
                 changes = database.read_changes(self.sources.triggers(source_id),
-                                                ids=sorted({i for _, ids in wanted.values() for i in ids}))
+                                                ids=sorted({i for _, _, ids in wanted.values() for i in ids}))
             except database.DatabaseError as exc:
                 logger.info("logged changes on data source %s could not be read (evaluating in full): %s",
                             source_id, exc)
         planned: list[tuple[_Job, str | database.DeltaQuery, str]] = []
         for job in jobs:
-            key, ids = wanted.get(job.alert["id"], (None, None))
+            form, key, ids = wanted.get(job.alert["id"], (None, None, None))
             delta = None
             if key is not None:
                 delta = _delta(ids, changes, key, self._baselines[job.alert["id"]][1])
-                form = query_analysis.delta_form(job.alert["query"])
-                if isinstance(form, str) or (delta is not None and job.prior.digest and delta.added == "{}"):
+                if delta is not None and job.prior.digest and delta.added == "{}":
                     delta = None  # a digest due now is sent with the query's columns: the full query gives them
             if delta is None:
                 planned.append((job, job.alert["query"], "full"))

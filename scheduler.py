@@ -717,8 +717,9 @@ class AlertScheduler:
             with self._state_lock:
                 for alert_id, ids in taken.items():
                     entry = self._registered.get(alert_id)
+                    # delta_table is set only for an alert whose delta_form is a DeltaForm.
                     if entry is not None and entry.delta_table is not None:
-                        batch.deltas[alert_id] = (entry.delta_table, ids)
+                        batch.deltas[alert_id] = (entry.delta_form, entry.delta_table, ids)
         with self._batches_lock:
             self._batches[batch] = source_id
         try:
