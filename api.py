@@ -23,8 +23,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model,
+                      field_validator, model_validator)
 
 import config_plan
 import database
@@ -80,7 +80,7 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
     services = open_services(settings, dsn)
     try:
-        services.metrics = Metrics()
+        services.metrics = Metrics(channels=notification.channel_names())
         services.dispatcher = Dispatcher(services.pool, settings, metrics=services.metrics)
         services.scheduler = AlertScheduler(services.pool, settings, sources=services.sources,
                                             on_outbox=services.dispatcher.wake, metrics=services.metrics)
@@ -110,6 +110,7 @@ def open_services(settings: Settings, dsn: str | None = None) -> Services:
                                  deadline_seconds=database.SERVICE_DEADLINE_SECONDS)
     try:
         database.migrate(pool)
+        database.allow_channels(pool, channels=notification.channel_names())
         box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
         # Fail at start-up, not at the first alert, when the key cannot read what is stored.
         database.check_stored_secrets(pool, box)
@@ -377,35 +378,35 @@ class RequestBody(BaseModel):
 EmailAddress = Annotated[str, AfterValidator(ascii_email), WithJsonSchema({"type": "string", "format": "email"})]
 
 
-class NotificationChannels(RequestBody):
-    """Recipients per channel; at least one recipient in all."""
+def _recipients_of(transport: type[notification.Transport]):
+    def check(cls, values: list[str]) -> list[str]:
+        return transport.recipients(values)
+    return field_validator(transport.name)(check)
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
 
-    email: list[EmailAddress] = Field(default_factory=list, max_length=100)
-    whatsapp: list[str] = Field(default_factory=list, max_length=100)
+def _someone(self) -> RequestBody:
+    if not any(getattr(self, name) for name in notification.TRANSPORTS):
+        raise ValueError(f"at least one recipient is needed in {' or '.join(notification.TRANSPORTS)}")
+    return self
 
-    @field_validator("whatsapp")
-    @classmethod
-    def _e164(cls, numbers: list[str]) -> list[str]:
-        cleaned = [n.strip().removeprefix("whatsapp:") for n in numbers]
-        bad = [n for n in cleaned if not is_e164(n)]
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: WhatsApp numbers must be in E.164 form, '+' and 8 to 15 digits")
-        return list(dict.fromkeys(cleaned))
 
-    @field_validator("email")
-    @classmethod
-    def _unique(cls, addresses: list[str]) -> list[str]:
-        return list(dict.fromkeys(addresses))
+# Recipients per channel, one list per registered channel: a new channel is a new field with no edit here.
+NotificationChannels = create_model(
+    "NotificationChannels",
+    __base__=RequestBody,
+    __doc__="Recipients per channel; at least one recipient in all.",
+    __validators__={**{f"_{name}": _recipients_of(transport) for name, transport in notification.TRANSPORTS.items()},
+                    "_someone": model_validator(mode="after")(_someone)},
+    **{name: (list[Annotated[str, WithJsonSchema(transport.recipient_schema)]],
+              Field(default_factory=list, max_length=100, description=transport.recipients_noun))
+       for name, transport in notification.TRANSPORTS.items()},
+)
+NotificationChannels.model_config = ConfigDict(extra="forbid", json_schema_extra={
+    "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
+NotificationChannels.model_rebuild(force=True)
 
-    @model_validator(mode="after")
-    def _someone(self) -> "NotificationChannels":
-        if not self.email and not self.whatsapp:
-            raise ValueError("at least one recipient is needed in email or whatsapp")
-        return self
 
+ChannelName = Literal[tuple(notification.channel_names())]
 
 _ALERT_EXAMPLE = {
     "name": "Order Monitor",
@@ -1761,7 +1762,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     def list_notifications(services: ServicesDep, incident_id: UUID | None = None,
                            alert_config_id: UUID | None = None,
                            status: Literal["PENDING", "RETRY", "SUCCESS", "FAILED"] | None = None,
-                           channel: Literal["email", "whatsapp"] | None = None, skip: Skip = 0, limit: Limit = 100):
+                           channel: ChannelName | None = None, skip: Skip = 0, limit: Limit = 100):
         """Notifications, newest first, with their delivery status and error."""
         with services.pool.transaction() as cur:
             return database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
@@ -1782,8 +1783,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 "scheduler": services.scheduler.status(),
                 "dispatcher": {"running": services.dispatcher.alive,
                                "reaching_database": services.dispatcher.healthy},
-                "channels": {"email": services.settings.email_enabled,
-                             "whatsapp": services.settings.whatsapp_enabled},
+                "channels": {name: transport.enabled(services.settings)
+                             for name, transport in notification.TRANSPORTS.items()},
             }
         try:
             # Its own thread, not the request thread pool: requests stuck on a hung server cannot hold it up.

@@ -843,6 +843,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX incident_open_priority ON incident (priority, status) WHERE status IN ('ACTIVE', 'ACKNOWLEDGED');
         """,
     ),
+    # 8: high availability
+    (
+        9,
+        "the outbox's channels come from the service's channel registry",
+        """
+        -- allow_channels() puts it back at start-up, naming the channels the running code has.
+        ALTER TABLE notification DROP CONSTRAINT IF EXISTS notification_channel_check;
+        """,
+    ),
 ]
 
 
@@ -877,6 +886,25 @@ def migrate(pool: Pool) -> list[int]:
             applied.append(version)
             logger.info("applied migration %s: %s", version, description)
     return applied
+
+
+def allow_channels(pool: Pool, *, channels: Sequence[str]) -> None:
+    """Limit the outbox's channel column to these channels (the registry's), unless it is limited to them already."""
+    wanted = ",".join(sorted(set(channels)))
+    with pool.transaction(deadline_seconds=None) as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        # The constraint's comment names its channels: cheaper and surer than parsing its definition back.
+        cur.execute("SELECT obj_description(oid, 'pg_constraint') AS channels FROM pg_constraint "
+                    "WHERE conrelid = 'notification'::regclass AND conname = 'notification_channel_check'")
+        found = cur.fetchone()
+        if found is not None and found["channels"] == wanted:
+            return
+        # NOT VALID: rows of a channel an older version had do not stop start-up; every new row is checked.
+        cur.execute(sql.SQL("ALTER TABLE notification DROP CONSTRAINT IF EXISTS notification_channel_check, "
+                            "ADD CONSTRAINT notification_channel_check CHECK (channel = ANY ({})) NOT VALID").format(
+            sql.Literal(sorted(set(channels)))))
+        cur.execute(sql.SQL("COMMENT ON CONSTRAINT notification_channel_check ON notification IS {}").format(
+            sql.Literal(wanted)))
 
 
 def init_db(dsn: str | None = None) -> str:

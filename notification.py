@@ -1,4 +1,5 @@
-"""Notification channels (SMTP email, Twilio WhatsApp), message rendering, and the outbox dispatcher."""
+"""Notification channels (one Transport class per channel, in a registry), message rendering, and the outbox
+dispatcher."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from email.utils import formatdate, make_msgid
-from typing import Any, Protocol, Sequence
+from typing import Any, ClassVar, Sequence
 
 import database
 import rules
 import templating
-from config import Settings, ascii_email
+from config import Settings, ascii_email, is_e164
 from metrics import Metrics
 from templating import TemplateFailed
 
@@ -50,26 +51,136 @@ class NotificationError(Exception):
         self.retry_after = retry_after
 
 
-class Channel(Protocol):
-    """Sends one message or raises NotificationError; never touches the database."""
+class Transport:
+    """One channel: its settings, how it renders an alert's message for its medium, how it coalesces queued
+    messages, how it sends, and how it classifies errors. Sends one message or raises NotificationError
+    (`permanent`, `retry_after`); never touches the database. Registered with @register under `name`, the key
+    of notification_channels and of the outbox's channel column."""
 
-    name: str
+    name: ClassVar[str]
+    # How a person names this channel's recipients (the API schema's description).
+    recipients_noun: ClassVar[str] = "recipients"
+    # The JSON schema of one recipient in the API.
+    recipient_schema: ClassVar[dict] = {"type": "string"}
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
-        """Deliver one message and return the provider's message id."""
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        """True when the settings this channel needs are present."""
+        return True
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        """How many sends of this channel may run at once (its sender threads)."""
+        return 4
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        """How many sends a second this channel may start; 0 is no limit."""
+        return 0.0
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        """The recipients as stored and sent (normalised, each once), or ValueError naming the bad ones."""
+        return list(dict.fromkeys(value.strip() for value in values))
+
+    @classmethod
+    def render(cls, content: "Content") -> "Text":
+        """The message of one notice in this channel's form, as its outbox rows store it."""
+        raise NotImplementedError
+
+    @classmethod
+    def finish(cls, text: "Text", *, alert_id: Any, incident_id: Any, links: "Links") -> "Text":
+        """The rendered text with what is known only when the outbox rows are written (the incident's id)."""
+        return text
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> "Message":
+        """One message carrying as many of the queued rows of one alert and recipient as fit (at least the first);
+        by default one row at a time."""
+        first = rows[0]
+        return Message(subject=first["subject"], body=first["body"], html=first["html"])
+
+    @classmethod
+    def describe(cls, recipient: str) -> str:
+        """The recipient as logs and activities show it (a URL that is itself a credential is cut to its host)."""
+        return recipient
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
+        """Deliver one message and return the provider's message id; `key` identifies it across retries."""
+        raise NotImplementedError
+
+
+TRANSPORTS: dict[str, type[Transport]] = {}
+
+
+def register(transport: type[Transport]) -> type[Transport]:
+    """Make a transport a channel of the service (a class decorator)."""
+    TRANSPORTS[transport.name] = transport
+    return transport
+
+
+def channel_names() -> list[str]:
+    """The names of every registered channel, in registration order."""
+    return list(TRANSPORTS)
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Content:
+    """One notice of an alert before it takes any channel's form: what every transport renders from."""
+
+    alert: dict
+    notice: rules.Notice
+    subject: str
+    paragraphs: list[str]  # the default message's text: what happened, the condition's detail, the description
+    custom: str | None  # the alert's message template's output, when it has one that rendered
+
+
+@dataclass(frozen=True)
+class Text:
+    """What an outbox row of one channel stores: the subject and HTML (email only) and the body."""
+
+    subject: str | None
+    body: str
+    html: str | None = None
+
+
+@dataclass(frozen=True)
+class Links:
+    """Where a person can look at an incident and its alert (PUBLIC_BASE_URL); empty without it."""
+
+    base_url: str | None = None
+
+    def of(self, *, alert_id: Any, incident_id: Any) -> dict[str, str]:
+        """The links of one alert and incident, by name."""
+        if not self.base_url:
+            return {}
+        links = {"alert": f"{self.base_url}/alert-configs/{alert_id}"} if alert_id else {}
+        if incident_id:
+            links["incident"] = f"{self.base_url}/incidents/{incident_id}"
+            links["activities"] = f"{self.base_url}/incidents/{incident_id}/activities"
+        return links
+
+
+@dataclass(frozen=True)
 class Rendered:
-    """The texts of one alert message on every channel."""
+    """The texts of one alert message on every channel its alert uses (and email and WhatsApp, for previews)."""
 
     subject: str
     text: str
     html: str
-    whatsapp: str
+    texts: dict[str, Text]
+
+    @property
+    def whatsapp(self) -> str:
+        """The WhatsApp text."""
+        return self.texts["whatsapp"].body
 
 
 def _cell(value: Any) -> str:
@@ -96,17 +207,12 @@ _INTROS = {
 }
 
 
-def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
-    """Render the email (text and HTML) and WhatsApp texts of one notice, with the alert's template if it has one."""
+def compose(*, alert: dict, notice: rules.Notice) -> Content:
+    """What a notice says, before any channel's form, with the alert's template if it has one."""
     name, priority = alert["name"], alert["priority"]
     subject = f"[{priority}] {name}: {notice.headline}"
-    columns, rows = notice.columns, notice.rows
-    intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(rows), "row"))
+    intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(notice.rows), "row"))
     paragraphs = [intro] + [p for p in (notice.detail, alert.get("description")) if p]
-    shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
-    hidden = len(rows) - len(shown)
-    more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
-
     template = alert.get("message_template")
     custom = None
     if template:
@@ -114,32 +220,35 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
             custom = render_template(template, template_context(alert=alert, notice=notice))
         except TemplateFailed as exc:
             paragraphs.append(f"(The alert's message template failed, so this is the default message: {exc})")
+    return Content(alert=alert, notice=notice, subject=subject, paragraphs=paragraphs, custom=custom)
 
-    if custom is not None:
-        text = custom if custom.endswith("\n") else custom + "\n"
-        html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
-        whatsapp = f"*{subject}*\n{custom}"
+
+def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
+    """Render one notice for email, WhatsApp and every other channel the alert has recipients on."""
+    content = compose(alert=alert, notice=notice)
+    names = dict.fromkeys(["email", "whatsapp", *(alert.get("notification_channels") or {})])
+    texts = {name: TRANSPORTS[name].render(content) for name in names if name in TRANSPORTS}
+    email = texts["email"]
+    return Rendered(subject=content.subject, text=email.body, html=email.html, texts=texts)
+
+
+def _chat_text(content: Content, *, heading: str, limit: int) -> str:
+    """A short text message (WhatsApp, SMS): the heading, the detail and as many rows as fit in `limit`."""
+    if content.custom is not None:
+        text = f"{heading}\n{content.custom}"
     else:
-        text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
-        html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
-        if more:
-            html_parts.append(f"<p>{html.escape(more)}</p>")
-        html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
-        wa_lines = [f"*{subject}*"] + ([notice.detail] if notice.detail else [])
-        length = sum(len(line) + 1 for line in wa_lines)
-        for row in rows:  # only as many as can be shown: a result can have 10,000 rows
-            if length > WHATSAPP_MAX_CHARS:
+        notice = content.notice
+        lines = [heading] + ([notice.detail] if notice.detail else [])
+        length = sum(len(line) + 1 for line in lines)
+        for row in notice.rows:  # only as many as can be shown: a result can have 10,000 rows
+            if length > limit:
                 break
-            wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
-            length += len(wa_lines[-1]) + 1
-        whatsapp = "\n".join(wa_lines)
-    if len(text) > EMAIL_MAX_CHARS:
-        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
-    if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
-        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
-    if len(whatsapp) > WHATSAPP_MAX_CHARS:
-        whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
-    return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+            lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row)))
+            length += len(lines[-1]) + 1
+        text = "\n".join(lines)
+    if len(text) > limit:
+        text = text[: limit - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+    return text
 
 
 def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
@@ -200,17 +309,19 @@ def check_template(template: str) -> None:
 
 
 def outbox_rows(
-    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str
+    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str, links: Links = Links()
 ) -> list[dict]:
-    """One outbox row per recipient of every channel."""
+    """One outbox row per recipient of every registered channel."""
     rows = []
-    for address in channels.get("email", []):
-        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "email",
-                     "recipient": address, "subject": rendered.subject, "body": rendered.text,
-                     "html": rendered.html})
-    for number in channels.get("whatsapp", []):
-        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "whatsapp",
-                     "recipient": number, "subject": None, "body": rendered.whatsapp, "html": None})
+    for name, transport in TRANSPORTS.items():
+        recipients = channels.get(name) or []
+        if not recipients:
+            continue
+        # render_message rendered every channel of the alert these channels belong to.
+        text = transport.finish(rendered.texts[name], alert_id=alert_id, incident_id=incident_id, links=links)
+        for recipient in recipients:
+            rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": name,
+                         "recipient": recipient, "subject": text.subject, "body": text.body, "html": text.html})
     return rows
 
 
@@ -236,36 +347,19 @@ def combine_messages(rows: Sequence[dict]) -> Message:
     first = rows[0]
     if len(rows) == 1:
         return Message(subject=first["subject"], body=first["body"], html=first["html"])
-    if first["channel"] == "whatsapp":
-        bodies = [first["body"]]
-        size = len(first["body"])
-        for row in rows[1:]:
-            if size + 2 + len(row["body"]) > WHATSAPP_MAX_CHARS:
-                break
-            bodies.append(row["body"])
-            size += 2 + len(row["body"])
-        return Message(subject=None, body="\n\n".join(bodies), html=None, carries=len(bodies))
-    # Whole updates only, as many as fit in one email (the first always does: it was cut to size when rendered).
-    # The headings are sized for the whole group, so the updates chosen still fit once numbered.
-    carried, size = 0, 0
-    for number, row in enumerate(rows, 1):
-        length = len(_heading(number, len(rows), row)) + len(row["body"]) + 2
-        if carried and size + length > EMAIL_MAX_CHARS:
+    return TRANSPORTS[first["channel"]].combine(rows)
+
+
+def _combine_chat(rows: Sequence[dict], limit: int) -> Message:
+    """Short texts joined by a blank line, as many as fit in `limit` characters."""
+    bodies = [rows[0]["body"]]
+    size = len(rows[0]["body"])
+    for row in rows[1:]:
+        if size + 2 + len(row["body"]) > limit:
             break
-        carried, size = carried + 1, size + length
-    texts, html_parts = [], []
-    for number, row in enumerate(rows[:carried], 1):
-        heading = _heading(number, carried, row)
-        texts.append(f"{heading}\n{row['body']}")
-        html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
-    text = "\n".join(texts)
-    if len(text) > EMAIL_MAX_CHARS:  # one update alone, already at the limit, and its heading
-        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
-    html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
-    if len(html_text) > 4 * EMAIL_MAX_CHARS:
-        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
-    subject = first["subject"] if carried == 1 else f"{first['subject']} (+{_plural(carried - 1, 'more update')})"
-    return Message(subject=subject, body=text, html=html_text, carries=carried)
+        bodies.append(row["body"])
+        size += 2 + len(row["body"])
+    return Message(subject=None, body="\n\n".join(bodies), html=None, carries=len(bodies))
 
 
 def _heading(number: int, count: int, row: dict) -> str:
@@ -365,11 +459,81 @@ class _WatchedSMTP_SSL(_DeadlineWatched, smtplib.SMTP_SSL):
     """smtplib.SMTP_SSL under the send's deadline."""
 
 
-class EmailChannel:
+@register
+class EmailChannel(Transport):
     """Email through SMTP. Each sender thread keeps its session open for SMTP_IDLE_SECONDS, so an alert does not
     pay for TCP, TLS and AUTH every time; a kept session that the server closed is replaced and retried once."""
 
     name = "email"
+    recipients_noun = "email addresses"
+    recipient_schema = {"type": "string", "format": "email"}
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.email_enabled
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.smtp_connections
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        return settings.smtp_max_per_second
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        # Stored as it is sent: an internationalised domain in IDNA form, and only ASCII before the @, so an
+        # address that is accepted here does not fail at every send.
+        return list(dict.fromkeys(ascii_email(value) for value in values))
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The text and HTML of the email."""
+        columns, rows = content.notice.columns, content.notice.rows
+        if content.custom is not None:
+            custom = content.custom
+            text = custom if custom.endswith("\n") else custom + "\n"
+            html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
+        else:
+            paragraphs = content.paragraphs
+            shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
+            hidden = len(rows) - len(shown)
+            more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
+            text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
+            html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
+            if more:
+                html_parts.append(f"<p>{html.escape(more)}</p>")
+            html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
+        if len(text) > EMAIL_MAX_CHARS:
+            text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+        if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
+            html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
+        return Text(subject=content.subject, body=text, html=html_text)
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        first = rows[0]
+        # Whole updates only, as many as fit in one email (the first always does: it was cut to size when rendered).
+        # The headings are sized for the whole group, so the updates chosen still fit once numbered.
+        carried, size = 0, 0
+        for number, row in enumerate(rows, 1):
+            length = len(_heading(number, len(rows), row)) + len(row["body"]) + 2
+            if carried and size + length > EMAIL_MAX_CHARS:
+                break
+            carried, size = carried + 1, size + length
+        texts, html_parts = [], []
+        for number, row in enumerate(rows[:carried], 1):
+            heading = _heading(number, carried, row)
+            texts.append(f"{heading}\n{row['body']}")
+            html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
+        text = "\n".join(texts)
+        if len(text) > EMAIL_MAX_CHARS:  # one update alone, already at the limit, and its heading
+            text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+        html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
+        if len(html_text) > 4 * EMAIL_MAX_CHARS:
+            html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
+        subject = first["subject"] if carried == 1 else f"{first['subject']} (+{_plural(carried - 1, 'more update')})"
+        return Message(subject=subject, body=text, html=html_text, carries=carried)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -414,7 +578,8 @@ class EmailChannel:
         if kept is not None:
             _quit_quietly(kept)
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
         """Send one multipart email; SMTP 5xx replies are permanent errors, everything else is retried."""
         s = self.settings
         if not s.email_enabled:
@@ -494,10 +659,38 @@ def _decode(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
-class WhatsAppChannel:
+@register
+class WhatsAppChannel(Transport):
     """WhatsApp through Twilio's Messages API, using the official client pointed at TWILIO_API_BASE_URL."""
 
     name = "whatsapp"
+    recipients_noun = "WhatsApp numbers"
+    recipient_schema = {"type": "string", "pattern": r"^(whatsapp:)?\+[1-9][0-9]{7,14}$"}
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.whatsapp_enabled
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.twilio_connections
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        return settings.twilio_max_per_second
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _e164_numbers(values, cls.recipients_noun, prefix="whatsapp:")
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The subject in bold, then the detail and as many rows as fit in 1,600 characters."""
+        return Text(subject=None, body=_chat_text(content, heading=f"*{content.subject}*", limit=WHATSAPP_MAX_CHARS))
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        return _combine_chat(rows, WHATSAPP_MAX_CHARS)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -537,7 +730,8 @@ class WhatsAppChannel:
             self._local.client = client
         return client
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
         """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
         if not self.settings.whatsapp_enabled:
             raise NotificationError(
@@ -569,6 +763,15 @@ class WhatsAppChannel:
                 ) from None
             raise NotificationError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         return message.sid
+
+
+def _e164_numbers(values: Sequence[str], noun: str, *, prefix: str) -> list[str]:
+    """Phone numbers as sent (without `prefix`), each once, or ValueError naming those not in E.164 form."""
+    cleaned = [value.strip().removeprefix(prefix) for value in values]
+    bad = [number for number in cleaned if not is_e164(number)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: {noun} must be in E.164 form, '+' and 8 to 15 digits")
+    return list(dict.fromkeys(cleaned))
 
 
 def _deadline_adapter():
@@ -669,19 +872,18 @@ class Dispatcher:
     channel's rate limit, and records the outcome on every row."""
 
     def __init__(
-        self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
+        self, pool: database.Pool, settings: Settings, channels: dict[str, Transport] | None = None,
         threads_per_channel: int | None = None, metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
-        threads = {"email": settings.smtp_connections, "whatsapp": settings.twilio_connections}
-        self._threads = {name: threads_per_channel or threads.get(name, 4) for name in self.channels}
-        limits = {"email": settings.smtp_max_per_second, "whatsapp": settings.twilio_max_per_second}
+        self.channels = channels or {name: transport(settings) for name, transport in TRANSPORTS.items()}
+        self._threads = {name: threads_per_channel or TRANSPORTS[name].connections(settings) for name in self.channels}
         started = time.monotonic()
-        self._rates = {name: SendRate(limits.get(name, 0.0), now=started) for name in self.channels}
-        # A hung SMTP server occupies only the email threads; WhatsApp keeps its own.
+        self._rates = {name: SendRate(TRANSPORTS[name].max_per_second(settings), now=started)
+                       for name in self.channels}
+        # A hung SMTP server occupies only the email threads; every other channel keeps its own.
         self._executors = {
             name: ThreadPoolExecutor(max_workers=self._threads[name], thread_name_prefix=f"send-{name}")
             for name in self.channels
@@ -806,6 +1008,7 @@ class Dispatcher:
     def _deliver(self, group: list[dict], claimant: int) -> None:
         first = group[0]
         channel = self.channels[first["channel"]]
+        shown = _shown(first)
         rows, later = group, []
         ids = [row["id"] for row in rows]
         try:
@@ -816,7 +1019,7 @@ class Dispatcher:
                 started = time.monotonic()
                 try:
                     provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
-                                               body=message.body, html_body=message.html)
+                                               body=message.body, html_body=message.html, key=str(first["id"]))
                 finally:
                     self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
             except NotificationError as exc:
@@ -830,14 +1033,14 @@ class Dispatcher:
                                                                provider_message_id=provider_id))
                     database.insert_activities(cur, activities=[
                         {"action": "notified", "incident_id": incident_id, "alert_config_id": alert_id,
-                         "details": {"channel": first["channel"], "recipient": first["recipient"]}}
+                         "details": {"channel": first["channel"], "recipient": shown}}
                         for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
                         if incident_id is not None])
                 self.metrics.notified(channel=first["channel"], status="success", count=len(sent))
                 if len(sent) < len(ids):
                     logger.warning("notification %s was sent after its claim passed to another sender",
                                    _some([i for i in ids if i not in sent]))
-                logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
+                logger.info("sent %s notification %s to %s", first["channel"], _some(ids), shown)
             if later:  # what did not fit in this message goes in the next one
                 with self.pool.transaction() as cur:
                     database.release_notifications(cur, notification_ids=[row["id"] for row in later],
@@ -852,6 +1055,7 @@ class Dispatcher:
 
     def _record_failure(self, rows: list[dict], claimant: int, exc: NotificationError) -> None:
         first = rows[0]
+        shown = _shown(first)
         # Each row gives up after its own attempts; the rest retry together after the group's longest backoff.
         final = [row for row in rows if exc.permanent or row["attempts"] > self.settings.max_retries]
         retry = [row for row in rows if row not in final]
@@ -865,7 +1069,7 @@ class Dispatcher:
                 failed += [row for row in final if row["id"] in marked]
                 database.insert_activities(cur, activities=[
                     {"action": "notification_failed", "incident_id": incident_id, "alert_config_id": alert_id,
-                     "details": {"channel": first["channel"], "recipient": first["recipient"], "error": reason}}
+                     "details": {"channel": first["channel"], "recipient": shown, "error": reason}}
                     for incident_id, alert_id in _incidents(row for row in final if row["id"] in marked)])
             retried = []
             if retry:
@@ -878,10 +1082,16 @@ class Dispatcher:
         # Rows whose claim passed to another sender are recorded by that sender.
         if failed:
             logger.error("%s notification %s to %s FAILED: %s", first["channel"],
-                         _some([row["id"] for row in failed]), first["recipient"], exc)
+                         _some([row["id"] for row in failed]), shown, exc)
         if retried:
             logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s", first["channel"],
-                           _some(retried), first["recipient"], max(row["attempts"] for row in retry), exc)
+                           _some(retried), shown, max(row["attempts"] for row in retry), exc)
+
+
+def _shown(row: dict) -> str:
+    """A row's recipient as logs and activities show it."""
+    transport = TRANSPORTS.get(row["channel"])
+    return transport.describe(row["recipient"]) if transport else row["recipient"]
 
 
 def _some(ids: Sequence[Any]) -> str:
