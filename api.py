@@ -752,6 +752,7 @@ class MessagePreview(BaseModel):
     email_subject: str
     email_text: str
     whatsapp_text: str
+    texts: dict[str, str] = Field(description="The body each channel of the alert would send, by channel")
 
 
 class TestResult(BaseModel):

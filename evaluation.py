@@ -429,7 +429,8 @@ class Evaluator:
             error = job.result if isinstance(job.result, str) else None
             row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
-                     row_count=row_count, is_state=job.condition is not None and job.condition.is_state)
+                     row_count=row_count, is_state=job.condition is not None and job.condition.is_state,
+                     links=notification.Links(self.settings.public_base_url))
             summary = decision.summary or {}
             writes.evaluations.append({
                 "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
@@ -496,7 +497,8 @@ class Evaluator:
         for notice in decision.notices:
             rendered = notification.render_message(alert=alert, notice=notice)
             messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
-                             "whatsapp_text": rendered.whatsapp})
+                             "whatsapp_text": rendered.whatsapp,
+                             "texts": {name: text.body for name, text in rendered.texts.items()}})
         return {
             "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
@@ -555,7 +557,7 @@ def join_arrays(arrays: list[str]) -> str:
 
 def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
              prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
-             row_count: int | None, is_state: bool) -> None:
+             row_count: int | None, is_state: bool, links: notification.Links) -> None:
     """Add one decision's rows to the batch's writes: state, incidents, activity and outbox rows."""
     state = decision.state
     muted = alert["muted_until"] is not None and alert["muted_until"] > now
@@ -584,7 +586,7 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
             continue
         writes.notifications += notification.outbox_rows(
             rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
-            incident_id=incident_id, kind=notice.kind,
+            incident_id=incident_id, kind=notice.kind, links=links,
         )
     fields = state_to_row(state, alert["version"], row_count, prior_row,
                           prior.fingerprints if prior is not None else None)

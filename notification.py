@@ -3,7 +3,10 @@ dispatcher."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
+import json
 import logging
 import smtplib
 import socket
@@ -16,8 +19,9 @@ from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate, make_msgid, parsedate_to_datetime
 from typing import Any, ClassVar, Sequence
+from urllib.parse import urlsplit
 
 import database
 import rules
@@ -37,6 +41,22 @@ MESSAGE_MAX_VALUE_CHARS = 1_000
 EMAIL_MAX_CHARS = 100_000
 EMAIL_TRUNCATION_NOTE = "\n… (message cut at 100,000 characters; see the API for every row)\n"
 MAX_BACKOFF_SECONDS = 6 * 3600
+SMS_MAX_CHARS = 1600  # Twilio's limit of one SMS body (up to 10 segments)
+URL_MAX_CHARS = 2048
+HTTP_READ_TIMEOUT_SECONDS = 10.0
+# A webhook carries at most this many rows, in about this many characters: the receiver can read the rest in the API.
+WEBHOOK_MAX_ROWS = 100
+WEBHOOK_MAX_CHARS = 100_000
+WEBHOOK_TIMESTAMP_HEADER = "X-Alert-Timestamp"
+WEBHOOK_SIGNATURE_HEADER = "X-Alert-Signature"
+WEBHOOK_DELIVERY_HEADER = "X-Alert-Delivery"
+# Slack's limits (https://api.slack.com/reference/block-kit/blocks): header text 150 characters, section text
+# 3,000, 50 blocks a message; the top-level text is the notification's fallback.
+SLACK_HEADER_MAX_CHARS = 150
+SLACK_SECTION_MAX_CHARS = 3000
+SLACK_MAX_BLOCKS = 50
+SLACK_TEXT_MAX_CHARS = 3000
+SLACK_MAX_ROWS = 100
 # Servers commonly drop idle sessions after a minute or more; a kept session is used for 30 s at most.
 SMTP_IDLE_SECONDS = 30.0
 _SMTP_POLICY = compat32.clone(linesep="\r\n")  # SMTP wants CRLF line ends; sendmail sends bytes as they are
@@ -692,6 +712,14 @@ class WhatsAppChannel(Transport):
     def combine(cls, rows: Sequence[dict]) -> Message:
         return _combine_chat(rows, WHATSAPP_MAX_CHARS)
 
+    not_configured = "WhatsApp is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER"
+
+    def _sender(self) -> str:
+        return f"whatsapp:{self.settings.twilio_from_number}"
+
+    def _address(self, recipient: str) -> str:
+        return f"whatsapp:{recipient}"
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._local = threading.local()
@@ -733,19 +761,14 @@ class WhatsAppChannel(Transport):
     def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
              key: str | None = None) -> str | None:
         """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
-        if not self.settings.whatsapp_enabled:
-            raise NotificationError(
-                "WhatsApp is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER",
-                permanent=True,
-            )
+        if not self.enabled(self.settings):
+            raise NotificationError(self.not_configured, permanent=True)
         from twilio.base.exceptions import TwilioException, TwilioRestException
 
         client = self._client()
         try:
             with SendDeadline(self.settings.send_timeout_seconds) as deadline:
-                message = client.messages.create(
-                    from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
-                )
+                message = client.messages.create(from_=self._sender(), to=self._address(recipient), body=body)
             if deadline.expired:  # http.client reads a header block cut short as a complete one
                 raise TimeoutError("the answer was cut at the deadline")
         except TwilioRestException as exc:
@@ -815,10 +838,298 @@ def _deadline_adapter():
 def _retry_after(response: Any) -> float | None:
     headers = getattr(response, "headers", None) or {}
     value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    try:
-        return min(float(value), MAX_BACKOFF_SECONDS) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return min(max(float(value), 0.0), MAX_BACKOFF_SECONDS)
+    except ValueError:
+        pass
+    try:  # the other form RFC 9110 allows: an HTTP date
+        return min(max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0), MAX_BACKOFF_SECONDS)
+    except (TypeError, ValueError):
+        return None
+
+
+@register
+class SmsChannel(WhatsAppChannel):
+    """SMS through the same Twilio account as WhatsApp, from TWILIO_SMS_FROM_NUMBER (or TWILIO_FROM_NUMBER)."""
+
+    name = "sms"
+    recipients_noun = "SMS numbers"
+    recipient_schema = {"type": "string", "pattern": r"^\+[1-9][0-9]{7,14}$"}
+    not_configured = ("SMS is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_SMS_FROM_NUMBER "
+                      "(or TWILIO_FROM_NUMBER)")
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.sms_enabled
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _e164_numbers(values, cls.recipients_noun, prefix="")
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The subject, then the detail and as many rows as fit in 1,600 characters (Twilio's limit of one SMS
+        body, sent as up to ten segments)."""
+        return Text(subject=None, body=_chat_text(content, heading=content.subject, limit=SMS_MAX_CHARS))
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        return _combine_chat(rows, SMS_MAX_CHARS)
+
+    def _sender(self) -> str:
+        return self.settings.sms_sender
+
+    def _address(self, recipient: str) -> str:
+        return recipient
+
+
+def _urls(values: Sequence[str], noun: str) -> list[str]:
+    """URLs as sent, each once, or ValueError naming those that are not http(s) URLs with a host."""
+    cleaned = [value.strip() for value in values]
+    bad = []
+    for url in cleaned:
+        try:
+            parts = urlsplit(url)
+            usable = parts.scheme in ("http", "https") and parts.hostname and len(url) <= URL_MAX_CHARS
+        except ValueError:
+            usable = False
+        if not usable:
+            bad.append(url[:100])
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: {noun} must be http:// or https:// URLs with a host, at most "
+                         f"{URL_MAX_CHARS} characters")
+    return list(dict.fromkeys(cleaned))
+
+
+def _url_host(url: str) -> str:
+    """A URL cut to its scheme and host: the path of a Slack or webhook URL is often its only credential."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/…"
+
+
+def classify_http(status: int, *, retry_after: float | None, reason: str) -> NotificationError | None:
+    """None for a 2xx answer; otherwise the error: 408, 429 and 5xx are retried (no sooner than Retry-After),
+    a redirect or any other 4xx is permanent."""
+    if 200 <= status < 300:
+        return None
+    text = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
+    if status in (408, 429) or status >= 500:
+        return NotificationError(text, retry_after=retry_after)
+    if 300 <= status < 400:
+        return NotificationError(f"{text} (the URL redirects; use the URL it redirects to)", permanent=True)
+    return NotificationError(text, permanent=True)
+
+
+class _HttpChannel(Transport):
+    """A channel that POSTs a JSON body to a URL per recipient, within SEND_TIMEOUT_SECONDS."""
+
+    recipient_schema = {"type": "string", "format": "uri"}
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._local = threading.local()
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.webhook_connections
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _urls(values, cls.recipients_noun)
+
+    @classmethod
+    def describe(cls, recipient: str) -> str:
+        return _url_host(recipient)
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            # A requests session is not shared between threads.
+            session = requests.Session()
+            session.trust_env = False  # no proxy or .netrc credentials picked up from the environment
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, _deadline_adapter())
+            self._local.session = session
+        return session
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        """POST the body and return the response, or raise NotificationError as classify_http says."""
+        import requests
+
+        timeout = min(HTTP_READ_TIMEOUT_SECONDS, self.settings.send_timeout_seconds)
+        try:
+            with SendDeadline(self.settings.send_timeout_seconds) as deadline:
+                response = self._session().post(url, data=body, headers=headers, timeout=timeout,
+                                                allow_redirects=False)
+                reason = response.text[:200].strip()
+            if deadline.expired:
+                raise requests.ConnectionError("the answer was cut at the deadline")
+        except requests.RequestException as exc:
+            if deadline.expired:
+                raise NotificationError(f"{_url_host(url)} did not answer within SEND_TIMEOUT_SECONDS "
+                                        f"({self.settings.send_timeout_seconds:g}s)") from None
+            # The exception's text holds the whole URL, whose path may be the credential.
+            raise NotificationError(f"{_url_host(url)} unreachable: {type(exc).__name__}") from None
+        error = classify_http(response.status_code, retry_after=_retry_after(response), reason=reason)
+        if error is not None:
+            raise error
+        return response
+
+
+@register
+class WebhookChannel(_HttpChannel):
+    """A JSON document POSTed to a URL per recipient, signed with HMAC-SHA256 over the timestamp and the body."""
+
+    name = "webhook"
+    recipients_noun = "webhook URLs"
+    not_configured = "webhooks are not configured: set WEBHOOK_SIGNING_SECRET"
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.webhook_signing_secret is not None
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The documented JSON body (see the README's Webhook section), without the incident until it exists."""
+        alert, notice = content.alert, content.notice
+        rows = notice.rows[:_rows_within(notice.columns, notice.rows[:WEBHOOK_MAX_ROWS], WEBHOOK_MAX_CHARS)]
+        document = {
+            "version": 1, "kind": notice.kind, "subject": content.subject, "headline": notice.headline,
+            "detail": notice.detail,
+            "text": content.custom if content.custom is not None else "\n".join(content.paragraphs),
+            "alert": {"id": str(alert["id"]) if alert.get("id") else None, "name": alert["name"],
+                      "priority": alert["priority"], "description": alert.get("description")},
+            "incident": None, "columns": list(notice.columns),
+            "rows": [[_json_cell(value) for value in row] for row in rows],
+            "row_count": len(notice.rows), "rows_omitted": len(notice.rows) - len(rows), "links": {},
+        }
+        return Text(subject=content.subject, body=json.dumps(document, ensure_ascii=False))
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        document = json.loads(text.body)
+        if alert_id:
+            document["alert"]["id"] = str(alert_id)
+        document["incident"] = {"id": str(incident_id)} if incident_id else None
+        document["links"] = links.of(alert_id=alert_id, incident_id=incident_id)
+        return Text(subject=text.subject, body=json.dumps(document, ensure_ascii=False))
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
+        """POST the body with its signature; the delivery id stays the same on every retry of one message."""
+        if not self.enabled(self.settings):
+            raise NotificationError(self.not_configured, permanent=True)
+        data = body.encode()
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "User-Agent": "alert-service",
+                   WEBHOOK_TIMESTAMP_HEADER: timestamp,
+                   WEBHOOK_SIGNATURE_HEADER: webhook_signature(
+                       self.settings.webhook_signing_secret.get_secret_value(), timestamp, data)}
+        if key:
+            headers[WEBHOOK_DELIVERY_HEADER] = key
+        self._post(recipient, data, headers)
+        return key
+
+
+def webhook_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header's value: 'sha256=' and the hex HMAC-SHA256 of '<timestamp>.<body>' under the secret."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+@register
+class SlackChannel(_HttpChannel):
+    """A Block Kit message POSTed to a Slack incoming-webhook URL per recipient, cut to Slack's limits."""
+
+    name = "slack"
+    recipients_noun = "Slack incoming-webhook URLs"
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """A header, the text, the rows as a table in a code block and a line for the rows that did not fit."""
+        notice = content.notice
+        blocks: list[dict] = [{"type": "header", "text": {
+            "type": "plain_text", "text": cut_text_to(content.subject, SLACK_HEADER_MAX_CHARS)}}]
+        if content.custom is not None:
+            blocks.append(_slack_section(content.custom))
+        else:
+            blocks.append(_slack_section("\n".join(content.paragraphs[1:] or content.paragraphs)))
+            rows = notice.rows
+            shown = 0
+            table = ""
+            for count in range(1, min(len(rows), SLACK_MAX_ROWS) + 1):
+                candidate = "```" + "\n".join(_text_table(notice.columns, rows[:count])[1:]) + "```"
+                if len(_slack_escape(candidate)) > SLACK_SECTION_MAX_CHARS:
+                    break
+                shown, table = count, candidate
+            if table:
+                blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(table)}})
+            if len(rows) > shown:
+                blocks.append({"type": "context", "elements": [
+                    {"type": "mrkdwn", "text": f"… and {_plural(len(rows) - shown, 'more row')}"}]})
+        payload = {"text": cut_text_to(content.subject, SLACK_TEXT_MAX_CHARS), "blocks": blocks}
+        return Text(subject=content.subject, body=json.dumps(payload, ensure_ascii=False))
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        url = links.of(alert_id=alert_id, incident_id=incident_id).get("incident")
+        if not url:
+            return text
+        payload = json.loads(text.body)
+        payload["blocks"].append({"type": "context", "elements": [
+            {"type": "mrkdwn", "text": f"<{url}|Open the incident>"}]})
+        return Text(subject=text.subject, body=json.dumps(payload, ensure_ascii=False))
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        """Whole messages, divided by a line, as many as fit in Slack's 50 blocks."""
+        payloads = [json.loads(rows[0]["body"])]
+        count = len(payloads[0]["blocks"])
+        for row in rows[1:]:
+            payload = json.loads(row["body"])
+            if count + 1 + len(payload["blocks"]) > SLACK_MAX_BLOCKS:
+                break
+            payloads.append(payload)
+            count += 1 + len(payload["blocks"])
+        blocks = list(payloads[0]["blocks"])
+        for payload in payloads[1:]:
+            blocks += [{"type": "divider"}, *payload["blocks"]]
+        more = len(payloads) - 1
+        text = payloads[0]["text"] + (f" (+{_plural(more, 'more update')})" if more else "")
+        body = json.dumps({"text": cut_text_to(text, SLACK_TEXT_MAX_CHARS), "blocks": blocks}, ensure_ascii=False)
+        return Message(subject=rows[0]["subject"], body=body, html=None, carries=len(payloads))
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
+        """POST the message; Slack answers 200 'ok', 4xx such as 404 channel_not_found for good."""
+        self._post(recipient, body.encode(), {"Content-Type": "application/json", "User-Agent": "alert-service"})
+        return None
+
+
+def cut_text_to(text: str, limit: int) -> str:
+    """The text, or its first characters and '…', in at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _slack_escape(text: str) -> str:
+    # Slack's mrkdwn reads <...> as links and mentions: a value such as <!channel> must not notify anyone.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_section(text: str) -> dict:
+    escaped = _slack_escape(text)
+    if len(escaped) > SLACK_SECTION_MAX_CHARS:
+        escaped = escaped[: SLACK_SECTION_MAX_CHARS - 40] + "… (cut at Slack's limit)"
+    return {"type": "section", "text": {"type": "mrkdwn", "text": escaped or " "}}
+
+
+def _json_cell(value: Any) -> Any:
+    value = rules.jsonable(value)
+    return cut_text(value, MESSAGE_MAX_VALUE_CHARS) if isinstance(value, str) else value
 
 
 # --- the outbox dispatcher -------------------------------------------------------------------------------------

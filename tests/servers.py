@@ -1,5 +1,5 @@
 """Real loopback servers (SMTP, a trickling SMTP, silent TCP, a TCP banner, a TCP proxy that can stop answering, Twilio
-API) that tests and benchmarks use instead of mocks."""
+API, webhook and Slack receivers) that tests and benchmarks use instead of mocks."""
 
 from __future__ import annotations
 
@@ -737,6 +737,155 @@ class TwilioServer(_LoopbackServer):
             "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",
             "subresource_uris": {"media": f"{uri}/Media.json"},
         }
+
+
+@dataclass(frozen=True)
+class HttpPost:
+    """One POST seen by an HttpReceiver and the status it was answered with."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    answered_status: int
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server: Any
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, text, headers = self.server.owner._answer(self.path, dict(self.headers.items()), body)
+        data = text.encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(data)),
+                            **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("receiver %s - " + format, self.address_string(), *args)
+
+
+class HttpReceiver(_LoopbackServer):
+    """An HTTP server on 127.0.0.1 that records POSTs, answers 200 or a scripted status, and can check each POST
+    (`check` returns an error status and text, or None to accept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._posts: list[HttpPost] = []
+        self._scripted: list[tuple[int, str, dict[str, str]]] = []
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{LOCALHOST}:{self.port}{path}"
+
+    @property
+    def posts(self) -> list[HttpPost]:
+        """Every POST received, oldest first."""
+        with self._cond:
+            return list(self._posts)
+
+    @property
+    def accepted(self) -> list[HttpPost]:
+        """The POSTs answered 2xx."""
+        return [post for post in self.posts if 200 <= post.answered_status < 300]
+
+    def start(self) -> None:
+        if self._httpd is None:
+            self._httpd = ThreadingHTTPServer((LOCALHOST, self.port), _ReceiverHandler)
+            self._httpd.daemon_threads = True
+            self._httpd.owner = self  # type: ignore[attr-defined]
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name=f"receiver-{self.port}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._httpd is not None and self._thread is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join()
+            self._httpd, self._thread = None, None
+
+    def script(self, status: int, text: str = "", times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next `times` acceptable POSTs with this status."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        with self._cond:
+            self._scripted.extend([(status, text, headers)] * times)
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[HttpPost]:
+        """Block until at least `count` POSTs were answered 2xx; return those."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.accepted) >= count, timeout):
+                raise AssertionError(f"expected {count} accepted POST(s) within {timeout}s, got "
+                                     f"{[p.answered_status for p in self._posts]}")
+            return self.accepted
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        return None
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str, dict[str, str]]:
+        refused = self.check(headers, body)
+        with self._cond:
+            if refused is not None:
+                (status, text), extra = refused, {}
+            elif self._scripted:
+                status, text, extra = self._scripted.pop(0)
+            else:
+                status, text, extra = 200, "ok", {}
+            self._posts.append(HttpPost(path, headers, body, status))
+            self._cond.notify_all()
+        return status, text, extra
+
+
+class WebhookReceiver(HttpReceiver):
+    """A webhook receiver that verifies the signature as the README's recipe does, and answers 401 otherwise."""
+
+    def __init__(self, secret: str, tolerance_seconds: float = 300) -> None:
+        super().__init__()
+        self.secret, self.tolerance_seconds = secret, tolerance_seconds
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        import hashlib
+        import hmac
+
+        timestamp = headers.get("X-Alert-Timestamp", "")
+        signature = headers.get("X-Alert-Signature", "")
+        expected = "sha256=" + hmac.new(self.secret.encode(), timestamp.encode() + b"." + body,
+                                        hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            return 401, "bad signature"
+        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.tolerance_seconds:
+            return 401, "stale timestamp"
+        return None
+
+
+class SlackReceiver(HttpReceiver):
+    """A Slack-compatible incoming webhook: 400 invalid_blocks (as Slack answers) for a message over Slack's limits
+    (50 blocks, header text 150 characters, section text 3,000), 200 'ok' otherwise."""
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return 400, "invalid_payload"
+        blocks = payload.get("blocks", [])
+        if not payload.get("text") and not blocks:
+            return 400, "no_text"
+        if len(blocks) > 50:
+            return 400, "invalid_blocks"
+        for block in blocks:
+            text = (block.get("text") or {}).get("text", "")
+            if block["type"] == "header" and (len(text) > 150 or block["text"]["type"] != "plain_text"):
+                return 400, "invalid_blocks"
+            if block["type"] == "section" and not 1 <= len(text) <= 3000:
+                return 400, "invalid_blocks"
+        return None
 
 
 def _serve_demo_inbox(smtp_port: int, twilio_port: int) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
+from pydantic import SecretStr
 
 import notification
+from notification import classify_http
+from tests.conftest import TWILIO_FROM, Service, create_orders_table, eventually, insert_orders
+from tests.servers import SlackReceiver, WebhookReceiver
 
 
 def test_the_api_schema_and_health_list_every_registered_channel(service):
@@ -31,3 +35,125 @@ def test_a_restart_leaves_the_outbox_constraint_alone_when_the_channels_are_the_
     before = constraint()
     service.restart()
     assert constraint() == before and before[0]["channels"] == ",".join(sorted(notification.channel_names()))
+
+
+SECRET = "whsec-0123456789abcdef"
+PUBLIC = "https://alerts.example.com"
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on loopback that checks the signature with SECRET."""
+    with WebhookReceiver(SECRET) as server:
+        yield server
+
+
+@pytest.fixture
+def slack():
+    """A Slack-compatible incoming webhook on loopback."""
+    with SlackReceiver() as server:
+        yield server
+
+
+@pytest.fixture
+def web_service(settings):
+    """The service with webhooks signed and links pointing at PUBLIC."""
+    running = Service(settings.model_copy(update={"webhook_signing_secret": SecretStr(SECRET),
+                                                  "public_base_url": PUBLIC})).start()
+    yield running
+    running.stop()
+
+
+def notifications(service, **filters) -> list[dict]:
+    return service.client.get("/notifications/", params=filters).json()
+
+
+def test_a_webhook_carries_the_documented_body_signed_so_its_receiver_can_verify_it(web_service, receiver, db_dsn):
+    create_orders_table(db_dsn)
+    insert_orders(db_dsn, ["ORD1"])
+    alert = web_service.create_alert(notification_channels={"webhook": [receiver.url()]})
+    initial = receiver.wait_for(1)[0]
+    assert initial.json()["kind"] == "initial_report" and initial.json()["rows"] == [["ORD1"]]
+    insert_orders(db_dsn, ["ORD2", "ORD3"])
+    post = receiver.wait_for(2)[1]
+    body = post.json()
+    assert body["kind"] == "incident" and body["columns"] == ["order_number"]
+    assert body["rows"] == [["ORD2"], ["ORD3"]] and body["row_count"] == 2 and body["rows_omitted"] == 0
+    assert body["alert"] == {"id": alert["id"], "name": "Order Monitor", "priority": "HIGH",
+                             "description": "Monitor new orders"}
+    incident_id = body["incident"]["id"]
+    assert body["links"]["incident"] == f"{PUBLIC}/incidents/{incident_id}"
+    web_service.wait_idle()
+    sent = notifications(web_service, incident_id=incident_id)[0]
+    assert sent["status"] == "SUCCESS" and post.headers["X-Alert-Delivery"] == sent["id"]
+
+
+def test_a_webhook_receiver_with_another_secret_refuses_it_and_the_message_fails_for_good(web_service, db_dsn):
+    create_orders_table(db_dsn)
+    with WebhookReceiver("not-the-service-secret") as stranger:
+        web_service.create_alert(notification_channels={"webhook": [stranger.url()]})
+        failed = eventually(lambda: notifications(web_service, status="FAILED"), message="webhook FAILED")[0]
+        assert stranger.posts[0].answered_status == 401 and stranger.accepted == []
+    assert failed["attempts"] == 1 and "HTTP 401" in failed["error"]
+
+
+def test_a_webhook_answered_503_with_retry_after_is_sent_again_after_it(web_service, receiver, db_dsn):
+    create_orders_table(db_dsn)
+    receiver.script(503, "busy", retry_after="1")
+    web_service.create_alert(notification_channels={"webhook": [receiver.url()]})
+    receiver.wait_for(1, timeout=15)
+    first, second = receiver.posts[:2]
+    assert first.answered_status == 503 and second.answered_status == 200
+    assert first.headers["X-Alert-Delivery"] == second.headers["X-Alert-Delivery"]
+    web_service.wait_idle()
+    assert notifications(web_service)[0]["attempts"] == 2
+
+
+def test_a_slack_message_has_a_header_a_table_and_a_line_for_the_rows_over_slacks_limits(web_service, slack, db_dsn):
+    create_orders_table(db_dsn)
+    web_service.create_alert(notification_channels={"slack": [slack.url("/services/T0/B0/secret-token")]})
+    insert_orders(db_dsn, [f"ORD{i:04d}-{'x' * 40}" for i in range(500)])
+    payload = slack.wait_for(2)[1].json()
+    header, _, table, more, link = payload["blocks"]
+    assert header["type"] == "header" and "500 new rows" in header["text"]["text"]
+    assert table["text"]["text"].startswith("```order_number") and "ORD0000" in table["text"]["text"]
+    shown = table["text"]["text"].count("ORD")
+    assert more["elements"][0]["text"] == f"… and {500 - shown} more rows" and 10 < shown < 500
+    assert link["elements"][0]["text"].startswith(f"<{PUBLIC}/incidents/")
+    web_service.wait_idle()
+    activities = web_service.sql("SELECT details FROM activity WHERE action = 'notified'")
+    assert activities and all("secret-token" not in str(a["details"]) for a in activities)
+
+
+def test_a_slack_url_that_slack_no_longer_knows_fails_at_once(web_service, slack, db_dsn):
+    create_orders_table(db_dsn)
+    slack.script(404, "channel_not_found")
+    web_service.create_alert(notification_channels={"slack": [slack.url()]})
+    failed = eventually(lambda: notifications(web_service, status="FAILED"), message="Slack FAILED")[0]
+    assert failed["attempts"] == 1 and "channel_not_found" in failed["error"]
+
+
+def test_an_sms_goes_through_the_same_twilio_account_to_the_bare_number(web_service, twilio_server, db_dsn):
+    create_orders_table(db_dsn)
+    insert_orders(db_dsn, ["ORD1"])
+    web_service.create_alert(notification_channels={"sms": ["+14155550199"]})
+    sms = twilio_server.wait_for(1)[0]
+    assert sms.to == "+14155550199" and sms.from_ == TWILIO_FROM
+    assert sms.body.startswith("[HIGH] Order Monitor: initial report") and "ORD1" in sms.body
+
+
+def test_recipients_that_are_not_urls_or_numbers_are_refused_with_why(service):
+    for channels, reason in (({"webhook": ["ftp://example.com/x"]}, "http:// or https://"),
+                             ({"slack": ["hooks.slack.com/services/x"]}, "http:// or https://"),
+                             ({"sms": ["0044 20 1234"]}, "E.164")):
+        response = service.client.post("/alert-configs/", json={
+            "name": "x", "query": "SELECT 1", "schedule": "interval:1h", "notification_channels": channels})
+        assert response.status_code == 422 and reason in response.text, response.text
+
+
+@pytest.mark.parametrize("status, permanent", [(500, False), (503, False), (429, False), (408, False),
+                                               (400, True), (404, True), (410, True), (301, True)])
+def test_http_answers_are_classified_as_permanent_or_temporary(status, permanent):
+    error = classify_http(status, retry_after=5.0, reason="why")
+    assert error.permanent is permanent and (permanent or error.retry_after == 5.0)
+    assert classify_http(204, retry_after=None, reason="") is None
