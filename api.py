@@ -71,6 +71,7 @@ class Services:
     box: database.SecretBox
     sources: database.SourcePools
     dispatcher: Dispatcher | None = None  # None without background threads (the apply command)
+    delivery_poller: notification.DeliveryStatusPoller | None = None  # asks Twilio when it cannot call back
     scheduler: AlertScheduler | None = None
     metrics: Metrics | None = None
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
@@ -95,6 +96,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
                          memory_mb=settings.template_memory_mb)
         services.dispatcher.start()
         services.scheduler.start()
+        if not settings.public_base_url and (settings.whatsapp_enabled or settings.sms_enabled):
+            services.delivery_poller = notification.DeliveryStatusPoller(services.pool, settings)
+            services.delivery_poller.start()
     except BaseException:
         stop_services(services)
         raise
@@ -148,6 +152,8 @@ def stop_services(services: Services) -> None:
             services.scheduler.stop(timeout=STOP_SECONDS)
         if services.dispatcher is not None:
             services.dispatcher.stop(timeout=STOP_SECONDS)
+        if services.delivery_poller is not None:
+            services.delivery_poller.stop(timeout=STOP_SECONDS)
     finally:
         services.sources.close()
         services.pool.close()
@@ -182,6 +188,7 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
     _install_error_handlers(app)
     _install_routes(app)
     _install_metrics(app)
+    _install_twilio_status(app)
     return app
 
 
@@ -325,7 +332,9 @@ class _Gate:
             request = Request(scope)
             refusal = None
             path = scope["path"]
-            public = path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL) or path.startswith(DOCS_ASSETS_URL + "/")
+            # Twilio's status callbacks carry Twilio's signature, not an API key: the route checks that.
+            public = (path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL, notification.TWILIO_STATUS_PATH)
+                      or path.startswith(DOCS_ASSETS_URL + "/"))
             problem = None if public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
@@ -796,6 +805,11 @@ class NotificationOut(BaseModel):
     error: str | None
     created_at: datetime
     sent_at: datetime | None
+    delivery_status: str | None = Field(description="What the provider reported after accepting the message "
+                                        "(Twilio: queued, sent, delivered, read, failed, undelivered)")
+    delivery_error_code: int | None
+    delivery_hint: str | None = Field(description="What delivery_error_code means and what to do")
+    delivery_updated_at: datetime | None
 
 
 class EvaluationOut(LastEvaluation):
@@ -1766,8 +1780,9 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                            channel: ChannelName | None = None, skip: Skip = 0, limit: Limit = 100):
         """Notifications, newest first, with their delivery status and error."""
         with services.pool.transaction() as cur:
-            return database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
+            rows = database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
                                                status=status, channel=channel, skip=skip, limit=limit)
+        return [{**row, "delivery_hint": notification.delivery_hint(row["delivery_error_code"])} for row in rows]
 
     app.include_router(router)
 
@@ -1819,6 +1834,41 @@ def _install_metrics(app: FastAPI) -> None:
         return Response(content=body, media_type=media_type)
 
     app.include_router(router)
+
+
+def _install_twilio_status(app: FastAPI) -> None:
+    """Twilio's status callbacks: no API key (Twilio cannot send one) but Twilio's signature, checked against
+    TWILIO_AUTH_TOKEN and the URL Twilio was given (PUBLIC_BASE_URL)."""
+
+    @app.post(notification.TWILIO_STATUS_PATH, tags=["notifications"], status_code=204,
+              responses={403: {"description": "X-Twilio-Signature is missing or does not match"}})
+    async def twilio_status(request: Request):
+        """Record what Twilio reports about a message it accepted (delivered, read, failed, undelivered and its
+        error code). Twilio signs each call with the account's auth token; any other call is a 403."""
+        from urllib.parse import parse_qsl
+
+        from twilio.request_validator import RequestValidator
+
+        services = _services(request)
+        settings = services.settings
+        if not settings.public_base_url or settings.twilio_auth_token is None:
+            raise HTTPException(403, "status callbacks need PUBLIC_BASE_URL and TWILIO_AUTH_TOKEN")
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        url = settings.public_base_url + notification.TWILIO_STATUS_PATH
+        if request.url.query:
+            url += "?" + request.url.query
+        signature = request.headers.get("x-twilio-signature", "")
+        validator = RequestValidator(settings.twilio_auth_token.get_secret_value())
+        if not signature or not validator.validate(url, form, signature):
+            logger.warning("refused a Twilio status callback with a missing or wrong signature")
+            raise HTTPException(403, "X-Twilio-Signature does not match: not a call from Twilio for this account")
+        sid, status = form.get("MessageSid"), form.get("MessageStatus")
+        if not sid or not status:
+            raise HTTPException(422, "MessageSid and MessageStatus are required")
+        code = form.get("ErrorCode")
+        await run_in_threadpool(notification.record_delivery_status, services.pool, provider_message_id=sid,
+                                status=status, error_code=int(code) if code and code.isdigit() else None)
+        return Response(status_code=204)
 
 
 # `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Twilio's default throughput of a WhatsApp sender for text messages is 10 a second; 0 is no limit.
     twilio_max_per_second: float = Field(10.0, ge=0, le=10_000)
 
+    # Without PUBLIC_BASE_URL, a message's delivery status is asked for this long after its send, then after
+    # twice that, and so on (at most 8 times within a day).
+    twilio_status_poll_seconds: float = Field(30.0, gt=0, le=3600)
     # SMS through the same Twilio account: this sender, or TWILIO_FROM_NUMBER when unset.
     twilio_sms_from_number: str | None = None
 

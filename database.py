@@ -852,6 +852,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE notification DROP CONSTRAINT IF EXISTS notification_channel_check;
         """,
     ),
+    (
+        10,
+        "what Twilio reports after accepting a message: its delivery status and error code",
+        """
+        -- Twilio answers 'queued'; delivered, read, failed or undelivered (with an error code) comes later, by
+        -- status callback or, without PUBLIC_BASE_URL, by asking (delivery_checks times, next at delivery_check_at).
+        ALTER TABLE notification
+            ADD COLUMN delivery_status text,
+            ADD COLUMN delivery_error_code integer,
+            ADD COLUMN delivery_updated_at timestamptz,
+            ADD COLUMN delivery_checks integer NOT NULL DEFAULT 0,
+            ADD COLUMN delivery_check_at timestamptz;
+        CREATE INDEX notification_by_provider_message ON notification (provider_message_id)
+            WHERE provider_message_id IS NOT NULL;
+        """,
+    ),
 ]
 
 
@@ -1470,6 +1486,49 @@ def list_notifications(
          "skip": skip, "limit": limit},
     )
     return cur.fetchall()
+
+
+# --- delivery status reported by the provider ------------------------------------------------------------------
+
+
+def notifications_by_provider_message(cur, *, provider_message_id: str) -> list[dict]:
+    """The sent notifications one provider message carried, locked until the transaction ends."""
+    cur.execute("SELECT id, incident_id, alert_config_id, channel, recipient, delivery_status FROM notification "
+                "WHERE provider_message_id = %s AND status = 'SUCCESS' ORDER BY id FOR UPDATE",
+                (provider_message_id,))
+    return cur.fetchall()
+
+
+def set_delivery_status(cur, *, notification_ids: Sequence[UUID], status: str, error_code: int | None) -> None:
+    """Record what the provider reports about these notifications' message."""
+    cur.execute("UPDATE notification SET delivery_status = %(status)s, delivery_error_code = %(code)s, "
+                "delivery_updated_at = now() WHERE id = ANY(%(ids)s)",
+                {"status": status, "code": error_code, "ids": list(notification_ids)})
+
+
+def claim_delivery_checks(cur, *, channels: Sequence[str], final: Sequence[str], limit: int, max_checks: int,
+                          base_seconds: float, max_age_seconds: float) -> list[str]:
+    """Provider message ids whose delivery status is due to be asked for (none final yet, sent within
+    max_age_seconds, asked fewer than max_checks times); each is due again after a doubling delay."""
+    cur.execute(
+        """
+        WITH due AS (
+            SELECT id FROM notification
+            WHERE channel = ANY(%(channels)s) AND status = 'SUCCESS' AND provider_message_id IS NOT NULL
+              AND (delivery_status IS NULL OR NOT delivery_status = ANY(%(final)s))
+              AND delivery_checks < %(max_checks)s AND sent_at > now() - make_interval(secs => %(max_age)s)
+              AND coalesce(delivery_check_at, sent_at + make_interval(secs => %(base)s)) <= now()
+            ORDER BY coalesce(delivery_check_at, sent_at) LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE notification n SET delivery_checks = n.delivery_checks + 1,
+            delivery_check_at = now() + make_interval(secs => %(base)s * 2 ^ (n.delivery_checks + 1))
+        FROM due WHERE n.id = due.id RETURNING n.provider_message_id
+        """,
+        {"channels": list(channels), "final": list(final), "limit": limit, "max_checks": max_checks,
+         "base": base_seconds, "max_age": max_age_seconds},
+    )
+    return list(dict.fromkeys(row["provider_message_id"] for row in cur.fetchall()))
 
 
 # --- the outbox ------------------------------------------------------------------------------------------------

@@ -720,6 +720,24 @@ class WhatsAppChannel(Transport):
     def _address(self, recipient: str) -> str:
         return f"whatsapp:{recipient}"
 
+    def _callback(self) -> dict:
+        # Twilio reports delivered, read, failed or undelivered there; without it, DeliveryStatusPoller asks.
+        base = self.settings.public_base_url
+        return {"status_callback": f"{base}{TWILIO_STATUS_PATH}"} if base else {}
+
+    def fetch_status(self, sid: str) -> tuple[str, int | None]:
+        """Twilio's current status of one message and its error code."""
+        from twilio.base.exceptions import TwilioException
+
+        try:
+            with SendDeadline(self.settings.send_timeout_seconds):
+                message = self._client().messages(sid).fetch()
+        except TwilioException as exc:
+            raise NotificationError(f"Twilio request failed: {exc}") from None
+        except Exception as exc:  # requests' connection and timeout errors
+            raise NotificationError(f"Twilio unreachable: {type(exc).__name__}") from None
+        return message.status, int(message.error_code) if message.error_code else None
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._local = threading.local()
@@ -768,7 +786,8 @@ class WhatsAppChannel(Transport):
         client = self._client()
         try:
             with SendDeadline(self.settings.send_timeout_seconds) as deadline:
-                message = client.messages.create(from_=self._sender(), to=self._address(recipient), body=body)
+                message = client.messages.create(from_=self._sender(), to=self._address(recipient), body=body,
+                                                 **self._callback())
             if deadline.expired:  # http.client reads a header block cut short as a complete one
                 raise TimeoutError("the answer was cut at the deadline")
         except TwilioRestException as exc:
@@ -1130,6 +1149,123 @@ def _slack_section(text: str) -> dict:
 def _json_cell(value: Any) -> Any:
     value = rules.jsonable(value)
     return cut_text(value, MESSAGE_MAX_VALUE_CHARS) if isinstance(value, str) else value
+
+
+# --- delivery status that Twilio reports after accepting a message -----------------------------------------------
+
+TWILIO_STATUS_PATH = "/twilio/status"
+# Twilio's message statuses in the order they happen; a callback that arrives late never moves a status back.
+_DELIVERY_ORDER = {"accepted": 0, "scheduled": 0, "queued": 1, "sending": 2, "sent": 3, "delivered": 4,
+                   "undelivered": 4, "failed": 4, "read": 5, "canceled": 4}
+FINAL_DELIVERY_STATUSES = ("delivered", "read", "failed", "undelivered", "canceled")
+DELIVERY_FAILED = ("failed", "undelivered")
+# Plain words for the commonest errors (https://www.twilio.com/docs/api/errors).
+TWILIO_ERROR_HINTS = {
+    63016: "Outside WhatsApp's 24-hour window: the recipient has not written to your WhatsApp sender in the last "
+           "24 hours, and a free-form message is only allowed inside it. Give the alert an approved template "
+           "(whatsapp_template), or ask the recipient to message your sender first.",
+    21211: "Not a valid phone number: check the recipient's number, in E.164 form with its country code.",
+    21408: "Your Twilio account may not send to this country: enable it in the Twilio console under Messaging, "
+           "Settings, Geo permissions.",
+    21610: "The recipient replied STOP to your sender: nothing reaches them until they reply START.",
+    63003: "WhatsApp could not find the recipient: the number has no WhatsApp account, or it is mistyped.",
+    63024: "Not a valid recipient on this channel: the number cannot receive WhatsApp messages from your sender.",
+}
+# Without PUBLIC_BASE_URL, statuses are asked for: up to this many times a message, within this long of its send.
+DELIVERY_MAX_CHECKS = 8
+DELIVERY_MAX_AGE_SECONDS = 24 * 3600
+DELIVERY_CHECKS_PER_PASS = 20
+
+
+def delivery_hint(error_code: int | None) -> str | None:
+    """What a Twilio error code means and what to do, for the commonest ones."""
+    return TWILIO_ERROR_HINTS.get(error_code) if error_code is not None else None
+
+
+def delivery_moves_on(current: str | None, reported: str) -> bool:
+    """Whether a reported status is news: callbacks can arrive out of order, and a late 'sent' must not undo
+    'delivered'."""
+    if reported not in _DELIVERY_ORDER:
+        return False
+    return current is None or _DELIVERY_ORDER[reported] > _DELIVERY_ORDER.get(current, -1)
+
+
+def record_delivery_status(pool: database.Pool, *, provider_message_id: str, status: str,
+                           error_code: int | None) -> int:
+    """Record a status Twilio reports for one message on the notifications it carried, with an incident activity
+    when it failed; return how many notifications changed."""
+    status = status.lower()
+    with pool.transaction() as cur:
+        rows = [row for row in database.notifications_by_provider_message(cur, provider_message_id=provider_message_id)
+                if delivery_moves_on(row["delivery_status"], status)]
+        if not rows:
+            return 0
+        database.set_delivery_status(cur, notification_ids=[row["id"] for row in rows], status=status,
+                                     error_code=error_code)
+        if status in DELIVERY_FAILED:
+            database.insert_activities(cur, activities=[
+                {"action": "notification_undelivered", "incident_id": incident_id, "alert_config_id": alert_id,
+                 "details": {"channel": rows[0]["channel"], "recipient": _shown(rows[0]), "status": status,
+                             "error_code": error_code, "hint": delivery_hint(error_code)}}
+                for incident_id, alert_id in _incidents(rows)])
+    if status in DELIVERY_FAILED:
+        logger.warning("%s message %s to %s was %s (Twilio error %s)", rows[0]["channel"], provider_message_id,
+                       _shown(rows[0]), status, error_code)
+    return len(rows)
+
+
+class DeliveryStatusPoller:
+    """Without PUBLIC_BASE_URL Twilio cannot call back: this asks Twilio for the status of messages in flight,
+    a few at a time, each after a doubling delay (TWILIO_STATUS_POLL_SECONDS, then twice that …), at most
+    DELIVERY_MAX_CHECKS times within DELIVERY_MAX_AGE_SECONDS of the send."""
+
+    def __init__(self, pool: database.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.twilio = WhatsAppChannel(settings)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start asking in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="delivery-status", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop asking; a request in progress ends within SEND_TIMEOUT_SECONDS."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        interval = min(self.settings.twilio_status_poll_seconds, 5.0)
+        while not self._stop.wait(interval):
+            try:
+                self.check_once()
+            except database.DatabaseUnavailable as exc:
+                logger.warning("delivery status checks cannot reach the database: %s", exc)
+            except Exception:
+                logger.exception("delivery status check failed; continuing")
+
+    def check_once(self) -> int:
+        """Ask Twilio about the messages due; return how many answered."""
+        with self.pool.transaction() as cur:
+            due = database.claim_delivery_checks(
+                cur, channels=[name for name, t in TRANSPORTS.items() if issubclass(t, WhatsAppChannel)],
+                final=FINAL_DELIVERY_STATUSES, limit=DELIVERY_CHECKS_PER_PASS, max_checks=DELIVERY_MAX_CHECKS,
+                base_seconds=self.settings.twilio_status_poll_seconds, max_age_seconds=DELIVERY_MAX_AGE_SECONDS)
+        answered = 0
+        for sid in due:
+            if self._stop.is_set():
+                break
+            try:
+                status, error_code = self.twilio.fetch_status(sid)
+            except NotificationError as exc:
+                logger.info("could not ask Twilio about message %s: %s", sid, exc)
+                continue
+            record_delivery_status(self.pool, provider_message_id=sid, status=status, error_code=error_code)
+            answered += 1
+        return answered
 
 
 # --- the outbox dispatcher -------------------------------------------------------------------------------------

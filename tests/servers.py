@@ -563,6 +563,15 @@ class TwilioRequest:
     received_wall: float  # time.time()
 
 
+@dataclass(frozen=True)
+class StatusCallback:
+    """A status callback as Twilio makes it: the URL, the form fields and the X-Twilio-Signature header."""
+
+    url: str
+    form: dict[str, str]
+    headers: dict[str, str]
+
+
 def _twilio_error(status: int, code: int | None, message: str) -> dict[str, Any]:
     """Error body in the shape the Twilio REST API uses."""
     more_info = None if code is None else f"https://www.twilio.com/docs/errors/{code}"
@@ -612,6 +621,15 @@ class _TwilioHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self) -> None:
+        status, payload = self.server.owner._fetch(self.path, self.headers.get("Authorization"))
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("twilio server %s - " + format, self.address_string(), *args)
 
@@ -629,6 +647,8 @@ class TwilioServer(_LoopbackServer):
         self._scripted: list[tuple[int, dict[str, Any], dict[str, str]]] = []
         self._trickles = 0
         self._stopping = threading.Event()
+        self._messages: dict[str, dict[str, Any]] = {}  # sid: the Message resource, as GET returns it
+        self.fetches: dict[str, int] = {}  # sid: how many times its status was asked for
 
     @property
     def base_url(self) -> str:
@@ -720,6 +740,43 @@ class TwilioServer(_LoopbackServer):
             self._cond.notify_all()
         return status, payload, headers
 
+    def report(self, sid: str, status: str, error_code: int | None = None) -> StatusCallback | None:
+        """Move a message to a status, as Twilio does when the carrier answers, and return the status callback Twilio
+        would then make (None when it was sent without a StatusCallback URL): to that URL, signed with the auth
+        token as Twilio signs it."""
+        from twilio.request_validator import RequestValidator
+
+        with self._cond:
+            message = self._messages[sid]
+            message.update(status=status, error_code=error_code)
+            url = message["_callback"]
+        if not url:
+            return None
+        form = {"MessageSid": sid, "SmsSid": sid, "AccountSid": self.account_sid, "MessageStatus": status,
+                "SmsStatus": status, "To": message["to"], "From": message["from"], "ApiVersion": "2010-04-01"}
+        if error_code is not None:
+            form["ErrorCode"] = str(error_code)
+        signature = RequestValidator(self.auth_token).compute_signature(url, form)
+        return StatusCallback(url=url, form=form, headers={"X-Twilio-Signature": signature})
+
+    def callback_url(self, sid: str) -> str | None:
+        """The StatusCallback a message was sent with."""
+        with self._cond:
+            return self._messages[sid]["_callback"]
+
+    def _fetch(self, path: str, authorization: str | None) -> tuple[int, dict[str, Any]]:
+        """GET of one Message resource."""
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        prefix = f"/2010-04-01/Accounts/{self.account_sid}/Messages/"
+        with self._cond:
+            if authorization != expected:
+                return 401, _twilio_error(401, 20003, "Authenticate")
+            sid = path.split("?", 1)[0].removeprefix(prefix).removesuffix(".json")
+            self.fetches[sid] = self.fetches.get(sid, 0) + 1
+            if not path.startswith(prefix) or sid not in self._messages:
+                return 404, _twilio_error(404, 20404, f"The requested resource {path} was not found")
+            return 200, {k: v for k, v in self._messages[sid].items() if not k.startswith("_")}
+
     def _create_message(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         """Twilio's 400 for a missing parameter, or 201 with a freshly queued Message resource."""
         for field, code, text in (("To", 21604, "A 'To' phone number is required."),
@@ -729,14 +786,15 @@ class TwilioServer(_LoopbackServer):
                 return 400, _twilio_error(400, code, text)
         sid, now = "SM" + uuid.uuid4().hex, format_datetime(datetime.now(timezone.utc))
         uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
-        return 201, {
+        self._messages[sid] = message = {
             "sid": sid, "account_sid": self.account_sid, "messaging_service_sid": None,
             "to": form["To"], "from": form["From"], "body": form["Body"], "status": "queued",
             "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
             "num_segments": "1", "num_media": "0", "direction": "outbound-api", "price": None,
             "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",
-            "subresource_uris": {"media": f"{uri}/Media.json"},
+            "subresource_uris": {"media": f"{uri}/Media.json"}, "_callback": form.get("StatusCallback"),
         }
+        return 201, {k: v for k, v in message.items() if not k.startswith("_")}
 
 
 @dataclass(frozen=True)
