@@ -417,6 +417,21 @@ NotificationChannels.model_rebuild(force=True)
 
 ChannelName = Literal[tuple(notification.channel_names())]
 
+
+class WhatsAppTemplate(RequestBody):
+    """An approved WhatsApp Content template, and the message field each of its variables is filled with."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "example": {"content_sid": "HX0123456789abcdef0123456789abcdef",
+                    "variables": {"1": "alert_name", "2": "row_count", "3": "first_rows"}}})
+
+    content_sid: str = Field(pattern=r"^HX[0-9a-fA-F]{32}$",
+                             description="The template's Content SID in Twilio's Content Template Builder")
+    variables: dict[Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_]+$")],
+                    Literal[notification.TEMPLATE_SOURCES]] = Field(
+        default_factory=dict, max_length=20,
+        description="Template variable ({{1}}, {{name}}) to message field: " + ", ".join(notification.TEMPLATE_SOURCES))
+
 _ALERT_EXAMPLE = {
     "name": "Order Monitor",
     "description": "Monitor new orders",
@@ -451,6 +466,9 @@ class AlertConfigIn(RequestBody):
     key_columns: list[Annotated[str, Field(min_length=1, max_length=63)]] | None = Field(None, max_length=32)
     schedule: str = Field(max_length=255)
     notification_channels: NotificationChannels
+    whatsapp_template: WhatsAppTemplate | None = Field(
+        None, description="Send WhatsApp messages as this approved template: delivery then does not depend on the "
+                          "24-hour window (error 63016)")
     priority: Priority = Priority.MEDIUM
     created_by: UUID | None = None
 
@@ -534,6 +552,7 @@ class AlertConfigOut(BaseModel):
     key_columns: list[str] | None
     schedule: str
     notification_channels: dict[str, list[str]]
+    whatsapp_template: dict[str, Any] | None = None
     priority: Priority
     status: str
     created_by: UUID | None
@@ -762,6 +781,8 @@ class MessagePreview(BaseModel):
     email_text: str
     whatsapp_text: str
     texts: dict[str, str] = Field(description="The body each channel of the alert would send, by channel")
+    whatsapp_template: dict[str, Any] | None = Field(
+        None, description="With the alert's WhatsApp template: its content_sid and the variables that would be sent")
 
 
 class TestResult(BaseModel):
@@ -984,7 +1005,7 @@ def alert_body(row: dict) -> dict:
         "trigger_condition": row["trigger_condition"] if row["trigger_condition"] is not None else row["condition"],
         "message_template": row["message_template"], "key_columns": row["key_columns"],
         "schedule": row["schedule"], "notification_channels": row["notification_channels"],
-        "priority": row["priority"], "created_by": row["created_by"],
+        "priority": row["priority"], "created_by": row["created_by"], "whatsapp_template": row["whatsapp_template"],
     }
 
 
@@ -1100,7 +1121,9 @@ def _stored_configuration(cur) -> tuple[dict, dict, list[str]]:
             "data_source": source_names[row["data_source_id"]],
             **{k: body[k] for k in ("trigger_condition", "message_template", "key_columns", "schedule",
                                     "notification_channels", "priority")},
-            "status": row["status"], "created_by": user_emails.get(row["created_by"])}
+            "status": row["status"], "created_by": user_emails.get(row["created_by"]),
+            # Only when set, so the files of alerts without one read as before.
+            **({"whatsapp_template": body["whatsapp_template"]} if body["whatsapp_template"] else {})}
         by_key["alerts"][row["name"]] = row
     return entries, by_key, sorted(set(duplicates))
 
@@ -1195,7 +1218,9 @@ def _validate_entries(document: config_plan.Document, environ: Mapping[str, str]
                             else rules.parse_condition(condition).as_dict(),
                             "message_template": body.message_template, "key_columns": body.key_columns,
                             "schedule": body.schedule, "notification_channels": body.notification_channels.model_dump(),
-                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator}
+                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator,
+                            "whatsapp_template": body.whatsapp_template.model_dump()
+                            if body.whatsapp_template else None}
                 if found:
                     raise _Refused
             except (ValidationError, HTTPException) as exc:

@@ -868,6 +868,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE provider_message_id IS NOT NULL;
         """,
     ),
+    (
+        11,
+        "WhatsApp templates: an alert's approved Content template and the variables each message fills it with",
+        """
+        -- {"content_sid": "HX…", "variables": {"1": "alert_name", …}}: business-initiated WhatsApp messages outside
+        -- the 24-hour window must use an approved template.
+        ALTER TABLE alert_config ADD COLUMN whatsapp_template jsonb;
+        -- {"content_sid": "HX…", "variables": {"1": "Orders", …}}: the values one message sends.
+        ALTER TABLE notification ADD COLUMN template jsonb;
+        """,
+    ),
 ]
 
 
@@ -1111,15 +1122,18 @@ def delete_user(cur, *, user_id: UUID) -> dict | None:
 
 _ALERT_FIELDS = (
     "name", "description", "query", "data_source_id", "trigger_condition", "condition", "key_columns", "schedule",
-    "notification_channels", "priority", "created_by", "message_template",
+    "notification_channels", "priority", "created_by", "message_template", "whatsapp_template",
 )
 
 
 def _alert_values(fields: dict) -> list:
-    return [
-        psycopg2.extras.Json(fields[name]) if name in ("notification_channels", "condition") else fields[name]
-        for name in _ALERT_FIELDS
-    ]
+    values = []
+    for name in _ALERT_FIELDS:
+        # An import of a file written before WhatsApp templates leaves it out: no template (SQL NULL).
+        value = fields.get(name) if name == "whatsapp_template" else fields[name]
+        is_json = name in ("notification_channels", "condition") or (name == "whatsapp_template" and value is not None)
+        values.append(psycopg2.extras.Json(value) if is_json else value)
+    return values
 
 
 def insert_alert(cur, *, fields: dict) -> dict:
@@ -1422,11 +1436,12 @@ def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
         return 0
     psycopg2.extras.execute_values(
         cur,
-        "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html) "
-        "VALUES %s",
+        "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html, "
+        "template) VALUES %s",
         [
             (n.get("incident_id"), n["alert_config_id"], n["kind"], n["channel"], n["recipient"],
-             n.get("subject"), n["body"], n.get("html"))
+             n.get("subject"), n["body"], n.get("html"),
+             psycopg2.extras.Json(n["template"]) if n.get("template") else None)
             for n in notifications
         ],
         page_size=1000,

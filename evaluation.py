@@ -498,7 +498,8 @@ class Evaluator:
             rendered = notification.render_message(alert=alert, notice=notice)
             messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
                              "whatsapp_text": rendered.whatsapp,
-                             "texts": {name: text.body for name, text in rendered.texts.items()}})
+                             "texts": {name: text.body for name, text in rendered.texts.items()},
+                             "whatsapp_template": rendered.texts["whatsapp"].template})
         return {
             "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],

@@ -169,6 +169,7 @@ class Text:
     subject: str | None
     body: str
     html: str | None = None
+    template: dict | None = None  # WhatsApp: the approved template and its variables, sent instead of the body
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,28 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
     texts = {name: TRANSPORTS[name].render(content) for name in names if name in TRANSPORTS}
     email = texts["email"]
     return Rendered(subject=content.subject, text=email.body, html=email.html, texts=texts)
+
+
+# What a WhatsApp template variable can be filled with.
+TEMPLATE_SOURCES = ("alert_name", "priority", "kind", "headline", "subject", "detail", "description", "row_count",
+                    "first_rows")
+TEMPLATE_VARIABLE_MAX_CHARS = 200
+TEMPLATE_FIRST_ROWS = 3
+
+
+def template_variables(content: Content, mapping: dict[str, str]) -> dict[str, str]:
+    """The values of a WhatsApp template's variables for one notice: each variable is filled with the message field
+    it is mapped to (TEMPLATE_SOURCES)."""
+    alert, notice = content.alert, content.notice
+    first = "; ".join(", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row))
+                      for row in notice.rows[:TEMPLATE_FIRST_ROWS])
+    fields = {"alert_name": alert["name"], "priority": alert["priority"], "kind": notice.kind,
+              "headline": notice.headline, "subject": content.subject, "detail": notice.detail or "",
+              "description": alert.get("description") or "", "row_count": str(len(notice.rows)),
+              "first_rows": first or "(no rows)"}
+    # WhatsApp refuses a variable with a line break, a tab or more than four spaces in a row, and an empty one.
+    return {name: cut_text_to(" ".join(fields[source].split()) or "-", TEMPLATE_VARIABLE_MAX_CHARS)
+            for name, source in mapping.items()}
 
 
 def _chat_text(content: Content, *, heading: str, limit: int) -> str:
@@ -341,7 +364,8 @@ def outbox_rows(
         text = transport.finish(rendered.texts[name], alert_id=alert_id, incident_id=incident_id, links=links)
         for recipient in recipients:
             rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": name,
-                         "recipient": recipient, "subject": text.subject, "body": text.body, "html": text.html})
+                         "recipient": recipient, "subject": text.subject, "body": text.body, "html": text.html,
+                         "template": text.template})
     return rows
 
 
@@ -353,6 +377,7 @@ class Message:
     body: str
     html: str | None
     carries: int = 1  # how many of the group's rows, from the first: the rest wait for the next send
+    template: dict | None = None  # WhatsApp: sent instead of the body (one template message carries one row)
 
 
 # A group holds at most this many rows: about EMAIL_MAX_CHARS of typical messages; the rest go in the next send.
@@ -365,8 +390,8 @@ def combine_messages(rows: Sequence[dict]) -> Message:
     message of that channel (at least the first; one row is sent as stored). `carries` says how many: the rest
     are left for the next send, never cut away."""
     first = rows[0]
-    if len(rows) == 1:
-        return Message(subject=first["subject"], body=first["body"], html=first["html"])
+    if len(rows) == 1 or first.get("template"):
+        return Message(subject=first["subject"], body=first["body"], html=first["html"], template=first.get("template"))
     return TRANSPORTS[first["channel"]].combine(rows)
 
 
@@ -375,7 +400,7 @@ def _combine_chat(rows: Sequence[dict], limit: int) -> Message:
     bodies = [rows[0]["body"]]
     size = len(rows[0]["body"])
     for row in rows[1:]:
-        if size + 2 + len(row["body"]) > limit:
+        if size + 2 + len(row["body"]) > limit or row.get("template"):  # a template goes in a message of its own
             break
         bodies.append(row["body"])
         size += 2 + len(row["body"])
@@ -705,8 +730,15 @@ class WhatsAppChannel(Transport):
 
     @classmethod
     def render(cls, content: Content) -> Text:
-        """The subject in bold, then the detail and as many rows as fit in 1,600 characters."""
-        return Text(subject=None, body=_chat_text(content, heading=f"*{content.subject}*", limit=WHATSAPP_MAX_CHARS))
+        """The subject in bold, then the detail and as many rows as fit in 1,600 characters; with the alert's
+        approved template, that template and its variables are sent instead (the text stays as the record)."""
+        body = _chat_text(content, heading=f"*{content.subject}*", limit=WHATSAPP_MAX_CHARS)
+        template = content.alert.get("whatsapp_template")
+        if not template:
+            return Text(subject=None, body=body)
+        return Text(subject=None, body=body, template={
+            "content_sid": template["content_sid"],
+            "variables": template_variables(content, template.get("variables") or {})})
 
     @classmethod
     def combine(cls, rows: Sequence[dict]) -> Message:
@@ -777,7 +809,7 @@ class WhatsAppChannel(Transport):
         return client
 
     def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
-             key: str | None = None) -> str | None:
+             key: str | None = None, template: dict | None = None) -> str | None:
         """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
         if not self.enabled(self.settings):
             raise NotificationError(self.not_configured, permanent=True)
@@ -786,7 +818,10 @@ class WhatsAppChannel(Transport):
         client = self._client()
         try:
             with SendDeadline(self.settings.send_timeout_seconds) as deadline:
-                message = client.messages.create(from_=self._sender(), to=self._address(recipient), body=body,
+                content = ({"content_sid": template["content_sid"],
+                            "content_variables": json.dumps(template["variables"], ensure_ascii=False)}
+                           if template else {"body": body})
+                message = client.messages.create(from_=self._sender(), to=self._address(recipient), **content,
                                                  **self._callback())
             if deadline.expired:  # http.client reads a header block cut short as a complete one
                 raise TimeoutError("the answer was cut at the deadline")
@@ -1465,8 +1500,11 @@ class Dispatcher:
                 ids = [row["id"] for row in rows]
                 started = time.monotonic()
                 try:
+                    # Only WhatsApp takes a template; the other channels' send has no such argument.
+                    extra = {"template": message.template} if message.template else {}
                     provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
-                                               body=message.body, html_body=message.html, key=str(first["id"]))
+                                               body=message.body, html_body=message.html, key=str(first["id"]),
+                                               **extra)
                 finally:
                     self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
             except NotificationError as exc:

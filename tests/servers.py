@@ -561,6 +561,8 @@ class TwilioRequest:
     answered_status: int
     received_at: float  # time.monotonic()
     received_wall: float  # time.time()
+    content_sid: str | None = None  # a WhatsApp template send: the template and its variables (JSON) in place of Body
+    content_variables: str | None = None
 
 
 @dataclass(frozen=True)
@@ -736,7 +738,8 @@ class TwilioServer(_LoopbackServer):
             else:
                 status, payload = self._create_message(form)
             self._requests.append(TwilioRequest(form.get("To", ""), form.get("From", ""), form.get("Body", ""),
-                                                path, status, *received))
+                                                path, status, *received, content_sid=form.get("ContentSid"),
+                                                content_variables=form.get("ContentVariables")))
             self._cond.notify_all()
         return status, payload, headers
 
@@ -782,13 +785,13 @@ class TwilioServer(_LoopbackServer):
         for field, code, text in (("To", 21604, "A 'To' phone number is required."),
                                   ("From", 21603, "A 'From' phone number is required."),
                                   ("Body", 21602, "Message body is required.")):
-            if not form.get(field):
+            if not form.get(field) and not (field == "Body" and form.get("ContentSid")):
                 return 400, _twilio_error(400, code, text)
         sid, now = "SM" + uuid.uuid4().hex, format_datetime(datetime.now(timezone.utc))
         uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
         self._messages[sid] = message = {
             "sid": sid, "account_sid": self.account_sid, "messaging_service_sid": None,
-            "to": form["To"], "from": form["From"], "body": form["Body"], "status": "queued",
+            "to": form["To"], "from": form["From"], "body": form.get("Body", ""), "status": "queued",
             "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
             "num_segments": "1", "num_media": "0", "direction": "outbound-api", "price": None,
             "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",

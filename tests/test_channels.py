@@ -3,6 +3,8 @@ channel end to end at a real loopback receiver."""
 
 from __future__ import annotations
 
+import json
+
 import psycopg2
 import pytest
 from pydantic import SecretStr
@@ -113,7 +115,7 @@ def test_a_slack_message_has_a_header_a_table_and_a_line_for_the_rows_over_slack
     create_orders_table(db_dsn)
     web_service.create_alert(notification_channels={"slack": [slack.url("/services/T0/B0/secret-token")]})
     insert_orders(db_dsn, [f"ORD{i:04d}-{'x' * 40}" for i in range(500)])
-    payload = slack.wait_for(2)[1].json()
+    payload = slack.wait_for(2, timeout=20)[1].json()  # 500 rows: slower on a busy machine
     header, _, table, more, link = payload["blocks"]
     assert header["type"] == "header" and "500 new rows" in header["text"]["text"]
     assert table["text"]["text"].startswith("```order_number") and "ORD0000" in table["text"]["text"]
@@ -157,3 +159,42 @@ def test_http_answers_are_classified_as_permanent_or_temporary(status, permanent
     error = classify_http(status, retry_after=5.0, reason="why")
     assert error.permanent is permanent and (permanent or error.retry_after == 5.0)
     assert classify_http(204, retry_after=None, reason="") is None
+
+
+TEMPLATE = {"content_sid": "HX" + "0123456789abcdef" * 2,
+            "variables": {"1": "alert_name", "2": "row_count", "3": "first_rows"}}
+
+
+def test_an_alert_with_a_whatsapp_template_sends_it_with_its_variables_and_email_as_before(
+        service, twilio_server, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(whatsapp_template=TEMPLATE)
+    assert alert["whatsapp_template"] == TEMPLATE
+    twilio_server.wait_for(1)
+    insert_orders(db_dsn, ["ORD1", "ORD2\nwith\ta   break"])
+    sent = twilio_server.wait_for(2)[1]
+    assert sent.content_sid == TEMPLATE["content_sid"] and sent.body == ""
+    assert json.loads(sent.content_variables) == {
+        "1": "Order Monitor", "2": "2", "3": "order_number=ORD1; order_number=ORD2 with a break"}
+    assert "ORD2" in smtp_server.wait_for(2)[1].message.get_body(("plain",)).get_content()
+
+
+def test_a_dry_run_shows_the_template_variables_that_would_be_sent(service, db_dsn):
+    create_orders_table(db_dsn)
+    insert_orders(db_dsn, ["ORD1"])
+    preview = service.client.post("/alert-configs/test", json={
+        "name": "Orders", "query": "SELECT order_number FROM dc_order", "schedule": "interval:1h",
+        "notification_channels": {"whatsapp": ["+14155550123"]}, "whatsapp_template": TEMPLATE}).json()
+    assert preview["messages"][0]["whatsapp_template"] == {
+        "content_sid": TEMPLATE["content_sid"], "variables": {"1": "Orders", "2": "1", "3": "order_number=ORD1"}}
+
+
+@pytest.mark.parametrize("template, reason", [
+    ({"content_sid": "not-a-sid"}, "content_sid"),
+    ({"content_sid": TEMPLATE["content_sid"], "variables": {"1": "password"}}, "alert_name"),
+])
+def test_a_whatsapp_template_that_cannot_be_sent_is_refused_with_why(service, template, reason):
+    response = service.client.post("/alert-configs/", json={
+        "name": "x", "query": "SELECT 1", "schedule": "interval:1h",
+        "notification_channels": {"whatsapp": ["+14155550123"]}, "whatsapp_template": template})
+    assert response.status_code == 422 and reason in response.text, response.text
