@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 import config_plan
 import database
@@ -394,21 +394,46 @@ def _recipients_of(transport: type[notification.Transport]):
 
 
 def _someone(self) -> RequestBody:
-    if not any(getattr(self, name) for name in notification.TRANSPORTS):
-        raise ValueError(f"at least one recipient is needed in {' or '.join(notification.TRANSPORTS)}")
+    if not any(getattr(self, name) for name in [*notification.TRANSPORTS, "users", "teams"]):
+        raise ValueError(f"at least one recipient is needed in {' or '.join(notification.TRANSPORTS)}, or a user "
+                         "or team in users or teams")
     return self
+
+
+# Channels a user is reached on: those a user's record has an address for.
+PersonChannel = Literal[tuple(notification.PERSON_ADDRESSES)]
+
+
+class _StoredChannels(RequestBody):
+    """Recipients as stored: email and whatsapp always (as before other channels existed), the rest when given."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler) -> dict:
+        data = handler(self)
+        return {key: value for key, value in data.items()
+                if key in ("email", "whatsapp") or (value and not (key == "user_channels" and value == ["email"]))}
 
 
 # Recipients per channel, one list per registered channel: a new channel is a new field with no edit here.
 NotificationChannels = create_model(
     "NotificationChannels",
-    __base__=RequestBody,
+    __base__=_StoredChannels,
     __doc__="Recipients per channel; at least one recipient in all.",
     __validators__={**{f"_{name}": _recipients_of(transport) for name, transport in notification.TRANSPORTS.items()},
                     "_someone": model_validator(mode="after")(_someone)},
     **{name: (list[Annotated[str, WithJsonSchema(transport.recipient_schema)]],
               Field(default_factory=list, max_length=100, description=transport.recipients_noun))
        for name, transport in notification.TRANSPORTS.items()},
+    users=(list[UUID], Field(default_factory=list, max_length=100,
+                             description="Users (ids) reached at their current email and phone when a message is "
+                                         "queued")),
+    teams=(list[UUID], Field(default_factory=list, max_length=100,
+                             description="Teams (ids) whose members, as they are when a message is queued, are "
+                                         "reached")),
+    user_channels=(list[PersonChannel], Field(
+        default_factory=lambda: ["email"], min_length=1, max_length=3,
+        description="The channels users and team members are reached on: email (their email), whatsapp and sms "
+                    "(their phone)")),
 )
 NotificationChannels.model_config = ConfigDict(extra="forbid", json_schema_extra={
     "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
@@ -959,6 +984,12 @@ def validate_alert(services: Services, body: AlertConfigIn, *, source: dict | No
         rules.key_indexes(columns, body.key_columns)
     except rules.RuleError as exc:
         raise field_error("key_columns", str(exc)) from None
+    channels = body.notification_channels
+    if channels.users or channels.teams:
+        with services.pool.transaction() as cur:
+            missing = database.missing_people(cur, user_ids=channels.users, team_ids=channels.teams)
+        if missing:
+            raise field_error("notification_channels", f"{', '.join(missing)} does not exist")
     if body.message_template is not None:
         try:
             notification.check_template(body.message_template)

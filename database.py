@@ -1101,6 +1101,24 @@ def get_user(cur, *, user_id: UUID) -> dict | None:
     return cur.fetchone()
 
 
+def people(cur, *, user_ids: Sequence[UUID], team_ids: Sequence[UUID]) -> list[dict]:
+    """The users named and the members of the teams named, each once, with their current email and phone."""
+    cur.execute("SELECT DISTINCT id, email, phone, team_id FROM users "
+                "WHERE id = ANY(%(users)s::uuid[]) OR team_id = ANY(%(teams)s::uuid[]) ORDER BY id",
+                {"users": [str(u) for u in user_ids], "teams": [str(t) for t in team_ids]})
+    return cur.fetchall()
+
+
+def missing_people(cur, *, user_ids: Sequence[UUID], team_ids: Sequence[UUID]) -> list[str]:
+    """Which of these users and teams do not exist, as 'user <id>' and 'team <id>'."""
+    cur.execute("SELECT 'user ' || u AS missing FROM unnest(%(users)s::uuid[]) u "
+                "WHERE NOT EXISTS (SELECT 1 FROM users WHERE id = u) "
+                "UNION ALL SELECT 'team ' || t FROM unnest(%(teams)s::uuid[]) t "
+                "WHERE NOT EXISTS (SELECT 1 FROM team WHERE id = t)",
+                {"users": [str(u) for u in user_ids], "teams": [str(t) for t in team_ids]})
+    return [row["missing"] for row in cur.fetchall()]
+
+
 def update_user(cur, *, user_id: UUID, name: str, email: str, phone: str | None,
                 team_id: UUID | None) -> dict | None:
     """Replace a user's details; None when there is no such user."""

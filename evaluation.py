@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 from uuid import UUID
 
 import database
@@ -416,6 +416,7 @@ class Evaluator:
     def _store_jobs(self, cur, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
                     now: datetime) -> int:
         locked = database.lock_alert_versions(cur, alert_ids=[job.alert["id"] for job in jobs])
+        recipients = _recipients(cur, [job.alert for job in jobs])
         writes = _Writes()
         stored: dict[UUID, Outcome] = {}
         for job in jobs:
@@ -430,7 +431,7 @@ class Evaluator:
             row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
                      row_count=row_count, is_state=job.condition is not None and job.condition.is_state,
-                     links=notification.Links(self.settings.public_base_url))
+                     links=notification.Links(self.settings.public_base_url), recipients=recipients[alert["id"]])
             summary = decision.summary or {}
             writes.evaluations.append({
                 "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
@@ -558,7 +559,8 @@ def join_arrays(arrays: list[str]) -> str:
 
 def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
              prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
-             row_count: int | None, is_state: bool, links: notification.Links) -> None:
+             row_count: int | None, is_state: bool, links: notification.Links,
+             recipients: dict[str, list[str]]) -> None:
     """Add one decision's rows to the batch's writes: state, incidents, activity and outbox rows."""
     state = decision.state
     muted = alert["muted_until"] is not None and alert["muted_until"] > now
@@ -586,7 +588,7 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
                                                   "muted_until": alert["muted_until"].isoformat()}})
             continue
         writes.notifications += notification.outbox_rows(
-            rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
+            rendered=message, channels=recipients, alert_id=alert["id"],
             incident_id=incident_id, kind=notice.kind, links=links,
         )
     fields = state_to_row(state, alert["version"], row_count, prior_row,
@@ -594,6 +596,25 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
     fields["last_error"] = error
     if not _same_state(fields, prior_row):
         writes.states.append((alert["id"], fields))
+
+
+def _recipients(cur, alerts: list[dict]) -> dict[Any, dict[str, list[str]]]:
+    """Each alert's addresses per channel, with the current addresses of the users and teams it names (one query
+    for the batch, and none when no alert names anyone)."""
+    user_ids, team_ids = set(), set()
+    for alert in alerts:
+        users, teams = notification.referenced_people(alert["notification_channels"])
+        user_ids.update(users)
+        team_ids.update(teams)
+    found = database.people(cur, user_ids=list(user_ids), team_ids=list(team_ids)) if user_ids or team_ids else []
+    expanded = {}
+    for alert in alerts:
+        users, teams = notification.referenced_people(alert["notification_channels"])
+        named = [p for p in found if str(p["id"]) in users or (p["team_id"] and str(p["team_id"]) in teams)]
+        expanded[alert["id"]] = notification.expand_recipients(alert["notification_channels"], named)
+        if (users or teams) and not named:
+            logger.warning("alert %s names users or teams that have no members now", alert["id"])
+    return expanded
 
 
 def state_from_row(row: dict | None) -> rules.AlertState | None:

@@ -244,10 +244,35 @@ def compose(*, alert: dict, notice: rules.Notice) -> Content:
     return Content(alert=alert, notice=notice, subject=subject, paragraphs=paragraphs, custom=custom)
 
 
+# Channels a user or team named in notification_channels can be reached on, and the user's field each uses.
+PERSON_ADDRESSES = {"email": "email", "whatsapp": "phone", "sms": "phone"}
+
+
+def expand_recipients(channels: dict, people: Sequence[dict]) -> dict[str, list[str]]:
+    """The addresses per channel: those given, and the current ones of the users and team members named (on
+    `user_channels`, email by default), each once."""
+    expanded = {name: list(channels.get(name) or []) for name in TRANSPORTS}
+    for name in channels.get("user_channels") or ["email"]:
+        field = PERSON_ADDRESSES.get(name)
+        if field is None or name not in expanded:
+            continue
+        for person in people:
+            address = person.get(field)
+            if address and address not in expanded[name]:
+                expanded[name].append(address)
+    return expanded
+
+
+def referenced_people(channels: dict) -> tuple[list[str], list[str]]:
+    """The user ids and team ids named in notification_channels."""
+    return list(channels.get("users") or []), list(channels.get("teams") or [])
+
+
 def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
     """Render one notice for email, WhatsApp and every other channel the alert has recipients on."""
     content = compose(alert=alert, notice=notice)
-    names = dict.fromkeys(["email", "whatsapp", *(alert.get("notification_channels") or {})])
+    channels = alert.get("notification_channels") or {}
+    names = dict.fromkeys(["email", "whatsapp", *channels, *(channels.get("user_channels") or [])])
     texts = {name: TRANSPORTS[name].render(content) for name in names if name in TRANSPORTS}
     email = texts["email"]
     return Rendered(subject=content.subject, text=email.body, html=email.html, texts=texts)
