@@ -388,12 +388,14 @@ EmailAddress = Annotated[str, AfterValidator(ascii_email), WithJsonSchema({"type
 
 
 def _recipients_of(transport: type[notification.Transport]):
+    """The field validator of one channel's recipients: the transport's own check."""
     def check(cls, values: list[str]) -> list[str]:
         return transport.recipients(values)
     return field_validator(transport.name)(check)
 
 
 def _someone(self) -> RequestBody:
+    """At least one recipient in all, given or by reference."""
     if not any(getattr(self, name) for name in [*notification.TRANSPORTS, "users", "teams"]):
         raise ValueError(f"at least one recipient is needed in {' or '.join(notification.TRANSPORTS)}, or a user "
                          "or team in users or teams")
