@@ -1138,15 +1138,21 @@ class SlackChannel(_HttpChannel):
         else:
             blocks.append(_slack_section("\n".join(content.paragraphs[1:] or content.paragraphs)))
             rows = notice.rows
-            shown = 0
-            table = ""
-            for count in range(1, min(len(rows), SLACK_MAX_ROWS) + 1):
-                candidate = "```" + "\n".join(_text_table(notice.columns, rows[:count])[1:]) + "```"
-                if len(_slack_escape(candidate)) > SLACK_SECTION_MAX_CHARS:
-                    break
-                shown, table = count, candidate
+
+            def table_of(count: int) -> str:
+                return _slack_escape("```" + "\n".join(_text_table(notice.columns, rows[:count])[1:]) + "```")
+
+            # The most rows whose table fits one section: a table only grows with its rows, so a binary search.
+            low, high = 0, min(len(rows), SLACK_MAX_ROWS)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if len(table_of(middle)) <= SLACK_SECTION_MAX_CHARS:
+                    low = middle
+                else:
+                    high = middle - 1
+            shown, table = low, table_of(low) if low else ""
             if table:
-                blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _slack_escape(table)}})
+                blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": table}})
             if len(rows) > shown:
                 blocks.append({"type": "context", "elements": [
                     {"type": "mrkdwn", "text": f"… and {_plural(len(rows) - shown, 'more row')}"}]})
