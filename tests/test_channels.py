@@ -4,12 +4,14 @@ channel end to end at a real loopback receiver."""
 from __future__ import annotations
 
 import json
+import re
 
 import psycopg2
 import pytest
 from pydantic import SecretStr
 
 import notification
+from config import ConfigError, load_settings
 from notification import classify_http
 from tests.conftest import TWILIO_FROM, Service, create_orders_table, eventually, insert_orders
 from tests.servers import SlackReceiver, WebhookReceiver
@@ -230,3 +232,14 @@ def test_an_alert_naming_a_user_that_does_not_exist_is_refused_with_which(servic
     response = service.client.post("/alert-configs/", json={
         "name": "x", "query": "SELECT 1", "schedule": "interval:1h", "notification_channels": {"users": [ghost]}})
     assert response.status_code == 422 and f"user {ghost} does not exist" in response.text, response.text
+
+
+@pytest.mark.parametrize("setting, value, reason", [
+    ("public_base_url", "alerts.example.com", "PUBLIC_BASE_URL"),
+    ("public_base_url", "https://alerts.example.com/?x=1", "without a query"),
+    ("webhook_signing_secret", "short", "WEBHOOK_SIGNING_SECRET: Value error, must be at least 16 characters"),
+    ("twilio_sms_from_number", "0044 20 1234", "TWILIO_SMS_FROM_NUMBER"),
+])
+def test_channel_settings_that_cannot_work_stop_start_up_naming_the_variable(setting, value, reason):
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        load_settings(_env_file=None, **{setting: value})
