@@ -250,7 +250,7 @@ class Evaluator:
                 logger.warning("alert %s (%s) failed to evaluate: %s", job.alert["name"], job.alert["id"],
                                job.result)
             # Rendered before the transaction: a slow template must not hold the alerts' row locks.
-            job.rendered = [notification.render_message(alert=job.alert, notice=notice)
+            job.rendered = [notification.render_message(alert=job.alert, notice=notice, tz=self.settings.timezone)
                             for notice in job.decision.notices]
             decided.append(job)
         if self.stopping() or not decided:
@@ -448,7 +448,8 @@ class Evaluator:
             row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
                      row_count=row_count, is_state=job.condition is not None and job.condition.is_state,
-                     links=notification.Links(self.settings.public_base_url), recipients=recipients[alert["id"]])
+                     links=notification.Links.from_settings(self.settings, now=now),
+                     recipients=recipients[alert["id"]])
             summary = decision.summary or {}
             writes.evaluations.append({
                 "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
