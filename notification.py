@@ -442,10 +442,20 @@ _PAGE_MARK, _UNTIL_MARK = "%%INCIDENT_PAGE%%", "%%LINK_UNTIL%%"
 _FONT = "-apple-system,BlinkMacSystemFont,'Segoe UI',Roboto,Helvetica,Arial,sans-serif"
 
 
+# Rows reach rendering as JSON values (rules.jsonable): a timestamp is its text, a numeric its digits.
+_TIMESTAMP_TEXT = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)?$")
+_NUMBER_TEXT = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?$")  # not "007": a code with leading zeros is text
+
+
 def display_value(value: Any, zone: tzinfo, limit: int = EMAIL_CELL_MAX_CHARS) -> str:
     """A result value as a person reads it: timestamps in `zone` to the second, long text cut with '…'."""
     if value is None:
         return "NULL"
+    if isinstance(value, str) and _TIMESTAMP_TEXT.match(value):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
     if isinstance(value, datetime):
         if value.tzinfo is None:
             return value.strftime("%Y-%m-%d %H:%M:%S")
@@ -456,8 +466,14 @@ def display_value(value: Any, zone: tzinfo, limit: int = EMAIL_CELL_MAX_CHARS) -
 
 
 def is_number(value: Any) -> bool:
-    """Whether a value is shown right-aligned (a number, not a boolean)."""
+    """Whether a value is shown right-aligned (a number, or a numeric's text; not a boolean)."""
+    if isinstance(value, str):
+        return len(value) <= 40 and bool(_NUMBER_TEXT.match(value))
     return isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool)
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, datetime) or isinstance(value, str) and bool(_TIMESTAMP_TEXT.match(value))
 
 
 def format_time(moment: datetime, zone: tzinfo) -> str:
@@ -488,7 +504,7 @@ def _email_html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], zon
     body = "".join(
         "<tr>" + "".join(
             f'<td align="{"right" if is_number(v) else "left"}" style="{cell}color:#111827;'
-            f'{"font-variant-numeric:tabular-nums;white-space:nowrap;" if is_number(v) or isinstance(v, datetime) else "overflow-wrap:anywhere;word-break:break-word;"}">'
+            f'{"font-variant-numeric:tabular-nums;white-space:nowrap;" if is_number(v) or _is_time(v) else "overflow-wrap:anywhere;word-break:break-word;"}">'
             f"{html.escape(display_value(v, zone))}</td>" for v in row) + "</tr>" for row in rows)
     return (f'<div style="overflow-x:auto;"><table role="table" cellpadding="0" cellspacing="0" border="0" '
             f'style="border-collapse:collapse;width:100%;font-family:{_FONT};"><thead><tr>{head}</tr></thead>'
