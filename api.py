@@ -828,10 +828,13 @@ class MessagePreview(BaseModel):
     kind: str
     email_subject: str
     email_text: str
+    email_html: str | None = Field(None, description="The HTML part of the email, exactly as it would be sent")
     whatsapp_text: str
     texts: dict[str, str] = Field(description="The body each channel of the alert would send, by channel")
     whatsapp_template: dict[str, Any] | None = Field(
         None, description="With the alert's WhatsApp template: its content_sid and the variables that would be sent")
+    link: str | None = Field(None, description="The signed link to the incident's page the messages would carry "
+                                               "(with PUBLIC_BASE_URL and SECRET_KEY, for a notice about an incident)")
 
 
 class TestResult(BaseModel):

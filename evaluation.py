@@ -513,12 +513,22 @@ class Evaluator:
         error = job.result if isinstance(job.result, str) else None
         columns, rows, truncated = ([], [], False) if error else job.result[:3]
         messages = []
+        links = notification.Links.from_settings(self.settings, now=datetime.now(timezone.utc))
         for notice in decision.notices:
-            rendered = notification.render_message(alert=alert, notice=notice)
-            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
-                             "whatsapp_text": rendered.whatsapp,
-                             "texts": {name: text.body for name, text in rendered.texts.items()},
-                             "whatsapp_template": rendered.texts["whatsapp"].template})
+            rendered = notification.render_message(alert=alert, notice=notice, tz=self.settings.timezone)
+            # As an evaluation would queue them: an incident it would open gets an id (not stored, so its page
+            # link is well formed but finds nothing); a repeat or resolution names the firing incident.
+            incident_id = (uuid.uuid4() if notice.open_incident else
+                           state_row["firing_incident_id"] if state_row and notice.kind in ("repeat", "resolved")
+                           else None)
+            texts = {name: notification.TRANSPORTS[name].finish(text, alert_id=alert.get("id"),
+                                                                 incident_id=incident_id, links=links)
+                     for name, text in rendered.texts.items()}
+            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": texts["email"].body,
+                             "email_html": texts["email"].html, "whatsapp_text": texts["whatsapp"].body,
+                             "texts": {name: text.body for name, text in texts.items()},
+                             "whatsapp_template": rendered.texts["whatsapp"].template,
+                             "link": links.page(incident_id)})
         return {
             "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],

@@ -11,11 +11,12 @@ from typing import Any, Mapping, Sequence
 from notification import PRIORITY_COLOURS, display_value, format_time, is_number
 
 # The page's own rules: no script, nothing from elsewhere, forms post only back here, never framed (a framed page
-# could trick a click on "Resolve"), and the link's token never leaves in a Referer header.
+# could trick a click on "Resolve"), and the link's token never goes to another site in a Referer header
+# ("same-origin": with "no-referrer" a browser would send its forms with Origin "null", which is refused).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Robots-Tag": "noindex, nofollow",
@@ -166,7 +167,7 @@ def _evaluation(evaluation: Mapping[str, Any] | None, summary: Mapping[str, Any]
 def _document(title: str, body: str, colour: str = "#374151") -> str:
     return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<meta name="referrer" content="no-referrer">'
+            '<meta name="referrer" content="same-origin">'
             f"<title>{html.escape(title)}</title></head>"
             f'<body style="margin:0;padding:16px 8px;background:#f3f4f6;font-family:{_FONT};color:#111827;">'
             f'<main style="max-width:880px;margin:0 auto;background:#ffffff;border-top:6px solid {colour};'

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 WHATSAPP_MAX_CHARS = 1600
 EMAIL_MAX_ROWS = 100
-WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the API for every row)"
+WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the incident page for every row)"
 # A stored alert returning a 5 MB value must not store 5 MB in every message copy: values shown in a message are
 # cut at MESSAGE_MAX_VALUE_CHARS, an email's text at EMAIL_MAX_CHARS, each with a visible note.
 MESSAGE_MAX_VALUE_CHARS = 1_000
@@ -376,23 +376,49 @@ def template_variables(content: Content, mapping: dict[str, str]) -> dict[str, s
             for name, source in mapping.items()}
 
 
+# A text message shows the first rows (values cut at CHAT_MAX_VALUE_CHARS) and how many more there are; the
+# incident page, linked below them, has the rest.
+CHAT_MAX_ROWS = 5
+CHAT_MAX_VALUE_CHARS = 100
+# Room kept at the end of a text message for the incident page's link, added once the incident exists.
+CHAT_LINK_ROOM = 200
+
+
 def _chat_text(content: Content, *, heading: str, limit: int) -> str:
-    """A short text message (WhatsApp, SMS): the heading, the detail and as many rows as fit in `limit`."""
+    """A short text message (WhatsApp, SMS): the heading, the detail and the first rows, in `limit` characters
+    less room for the incident's link."""
+    limit -= CHAT_LINK_ROOM
     if content.custom is not None:
         text = f"{heading}\n{content.custom}"
     else:
         notice = content.notice
         lines = [heading] + ([notice.detail] if notice.detail else [])
         length = sum(len(line) + 1 for line in lines)
-        for row in notice.rows:  # only as many as can be shown: a result can have 10,000 rows
-            if length > limit:
+        shown = 0
+        for row in notice.rows[:CHAT_MAX_ROWS]:
+            line = "• " + ", ".join(f"{c}={display_value(v, content.zone, CHAT_MAX_VALUE_CHARS)}"
+                                    for c, v in zip(notice.columns, row))
+            if shown and length + len(line) + 1 > limit:
                 break
-            lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row)))
-            length += len(lines[-1]) + 1
+            lines.append(line)
+            length += len(line) + 1
+            shown += 1
+        if len(notice.rows) > shown:
+            lines.append(f"… and {_plural(len(notice.rows) - shown, 'more row')}")
         text = "\n".join(lines)
     if len(text) > limit:
         text = text[: limit - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
     return text
+
+
+def _finish_chat(text: Text, page: str | None) -> Text:
+    """A text message with the incident page's link on its last line (in the room _chat_text kept for it)."""
+    if not page or text.template is not None:
+        return text
+    line, body = f"\nOpen: {page}", text.body
+    if len(body) + len(line) > SMS_MAX_CHARS:  # a PUBLIC_BASE_URL longer than the room kept
+        body = body[: SMS_MAX_CHARS - len(line) - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+    return Text(subject=text.subject, body=body + line, html=None)
 
 
 def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
@@ -522,7 +548,7 @@ def _email_page(subject: str, inner: str, colour: str) -> str:
         '<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" '
         'style="background:#f3f4f6;"><tr><td align="center" style="padding:16px 8px;">'
         '<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" '
-        f'style="max-width:640px;background:#ffffff;border-top:6px solid {colour};border-radius:4px;'
+        f'style="max-width:640px;table-layout:fixed;background:#ffffff;border-top:6px solid {colour};border-radius:4px;'
         f'font-family:{_FONT};color:#111827;">{inner}</table></td></tr></table></body></html>')
 
 
@@ -1025,6 +1051,11 @@ class WhatsAppChannel(Transport):
         return Text(subject=None, body=body, template={
             "content_sid": template["content_sid"],
             "variables": template_variables(content, template.get("variables") or {})})
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        """The text with the signed link to its incident's page (a template message keeps its variables)."""
+        return _finish_chat(text, links.page(incident_id))
 
     @classmethod
     def combine(cls, rows: Sequence[dict]) -> Message:

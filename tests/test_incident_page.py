@@ -60,7 +60,7 @@ def test_the_page_shows_the_incident_without_an_api_key_and_reading_it_changes_n
     call = anonymous(linked)
     assert call("GET", "/incidents/").status_code == 401  # the API itself still needs the key
     page = call("GET", link)
-    assert page.status_code == 200 and page.headers["referrer-policy"] == "no-referrer"
+    assert page.status_code == 200 and page.headers["referrer-policy"] == "same-origin"
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     text = page.text
     assert ">HIGH</span>" in text and ">Order Monitor</h1>" in text and ">2 new rows</p>" in text
@@ -158,3 +158,19 @@ def test_without_secret_key_messages_carry_no_page_link_and_the_page_refuses(set
         assert refused.status_code == 403 and "not enabled" in refused.text
     finally:
         service.stop()
+
+
+def test_a_dry_run_returns_the_exact_html_and_the_link_that_would_be_sent(linked, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    alert = linked.create_alert(notification_channels={"email": ["ops@example.com"], "sms": ["+14155550123"]})
+    linked.wait_idle()
+    assert linked.client.put(f"/alert-configs/{alert['id']}/status", params={"status": "INACTIVE"}).status_code == 200
+    insert_orders(db_dsn, ["ORD7"])
+    [message] = linked.client.post(f"/alert-configs/{alert['id']}/test").json()["messages"]
+    assert message["kind"] == "incident" and message["link"].startswith(f"{BASE}/i/")
+    assert f'href="{message["link"]}"' in message["email_html"] and ">ORD7</td>" in message["email_html"]
+    assert message["email_text"].endswith(f"{message['link']}\nThe link works until "
+                                          f"{message['email_text'].rsplit('until ', 1)[1]}")
+    assert message["texts"]["sms"].endswith(f"Open: {message['link']}")
+    assert message["whatsapp_text"].endswith(f"Open: {message['link']}")
+    assert linked.client.get("/incidents/").json() == []  # nothing stored

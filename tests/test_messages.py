@@ -23,8 +23,8 @@ WHEN = datetime(2026, 11, 27, 16, 11, 49, 709144, tzinfo=timezone.utc)
 
 
 def links(**settings) -> Links:
-    configured = load_settings(_env_file=None, public_base_url="https://alerts.example.com",
-                               secret_key=TEST_SECRET_KEY, **settings)
+    configured = load_settings(**{"_env_file": None, "public_base_url": "https://alerts.example.com",
+                                  "secret_key": TEST_SECRET_KEY, **settings})
     return Links.from_settings(configured, now=WHEN)
 
 
@@ -110,3 +110,28 @@ def test_a_page_link_is_refused_when_altered_signed_with_another_key_or_expired(
     with pytest.raises(LinkRefused, match="expired") as refused:
         verify_incident(key, token, now=2_000_000_001)
     assert refused.value.expired
+
+
+def test_whatsapp_and_sms_carry_the_headline_the_first_rows_and_the_incident_link():
+    rows = [[f"ORD{i}", "2026-11-27 16:11:49.709144+00:00"] for i in range(12)]
+    notice = rules.Notice("incident", "12 new rows", ["order_number", "created_at"], rows, open_incident=True)
+    rendered = render_message(alert={**ALERT, "notification_channels": {"sms": ["+14155550123"]}}, notice=notice,
+                              tz="Europe/Berlin")
+    page = links().page(INCIDENT)
+    for name in ("whatsapp", "sms"):
+        body = notification.TRANSPORTS[name].finish(rendered.texts[name], alert_id=ALERT["id"], incident_id=INCIDENT,
+                                                    links=links()).body
+        assert "[HIGH] Orders: 12 new rows" in body.splitlines()[0]
+        assert "• order_number=ORD0, created_at=2026-11-27 17:11:49 CET" in body
+        assert "ORD4" in body and "ORD5" not in body and "… and 7 more rows" in body
+        assert body.endswith(f"\nOpen: {page}") and len(body) <= 1600
+
+
+def test_a_long_text_message_keeps_its_link_whole():
+    notice = rules.Notice("incident", "1 new row", ["n"], [["ORD1"]], open_incident=True,
+                          detail="Condition met: " + "z" * 1500)
+    rendered = render_message(alert=ALERT, notice=notice)
+    long_base = links(public_base_url="https://alerts.example.com/" + "p" * 300)
+    body = notification.WhatsAppChannel.finish(rendered.texts["whatsapp"], alert_id=ALERT["id"],
+                                               incident_id=INCIDENT, links=long_base).body
+    assert len(body) <= 1600 and body.endswith(long_base.page(INCIDENT)) and "message cut" in body

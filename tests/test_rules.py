@@ -281,7 +281,7 @@ def test_html_is_escaped():
 def test_long_messages_are_capped_and_say_so():
     many = [[f"ORD{i:06d}", "x" * 30] for i in range(500)]
     message = render_message(alert=ALERT, notice=rules.Notice("incident", "500 new rows", ["n", "pad"], many))
-    assert len(message.whatsapp) <= WHATSAPP_MAX_CHARS and "cut" in message.whatsapp
+    assert len(message.whatsapp) <= WHATSAPP_MAX_CHARS and "… and 495 more rows" in message.whatsapp
     assert f"… and {500 - EMAIL_TABLE_ROWS} more rows" in message.text
 
 
