@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 import notification
-from tests.conftest import TEST_SECRET_KEY, Service, create_orders_table, eventually, insert_orders
+from tests.conftest import TEST_SECRET_KEY, Service, create_orders_table, insert_orders
 
 BASE = "http://testserver"
 API_KEY = "page-test-key-0123456789"

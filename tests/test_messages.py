@@ -135,3 +135,14 @@ def test_a_long_text_message_keeps_its_link_whole():
     body = notification.WhatsAppChannel.finish(rendered.texts["whatsapp"], alert_id=ALERT["id"],
                                                incident_id=INCIDENT, links=long_base).body
     assert len(body) <= 1600 and body.endswith(long_base.page(INCIDENT)) and "message cut" in body
+
+
+def test_an_email_from_the_alerts_own_template_still_links_to_the_incident_page():
+    notice = rules.Notice("incident", "1 new row", ["sku"], [["A"]], open_incident=True)
+    rendered = render_message(alert={**ALERT, "message_template": "Low stock: {{ rows[0].sku }}"}, notice=notice)
+    finished = EmailChannel.finish(rendered.texts["email"], alert_id=ALERT["id"], incident_id=INCIDENT,
+                                   links=links())
+    assert "Low stock: A" in finished.html and f'href="{links().page(INCIDENT)}"' in finished.html
+    assert finished.body.startswith("Low stock: A") and links().page(INCIDENT) in finished.body
+    bare = EmailChannel.finish(rendered.texts["email"], alert_id=ALERT["id"], incident_id=INCIDENT, links=Links())
+    assert "Open the incident" not in bare.html and "%%" not in bare.html
