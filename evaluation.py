@@ -527,7 +527,7 @@ class Evaluator:
             messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": texts["email"].body,
                              "email_html": texts["email"].html, "whatsapp_text": texts["whatsapp"].body,
                              "texts": {name: text.body for name, text in texts.items()},
-                             "whatsapp_template": rendered.texts["whatsapp"].template,
+                             "whatsapp_template": texts["whatsapp"].template,
                              "link": links.page(incident_id)})
         return {
             "outcome": decision.outcome, "error": error,

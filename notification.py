@@ -356,7 +356,7 @@ def render_message(*, alert: dict, notice: rules.Notice, tz: str = "UTC") -> Ren
 
 # What a WhatsApp template variable can be filled with.
 TEMPLATE_SOURCES = ("alert_name", "priority", "kind", "headline", "subject", "detail", "description", "row_count",
-                    "first_rows")
+                    "first_rows", "incident_link")
 TEMPLATE_VARIABLE_MAX_CHARS = 200
 TEMPLATE_FIRST_ROWS = 3
 
@@ -370,7 +370,7 @@ def template_variables(content: Content, mapping: dict[str, str]) -> dict[str, s
     fields = {"alert_name": alert["name"], "priority": alert["priority"], "kind": notice.kind,
               "headline": notice.headline, "subject": content.subject, "detail": notice.detail or "",
               "description": alert.get("description") or "", "row_count": str(len(notice.rows)),
-              "first_rows": first or "(no rows)"}
+              "first_rows": first or "(no rows)", "incident_link": _PAGE_MARK}  # filled in by finish()
     # WhatsApp refuses a variable with a line break, a tab or more than four spaces in a row, and an empty one.
     return {name: cut_text_to(" ".join(fields[source].split()) or "-", TEMPLATE_VARIABLE_MAX_CHARS)
             for name, source in mapping.items()}
@@ -413,7 +413,13 @@ def _chat_text(content: Content, *, heading: str, limit: int) -> str:
 
 def _finish_chat(text: Text, page: str | None) -> Text:
     """A text message with the incident page's link on its last line (in the room _chat_text kept for it)."""
-    if not page or text.template is not None:
+    if text.template is not None:
+        # A template carries the link only in a variable mapped to incident_link ("-" when there is no page).
+        variables = {name: (page or "-") if value == _PAGE_MARK else value
+                     for name, value in text.template["variables"].items()}
+        return Text(subject=text.subject, body=text.body + (f"\nOpen: {page}" if page else ""), html=None,
+                    template={**text.template, "variables": variables})
+    if not page:
         return text
     line, body = f"\nOpen: {page}", text.body
     if len(body) + len(line) > SMS_MAX_CHARS:  # a PUBLIC_BASE_URL longer than the room kept

@@ -146,3 +146,15 @@ def test_an_email_from_the_alerts_own_template_still_links_to_the_incident_page(
     assert finished.body.startswith("Low stock: A") and links().page(INCIDENT) in finished.body
     bare = EmailChannel.finish(rendered.texts["email"], alert_id=ALERT["id"], incident_id=INCIDENT, links=Links())
     assert "Open the incident" not in bare.html and "%%" not in bare.html
+
+
+def test_a_whatsapp_template_carries_the_incident_link_in_the_variable_mapped_to_it():
+    alert = {**ALERT, "whatsapp_template": {"content_sid": "HX" + "0" * 32,
+                                            "variables": {"1": "alert_name", "2": "incident_link"}}}
+    notice = rules.Notice("incident", "1 new row", ["n"], [["a"]], open_incident=True)
+    text = render_message(alert=alert, notice=notice).texts["whatsapp"]
+    linked = notification.WhatsAppChannel.finish(text, alert_id=ALERT["id"], incident_id=INCIDENT, links=links())
+    assert linked.template["variables"] == {"1": "Orders", "2": links().page(INCIDENT)}
+    assert linked.body.endswith(links().page(INCIDENT))
+    bare = notification.WhatsAppChannel.finish(text, alert_id=ALERT["id"], incident_id=None, links=links())
+    assert bare.template["variables"] == {"1": "Orders", "2": "-"}
