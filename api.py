@@ -12,7 +12,9 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
+from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import fastapi_offline
 import psycopg2.extensions
@@ -28,6 +30,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 import config_plan
 import database
+import incident_page
 import query_analysis
 import rules
 import templating
@@ -206,6 +209,7 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
     _install_routes(app)
     _install_metrics(app)
     _install_twilio_status(app)
+    _install_incident_page(app)
     return app
 
 
@@ -349,9 +353,10 @@ class _Gate:
             request = Request(scope)
             refusal = None
             path = scope["path"]
-            # Twilio's status callbacks carry Twilio's signature, not an API key: the route checks that.
+            # Twilio's status callbacks carry Twilio's signature, not an API key, and incident pages a signed link:
+            # their routes check those.
             public = (path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL, notification.TWILIO_STATUS_PATH)
-                      or path.startswith(DOCS_ASSETS_URL + "/"))
+                      or path.startswith((DOCS_ASSETS_URL + "/", notification.INCIDENT_PAGE_PATH + "/")))
             problem = None if public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
@@ -823,10 +828,13 @@ class MessagePreview(BaseModel):
     kind: str
     email_subject: str
     email_text: str
+    email_html: str | None = Field(None, description="The HTML part of the email, exactly as it would be sent")
     whatsapp_text: str
     texts: dict[str, str] = Field(description="The body each channel of the alert would send, by channel")
     whatsapp_template: dict[str, Any] | None = Field(
         None, description="With the alert's WhatsApp template: its content_sid and the variables that would be sent")
+    link: str | None = Field(None, description="The signed link to the incident's page the messages would carry "
+                                               "(with PUBLIC_BASE_URL and SECRET_KEY, for a notice about an incident)")
 
 
 class TestResult(BaseModel):
@@ -1952,6 +1960,116 @@ def _install_twilio_status(app: FastAPI) -> None:
         await run_in_threadpool(notification.record_delivery_status, services.pool, provider_message_id=sid,
                                 status=status, error_code=int(code) if code and code.isdigit() else None)
         return Response(status_code=204)
+
+
+def _page_response(content: str, status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(content, status_code=status_code, headers=incident_page.PAGE_HEADERS)
+
+
+def _page_incident(services: Services, token: str) -> UUID | HTMLResponse:
+    """The incident a page link names, or the plain 403 page of a link that is altered, expired or not enabled."""
+    settings = services.settings
+    if not settings.incident_links_enabled:
+        return _page_response(incident_page.refusal_page(
+            "Incident links are not enabled here (PUBLIC_BASE_URL and SECRET_KEY)."), 403)
+    key = notification.page_signing_key(settings.secret_key.get_secret_value())
+    try:
+        return notification.verify_incident(key, token, now=datetime.now(timezone.utc).timestamp())
+    except notification.LinkRefused as exc:
+        logger.info("refused an incident page link: %s", exc)
+        return _page_response(incident_page.refusal_page(str(exc)), 403)
+
+
+def _foreign_origin(request: Request, settings: Settings) -> bool:
+    """Whether a POST names an origin other than this service's (a form on another site posting here)."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return origin == "null"
+    own = {f"{request.url.scheme}://{request.url.netloc}"}
+    if settings.public_base_url:
+        parts = urlsplit(settings.public_base_url)
+        own.add(f"{parts.scheme}://{parts.netloc}")
+    return origin.rstrip("/") not in own
+
+
+def _install_incident_page(app: FastAPI) -> None:
+    """The incident page a message links to: no API key, but a signed link that expires (INCIDENT_LINK_HOURS).
+    Reading it changes nothing; each action is a POST from its form, recorded in the timeline "via link"."""
+    path = notification.INCIDENT_PAGE_PATH + "/{token}"
+
+    @app.get(path, include_in_schema=False)
+    def show_incident_page(token: str, request: Request, done: str | None = None):
+        services = _services(request)
+        incident_id = _page_incident(services, token)
+        if isinstance(incident_id, HTMLResponse):
+            return incident_id
+        with services.pool.transaction() as cur:
+            incident = database.get_incident(cur, incident_id=incident_id)
+            if incident is None:
+                return _page_response(incident_page.problem_page(
+                    "No such incident", "It was deleted, with its alert's history, after this message was sent."), 404)
+            alert_id = incident["alert_config_id"]
+            alert = database.get_alert(cur, alert_id=alert_id) if alert_id else None
+            activities = database.list_activities(cur, incident_id=incident_id)
+            evaluation = database.evaluation_at(cur, alert_id=alert_id, at=incident["created_at"]) if alert_id else None
+        return _page_response(incident_page.render_page(
+            incident=incident, alert=alert, activities=activities, evaluation=evaluation,
+            zone=ZoneInfo(services.settings.timezone), now=datetime.now(timezone.utc), done=done))
+
+    @app.post(path, include_in_schema=False)
+    async def act_on_incident_page(token: str, request: Request):
+        services = _services(request)
+        incident_id = _page_incident(services, token)
+        if isinstance(incident_id, HTMLResponse):
+            return incident_id
+        # The signed token in the URL is the credential (no cookie, so no ambient authority a forged cross-site form
+        # could borrow); a browser's Origin from another site is refused as well.
+        if _foreign_origin(request, services.settings):
+            return _page_response(incident_page.refusal_page("This form was sent from another site."), 403)
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        try:
+            action = incident_page.parse_action(form)
+        except incident_page.BadAction as exc:
+            return _page_response(incident_page.problem_page("Nothing was changed", str(exc)), 422)
+        outcome = await run_in_threadpool(_act_via_link, services, incident_id, action)
+        if isinstance(outcome, HTMLResponse):
+            return outcome
+        # Post, then redirect, then get: reloading the page shows the result and sends nothing again.
+        return Response(status_code=303, headers={**incident_page.PAGE_HEADERS,
+                                                  "Location": f"{request.url.path}?done={outcome}"})
+
+
+def _act_via_link(services: Services, incident_id: UUID, action: incident_page.Action) -> str | HTMLResponse:
+    """Apply a page action and record it in the incident's timeline as done via link; what was done."""
+    details: dict[str, Any] = {"via": "link"}
+    if action.comment:
+        details["comment"] = action.comment
+
+    def work(cur):
+        incident = database.get_incident(cur, incident_id=incident_id)
+        if incident is None:
+            return _page_response(incident_page.problem_page("No such incident", "It was deleted."), 404)
+        alert_id = incident["alert_config_id"]
+        if action.kind == "acknowledge":
+            database.acknowledge_incident(cur, incident_id=incident_id, acknowledged_by=action.name)
+            done = "acknowledged"
+        elif action.kind == "resolve":
+            database.resolve_incident(cur, incident_id=incident_id, resolved_by=action.name)
+            done = "resolved"
+        else:
+            if alert_id is None:
+                return _page_response(incident_page.problem_page(
+                    "Nothing was changed", "The alert of this incident was deleted: there is nothing to mute."), 409)
+            until = datetime.now(timezone.utc) + timedelta(hours=action.hours)
+            database.set_alert_mute(cur, alert_id=alert_id, until=until)
+            details.update(hours=action.hours, muted_until=until.isoformat())
+            done = "muted"
+        database.insert_activity(cur, action="alert_muted" if done == "muted" else done, incident_id=incident_id,
+                                 alert_id=alert_id, actor=action.name,
+                                 details=details)
+        return done
+
+    return database.in_transaction(services.pool, work)
 
 
 # `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.

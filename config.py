@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     # Where people reach this service: links in messages (incident, alert) and Twilio's delivery status callbacks.
     public_base_url: str | None = None
+    # Times in messages and on the incident page are shown in this IANA zone (Europe/Berlin, America/New_York).
+    timezone: str = "UTC"
+    # A signed link to an incident's page (in emails, WhatsApp and SMS) works for this long after the message.
+    incident_link_hours: float = Field(168.0, gt=0, le=24 * 365)
     # Webhook bodies are signed with this (HMAC-SHA256); webhooks are sent only when it is set.
     webhook_signing_secret: SecretStr | None = None
     # Requests open at once per HTTP channel (webhook, Slack).
@@ -225,6 +229,18 @@ class Settings(BaseSettings):
                              "https://alerts.example.com, without a query or fragment")
         return value.rstrip("/")
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        value = value.strip() or "UTC"
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone, such as UTC, Europe/Berlin or America/New_York") from None
+        return value
+
     @field_validator("webhook_signing_secret")
     @classmethod
     def _signing_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -256,6 +272,11 @@ class Settings(BaseSettings):
     def sms_sender(self) -> str | None:
         """The number SMS are sent from."""
         return self.twilio_sms_from_number or self.twilio_from_number
+
+    @property
+    def incident_links_enabled(self) -> bool:
+        """True when messages can carry signed links to incident pages (PUBLIC_BASE_URL and SECRET_KEY set)."""
+        return bool(self.public_base_url and self.secret_key)
 
     @property
     def api_keys(self) -> list[str]:

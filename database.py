@@ -1404,6 +1404,17 @@ def list_evaluations(cur, *, alert_id: UUID, skip: int = 0, limit: int = 100) ->
     return cur.fetchall()
 
 
+def evaluation_at(cur, *, alert_id: UUID, at: datetime) -> dict | None:
+    """The alert's last evaluation that started at or before `at`: the one whose transaction opened an incident
+    created then (it is stored in that transaction, with a start time before its commit)."""
+    cur.execute(
+        "SELECT * FROM evaluation WHERE alert_config_id = %s AND started_at <= %s "
+        "ORDER BY started_at DESC, id DESC LIMIT 1",
+        (alert_id, at),
+    )
+    return cur.fetchone()
+
+
 def set_alert_mute(cur, *, alert_id: UUID, until: datetime | None) -> dict | None:
     """Mute an alert until a time (None unmutes)."""
     cur.execute("UPDATE alert_config SET muted_until = %s, updated_at = now() WHERE id = %s RETURNING *",

@@ -250,7 +250,7 @@ class Evaluator:
                 logger.warning("alert %s (%s) failed to evaluate: %s", job.alert["name"], job.alert["id"],
                                job.result)
             # Rendered before the transaction: a slow template must not hold the alerts' row locks.
-            job.rendered = [notification.render_message(alert=job.alert, notice=notice)
+            job.rendered = [notification.render_message(alert=job.alert, notice=notice, tz=self.settings.timezone)
                             for notice in job.decision.notices]
             decided.append(job)
         if self.stopping() or not decided:
@@ -448,7 +448,8 @@ class Evaluator:
             row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
                      row_count=row_count, is_state=job.condition is not None and job.condition.is_state,
-                     links=notification.Links(self.settings.public_base_url), recipients=recipients[alert["id"]])
+                     links=notification.Links.from_settings(self.settings, now=now),
+                     recipients=recipients[alert["id"]])
             summary = decision.summary or {}
             writes.evaluations.append({
                 "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
@@ -512,12 +513,22 @@ class Evaluator:
         error = job.result if isinstance(job.result, str) else None
         columns, rows, truncated = ([], [], False) if error else job.result[:3]
         messages = []
+        links = notification.Links.from_settings(self.settings, now=datetime.now(timezone.utc))
         for notice in decision.notices:
-            rendered = notification.render_message(alert=alert, notice=notice)
-            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
-                             "whatsapp_text": rendered.whatsapp,
-                             "texts": {name: text.body for name, text in rendered.texts.items()},
-                             "whatsapp_template": rendered.texts["whatsapp"].template})
+            rendered = notification.render_message(alert=alert, notice=notice, tz=self.settings.timezone)
+            # As an evaluation would queue them: an incident it would open gets an id (not stored, so its page
+            # link is well formed but finds nothing); a repeat or resolution names the firing incident.
+            incident_id = (uuid.uuid4() if notice.open_incident else
+                           state_row["firing_incident_id"] if state_row and notice.kind in ("repeat", "resolved")
+                           else None)
+            texts = {name: notification.TRANSPORTS[name].finish(text, alert_id=alert.get("id"),
+                                                                 incident_id=incident_id, links=links)
+                     for name, text in rendered.texts.items()}
+            messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": texts["email"].body,
+                             "email_html": texts["email"].html, "whatsapp_text": texts["whatsapp"].body,
+                             "texts": {name: text.body for name, text in texts.items()},
+                             "whatsapp_template": texts["whatsapp"].template,
+                             "link": links.page(incident_id)})
         return {
             "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],

@@ -3,11 +3,14 @@ dispatcher."""
 
 from __future__ import annotations
 
+import base64
+import decimal
 import hashlib
 import hmac
 import html
 import json
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -20,11 +23,12 @@ from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from email.utils import formatdate, parseaddr, parsedate_to_datetime
 from typing import Any, ClassVar, Sequence
 from urllib.parse import urlsplit
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 import database
 import rules
@@ -38,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 WHATSAPP_MAX_CHARS = 1600
 EMAIL_MAX_ROWS = 100
-WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the API for every row)"
+WHATSAPP_TRUNCATION_NOTE = "\n… (message cut at 1600 characters; see the email or the incident page for every row)"
 # A stored alert returning a 5 MB value must not store 5 MB in every message copy: values shown in a message are
 # cut at MESSAGE_MAX_VALUE_CHARS, an email's text at EMAIL_MAX_CHARS, each with a visible note.
 MESSAGE_MAX_VALUE_CHARS = 1_000
@@ -166,6 +170,7 @@ class Content:
     subject: str
     paragraphs: list[str]  # the default message's text: what happened, the condition's detail, the description
     custom: str | None  # the alert's message template's output, when it has one that rendered
+    zone: tzinfo = timezone.utc  # TIMEZONE: timestamps in the rows are shown in it
 
 
 @dataclass(frozen=True)
@@ -180,9 +185,28 @@ class Text:
 
 @dataclass(frozen=True)
 class Links:
-    """Where a person can look at an incident and its alert (PUBLIC_BASE_URL); empty without it."""
+    """Where a person can look at an incident and its alert (PUBLIC_BASE_URL); empty without it. With a signing
+    key (from SECRET_KEY) it also makes the signed link to an incident's page, valid until `expires_at`."""
 
     base_url: str | None = None
+    signing_key: bytes | None = None
+    expires_at: int = 0  # Unix time
+    zone: tzinfo = timezone.utc  # TIMEZONE, to say until when a link works
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, now: datetime) -> "Links":
+        """The links of messages queued at `now`: signed page links when PUBLIC_BASE_URL and SECRET_KEY are set."""
+        zone = ZoneInfo(settings.timezone)
+        if not settings.incident_links_enabled:
+            return cls(settings.public_base_url, zone=zone)
+        return cls(settings.public_base_url, page_signing_key(settings.secret_key.get_secret_value()),
+                   int(now.timestamp() + settings.incident_link_hours * 3600), zone)
+
+    def page(self, incident_id: Any) -> str | None:
+        """The signed link to an incident's page, or None without PUBLIC_BASE_URL, SECRET_KEY or an incident."""
+        if not (self.base_url and self.signing_key and incident_id):
+            return None
+        return f"{self.base_url}{INCIDENT_PAGE_PATH}/{sign_incident(self.signing_key, incident_id, self.expires_at)}"
 
     def of(self, *, alert_id: Any, incident_id: Any) -> dict[str, str]:
         """The links of one alert and incident, by name."""
@@ -193,6 +217,51 @@ class Links:
             links["incident"] = f"{self.base_url}/incidents/{incident_id}"
             links["activities"] = f"{self.base_url}/incidents/{incident_id}/activities"
         return links
+
+
+# The incident page, reached from messages without an API key: /i/<incident id>.<expiry>.<signature>.
+INCIDENT_PAGE_PATH = "/i"
+_SIGNATURE_BYTES = 18  # 144 bits of HMAC-SHA256: 24 characters in the link
+
+
+class LinkRefused(Exception):
+    """A page link that is not ours, was altered, or has expired (`expired` says which)."""
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+def page_signing_key(secret_key: str) -> bytes:
+    """The key that signs page links, derived from SECRET_KEY for this one use (it also encrypts passwords)."""
+    return hmac.new(secret_key.encode(), b"alert-service incident page links", hashlib.sha256).digest()
+
+
+def _page_signature(key: bytes, incident_id: str, expires_at: int) -> str:
+    digest = hmac.new(key, f"{incident_id}.{expires_at}".encode(), hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def sign_incident(key: bytes, incident_id: Any, expires_at: int) -> str:
+    """The token of a page link: the incident's id, when the link expires, and their signature."""
+    return f"{incident_id}.{expires_at}.{_page_signature(key, str(incident_id), expires_at)}"
+
+
+def verify_incident(key: bytes, token: str, *, now: float) -> UUID:
+    """The incident a page link's token names, or LinkRefused when it is not signed with `key` or has expired."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit() or len(parts[1]) > 12:
+        raise LinkRefused("This link is not valid.")
+    incident, expires, signature = parts
+    try:
+        incident_id = UUID(incident)
+    except ValueError:
+        raise LinkRefused("This link is not valid.") from None
+    if not hmac.compare_digest(signature.encode(), _page_signature(key, incident, int(expires)).encode()):
+        raise LinkRefused("This link is not valid.")
+    if int(expires) < now:
+        raise LinkRefused("This link has expired.", expired=True)
+    return incident_id
 
 
 @dataclass(frozen=True)
@@ -234,7 +303,7 @@ _INTROS = {
 }
 
 
-def compose(*, alert: dict, notice: rules.Notice) -> Content:
+def compose(*, alert: dict, notice: rules.Notice, zone: tzinfo = timezone.utc) -> Content:
     """What a notice says, before any channel's form, with the alert's template if it has one."""
     name, priority = alert["name"], alert["priority"]
     subject = f"[{priority}] {name}: {notice.headline}"
@@ -247,7 +316,7 @@ def compose(*, alert: dict, notice: rules.Notice) -> Content:
             custom = render_template(template, template_context(alert=alert, notice=notice))
         except TemplateFailed as exc:
             paragraphs.append(f"(The alert's message template failed, so this is the default message: {exc})")
-    return Content(alert=alert, notice=notice, subject=subject, paragraphs=paragraphs, custom=custom)
+    return Content(alert=alert, notice=notice, subject=subject, paragraphs=paragraphs, custom=custom, zone=zone)
 
 
 # Channels a user or team named in notification_channels can be reached on, and the user's field each uses.
@@ -274,9 +343,10 @@ def referenced_people(channels: dict) -> tuple[list[str], list[str]]:
     return list(channels.get("users") or []), list(channels.get("teams") or [])
 
 
-def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
-    """Render one notice for email, WhatsApp and every other channel the alert has recipients on."""
-    content = compose(alert=alert, notice=notice)
+def render_message(*, alert: dict, notice: rules.Notice, tz: str = "UTC") -> Rendered:
+    """Render one notice for email, WhatsApp and every other channel the alert has recipients on, with times in
+    the IANA zone `tz` (TIMEZONE)."""
+    content = compose(alert=alert, notice=notice, zone=ZoneInfo(tz))
     channels = alert.get("notification_channels") or {}
     names = dict.fromkeys(["email", "whatsapp", *channels, *(channels.get("user_channels") or [])])
     texts = {name: TRANSPORTS[name].render(content) for name in names if name in TRANSPORTS}
@@ -286,7 +356,7 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
 
 # What a WhatsApp template variable can be filled with.
 TEMPLATE_SOURCES = ("alert_name", "priority", "kind", "headline", "subject", "detail", "description", "row_count",
-                    "first_rows")
+                    "first_rows", "incident_link")
 TEMPLATE_VARIABLE_MAX_CHARS = 200
 TEMPLATE_FIRST_ROWS = 3
 
@@ -300,29 +370,61 @@ def template_variables(content: Content, mapping: dict[str, str]) -> dict[str, s
     fields = {"alert_name": alert["name"], "priority": alert["priority"], "kind": notice.kind,
               "headline": notice.headline, "subject": content.subject, "detail": notice.detail or "",
               "description": alert.get("description") or "", "row_count": str(len(notice.rows)),
-              "first_rows": first or "(no rows)"}
+              "first_rows": first or "(no rows)", "incident_link": _PAGE_MARK}  # filled in by finish()
     # WhatsApp refuses a variable with a line break, a tab or more than four spaces in a row, and an empty one.
     return {name: cut_text_to(" ".join(fields[source].split()) or "-", TEMPLATE_VARIABLE_MAX_CHARS)
             for name, source in mapping.items()}
 
 
+# A text message shows the first rows (values cut at CHAT_MAX_VALUE_CHARS) and how many more there are; the
+# incident page, linked below them, has the rest.
+CHAT_MAX_ROWS = 5
+CHAT_MAX_VALUE_CHARS = 100
+# Room kept at the end of a text message for the incident page's link, added once the incident exists.
+CHAT_LINK_ROOM = 200
+
+
 def _chat_text(content: Content, *, heading: str, limit: int) -> str:
-    """A short text message (WhatsApp, SMS): the heading, the detail and as many rows as fit in `limit`."""
+    """A short text message (WhatsApp, SMS): the heading, the detail and the first rows, in `limit` characters
+    less room for the incident's link."""
+    limit -= CHAT_LINK_ROOM
     if content.custom is not None:
         text = f"{heading}\n{content.custom}"
     else:
         notice = content.notice
         lines = [heading] + ([notice.detail] if notice.detail else [])
         length = sum(len(line) + 1 for line in lines)
-        for row in notice.rows:  # only as many as can be shown: a result can have 10,000 rows
-            if length > limit:
+        shown = 0
+        for row in notice.rows[:CHAT_MAX_ROWS]:
+            line = "• " + ", ".join(f"{c}={display_value(v, content.zone, CHAT_MAX_VALUE_CHARS)}"
+                                    for c, v in zip(notice.columns, row))
+            if shown and length + len(line) + 1 > limit:
                 break
-            lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row)))
-            length += len(lines[-1]) + 1
+            lines.append(line)
+            length += len(line) + 1
+            shown += 1
+        if len(notice.rows) > shown:
+            lines.append(f"… and {_plural(len(notice.rows) - shown, 'more row')}")
         text = "\n".join(lines)
     if len(text) > limit:
         text = text[: limit - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
     return text
+
+
+def _finish_chat(text: Text, page: str | None) -> Text:
+    """A text message with the incident page's link on its last line (in the room _chat_text kept for it)."""
+    if text.template is not None:
+        # A template carries the link only in a variable mapped to incident_link ("-" when there is no page).
+        variables = {name: (page or "-") if value == _PAGE_MARK else value
+                     for name, value in text.template["variables"].items()}
+        return Text(subject=text.subject, body=text.body + (f"\nOpen: {page}" if page else ""), html=None,
+                    template={**text.template, "variables": variables})
+    if not page:
+        return text
+    line, body = f"\nOpen: {page}", text.body
+    if len(body) + len(line) > SMS_MAX_CHARS:  # a PUBLIC_BASE_URL longer than the room kept
+        body = body[: SMS_MAX_CHARS - len(line) - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+    return Text(subject=text.subject, body=body + line, html=None)
 
 
 def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
@@ -351,6 +453,180 @@ def _html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[s
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
     return [f'<table border="1" cellpadding="4" cellspacing="0"><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table>"]
+
+
+# --- the email ---------------------------------------------------------------------------------------------------
+
+# A saturated badge with white text reads on a light page and on a dark one (mail clients that darken a message
+# leave a coloured cell's own text alone); every colour gives white text at least 4.5:1 (WCAG AA), and the
+# priority is spelt out in the badge and in the plain text, never told by colour alone.
+PRIORITY_COLOURS = {"CRITICAL": "#b91c1c", "HIGH": "#c2410c", "MEDIUM": "#a16207", "LOW": "#1d4ed8"}
+_KIND_LABELS = {"initial_report": "Initial report", "incident": "Firing", "digest": "Digest", "repeat": "Still firing",
+                "resolved": "Resolved", "failing": "Failing", "recovered": "Recovered"}
+# An email shows this many rows (a person reads them on a phone at night); the incident page has the rest.
+EMAIL_TABLE_ROWS = 50
+# A value longer than this is cut with an ellipsis in the email's table (the page shows it whole).
+EMAIL_CELL_MAX_CHARS = 60
+# The parts that need the incident's page link lie between these markers: `finish` fills the link in once the
+# incident's id exists, or removes them when there is no link.
+_LINKED = re.compile(r"<!--linked-->.*?<!--/linked-->", re.S)
+_PAGE_MARK, _UNTIL_MARK = "%%INCIDENT_PAGE%%", "%%LINK_UNTIL%%"
+_FONT = "-apple-system,BlinkMacSystemFont,'Segoe UI',Roboto,Helvetica,Arial,sans-serif"
+
+
+# Rows reach rendering as JSON values (rules.jsonable): a timestamp is its text, a numeric its digits.
+_TIMESTAMP_TEXT = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)?$")
+_NUMBER_TEXT = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?$")  # not "007": a code with leading zeros is text
+
+
+def display_value(value: Any, zone: tzinfo, limit: int = EMAIL_CELL_MAX_CHARS) -> str:
+    """A result value as a person reads it: timestamps in `zone` to the second, long text cut with '…'."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str) and _TIMESTAMP_TEXT.match(value):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        return value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return cut_text_to(" ".join(str(value).split()) if isinstance(value, str) else str(value), limit)
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value is shown right-aligned (a number, or a numeric's text; not a boolean)."""
+    if isinstance(value, str):
+        return len(value) <= 40 and bool(_NUMBER_TEXT.match(value))
+    return isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool)
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, datetime) or isinstance(value, str) and bool(_TIMESTAMP_TEXT.match(value))
+
+
+def format_time(moment: datetime, zone: tzinfo) -> str:
+    """A moment in `zone`, to the minute, with the zone's abbreviation."""
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _email_text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], zone: tzinfo) -> list[str]:
+    if not columns or not rows:
+        return []
+    cells = [[display_value(v, zone) for v in row] for row in rows]
+    numeric = [bool(rows) and all(is_number(r[i]) or r[i] is None for r in rows) for i in range(len(columns))]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return ["", line(columns), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
+
+
+def _email_html_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], zone: tzinfo) -> str:
+    if not columns or not rows:
+        return ""
+    cell = "padding:6px 10px;border-bottom:1px solid #e5e7eb;font-size:14px;line-height:20px;vertical-align:top;"
+    head = "".join(
+        f'<th align="{"right" if rows and is_number(rows[0][i]) else "left"}" style="{cell}font-weight:600;'
+        f'color:#374151;background:#f9fafb;white-space:nowrap;">{html.escape(c)}</th>' for i, c in enumerate(columns))
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td align="{"right" if is_number(v) else "left"}" style="{cell}color:#111827;'
+            f'{"font-variant-numeric:tabular-nums;white-space:nowrap;" if is_number(v) or _is_time(v) else "overflow-wrap:anywhere;word-break:break-word;"}">'
+            f"{html.escape(display_value(v, zone))}</td>" for v in row) + "</tr>" for row in rows)
+    return (f'<div style="overflow-x:auto;"><table role="table" cellpadding="0" cellspacing="0" border="0" '
+            f'style="border-collapse:collapse;width:100%;font-family:{_FONT};"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _email_page(subject: str, inner: str, colour: str) -> str:
+    """The email's HTML document: a centred card at most 640 px wide, inline styles only."""
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="color-scheme" content="light dark"><meta name="supported-color-schemes" content="light dark">'
+        f"<title>{html.escape(subject)}</title></head>"
+        '<body style="margin:0;padding:0;background:#f3f4f6;">'
+        '<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" '
+        'style="background:#f3f4f6;"><tr><td align="center" style="padding:16px 8px;">'
+        '<table role="presentation" width="100%" cellpadding="0" cellspacing="0" border="0" '
+        f'style="max-width:640px;table-layout:fixed;background:#ffffff;border-top:6px solid {colour};border-radius:4px;'
+        f'font-family:{_FONT};color:#111827;">{inner}</table></td></tr></table></body></html>')
+
+
+def render_email(content: Content) -> tuple[str, str]:
+    """The plain text and the HTML of the default email: the priority and the alert's name on top, the headline,
+    what happened, the rows (the first EMAIL_TABLE_ROWS), the alert's description, then the actions (added by
+    EmailChannel.finish)."""
+    alert, notice, zone = content.alert, content.notice, content.zone
+    priority, name = alert["priority"], alert["name"]
+    colour = PRIORITY_COLOURS.get(priority, "#374151")
+    kind = _KIND_LABELS.get(notice.kind, notice.kind)
+    intro, rest = content.paragraphs[0], content.paragraphs[1:]
+    description = alert.get("description")
+    notes = [p for p in rest if p != description]
+    columns, rows = notice.columns, notice.rows
+    shown = rows[:_rows_within(columns, rows[:EMAIL_TABLE_ROWS], EMAIL_MAX_CHARS)]
+    hidden = len(rows) - len(shown)
+    more = f"… and {_plural(hidden, 'more row')}" if hidden else None
+
+    text = [f"[{priority}] {name}", f"{kind}: {notice.headline}", "", intro, *notes]
+    text += _email_text_table(columns, shown, zone)
+    if more:
+        text.append(more)
+    if description:
+        text += ["", f"About this alert: {description}"]
+
+    badge = (f'<span style="display:inline-block;background:{colour};color:#ffffff;font-weight:700;font-size:12px;'
+             f'line-height:16px;letter-spacing:1px;padding:3px 8px;border-radius:3px;">{html.escape(priority)}</span>')
+    label = (f'<span style="font-size:13px;line-height:16px;color:#4b5563;padding-left:8px;">'
+             f"{html.escape(kind)}</span>")
+    cell = "padding:0 24px 12px 24px;"
+    inner = [
+        f'<tr><td style="padding:20px 24px 4px 24px;">{badge}{label}</td></tr>',
+        f'<tr><td style="{cell}"><h1 style="margin:8px 0 4px 0;font-size:22px;line-height:28px;font-weight:700;'
+        f'color:#111827;">{html.escape(name)}</h1><p style="margin:0;font-size:17px;line-height:24px;'
+        f'color:{colour};font-weight:600;">{html.escape(notice.headline)}</p></td></tr>',
+        *(f'<tr><td style="{cell}"><p style="margin:0;font-size:15px;line-height:22px;color:#111827;">'
+          f"{html.escape(p)}</p></td></tr>" for p in [intro, *notes]),
+    ]
+    table = _email_html_table(columns, shown, zone)
+    if table:
+        inner.append(f'<tr><td style="padding:4px 16px 8px 16px;">{table}</td></tr>')
+    if more:
+        inner.append(f'<tr><td style="{cell}"><p style="margin:0;font-size:14px;line-height:20px;color:#4b5563;">'
+                     f'{html.escape(more)}<!--linked--> &middot; <a href="{_PAGE_MARK}" style="color:#1d4ed8;">'
+                     "see them all</a><!--/linked--></p></td></tr>")
+    if description:
+        inner.append(f'<tr><td style="{cell}"><p style="margin:0;font-size:14px;line-height:20px;color:#4b5563;">'
+                     f'<b style="color:#374151;">About this alert:</b> {html.escape(description)}</p></td></tr>')
+    button = (f'<a href="{_PAGE_MARK}" style="display:inline-block;background:{colour};color:#ffffff;'
+              'font-weight:700;font-size:15px;line-height:20px;text-decoration:none;padding:12px 20px;'
+              'border-radius:4px;">Open the incident</a>')
+    inner.append(f'<!--linked--><tr><td style="padding:8px 24px 16px 24px;">{button}<p style="margin:10px 0 0 0;'
+                 'font-size:13px;line-height:18px;color:#4b5563;">Acknowledge, resolve or mute it for 1, 8 or 24 '
+                 f"hours from there, without an API key. The link works until {_UNTIL_MARK}.</p></td></tr>"
+                 "<!--/linked-->")
+    inner.append('<tr><td style="padding:12px 24px 20px 24px;border-top:1px solid #e5e7eb;font-size:12px;'
+                 'line-height:16px;color:#6b7280;">Sent by the alert service for TimescaleDB and PostgreSQL.'
+                 "</td></tr>")
+    return "\n".join(text) + "\n", _email_page(content.subject, "".join(inner), colour)
+
+
+def finish_email(text: Text, *, page: str | None, expires_at: int, zone: tzinfo) -> Text:
+    """The rendered email with the incident page's link filled in (and its parts removed without one)."""
+    if text.html is None or "<!--linked-->" not in text.html:
+        return text
+    if not page:
+        return Text(subject=text.subject, body=text.body, html=_LINKED.sub("", text.html), template=text.template)
+    until = format_time(datetime.fromtimestamp(expires_at, timezone.utc), zone)
+    page_html = text.html.replace(_PAGE_MARK, html.escape(page, quote=True)).replace(_UNTIL_MARK, html.escape(until))
+    body = text.body + f"\nOpen the incident (acknowledge, resolve, mute): {page}\nThe link works until {until}.\n"
+    return Text(subject=text.subject, body=body, html=page_html, template=text.template)
 
 
 TEMPLATE_MAX_ROWS = 1000
@@ -455,6 +731,9 @@ def _html_inner(row: dict) -> str:
         return f"<pre>{html.escape(row['body'])}</pre>"
     if page.startswith(_HTML_OPEN) and page.endswith(_HTML_CLOSE):
         return page[len(_HTML_OPEN):-len(_HTML_CLOSE)]
+    start, end = page.find("<body"), page.rfind("</body>")
+    if start >= 0 and end > start and (opened := page.find(">", start)) >= 0:
+        return page[opened + 1:end]  # a whole document (head and styled body): its body's content
     return page
 
 
@@ -575,22 +854,20 @@ class EmailChannel(Transport):
         if content.custom is not None:
             custom = content.custom
             text = custom if custom.endswith("\n") else custom + "\n"
-            html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
+            html_text = (f"<html><body><pre>{html.escape(custom)}</pre><!--linked--><p><a href=\"{_PAGE_MARK}\">"
+                         f"Open the incident</a> (the link works until {_UNTIL_MARK})</p><!--/linked--></body></html>")
         else:
-            paragraphs = content.paragraphs
-            shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
-            hidden = len(rows) - len(shown)
-            more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
-            text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
-            html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
-            if more:
-                html_parts.append(f"<p>{html.escape(more)}</p>")
-            html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
+            text, html_text = render_email(content)
         if len(text) > EMAIL_MAX_CHARS:
             text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
         if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
             html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
         return Text(subject=content.subject, body=text, html=html_text)
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        """The email with the signed link to its incident's page (when there is one)."""
+        return finish_email(text, page=links.page(incident_id), expires_at=links.expires_at, zone=links.zone)
 
     @classmethod
     def combine(cls, rows: Sequence[dict]) -> Message:
@@ -780,6 +1057,11 @@ class WhatsAppChannel(Transport):
         return Text(subject=None, body=body, template={
             "content_sid": template["content_sid"],
             "variables": template_variables(content, template.get("variables") or {})})
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        """The text with the signed link to its incident's page (a template message keeps its variables)."""
+        return _finish_chat(text, links.page(incident_id))
 
     @classmethod
     def combine(cls, rows: Sequence[dict]) -> Message:

@@ -32,7 +32,7 @@ def test_create_alert_sends_the_current_result_once_as_initial_report(service, s
     assert mail.auth_user == "alerts"
     text = mail.message.get_body(("plain",)).get_content()
     html = mail.message.get_body(("html",)).get_content()
-    assert "ORD1" in text and "ORD2" in text and "<td>ORD2</td>" in html
+    assert "ORD1" in text and "ORD2" in text and ">ORD2</td>" in html
     sms = twilio_server.wait_for(1)[0]
     assert sms.to == "whatsapp:+14155550123" and sms.from_ == f"whatsapp:{TWILIO_FROM}"
     assert "ORD1" in sms.body and "ORD2" in sms.body

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import rules
 from config import ConfigError, is_e164, load_settings
-from notification import WHATSAPP_MAX_CHARS, TemplateFailed, check_template, render_message
+from notification import EMAIL_TABLE_ROWS, WHATSAPP_MAX_CHARS, TemplateFailed, check_template, render_message
 from query_analysis import QueryRejected, TableRef, analyse_query
 
 
@@ -269,7 +269,7 @@ def test_messages_carry_the_rows_and_a_subject_with_priority_and_count():
     notice = rules.Notice("incident", "3 new rows", ["order_number"], [["ORD1"], ["ORD2"], ["ORD3"]])
     message = render_message(alert=ALERT, notice=notice)
     assert message.subject == "[HIGH] Order Monitor: 3 new rows"
-    assert "ORD3" in message.text and "<td>ORD1</td>" in message.html and "ORD2" in message.whatsapp
+    assert "ORD3" in message.text and ">ORD1</td>" in message.html and "ORD2" in message.whatsapp
 
 
 def test_html_is_escaped():
@@ -281,8 +281,8 @@ def test_html_is_escaped():
 def test_long_messages_are_capped_and_say_so():
     many = [[f"ORD{i:06d}", "x" * 30] for i in range(500)]
     message = render_message(alert=ALERT, notice=rules.Notice("incident", "500 new rows", ["n", "pad"], many))
-    assert len(message.whatsapp) <= WHATSAPP_MAX_CHARS and "cut" in message.whatsapp
-    assert "400 more rows not shown" in message.text
+    assert len(message.whatsapp) <= WHATSAPP_MAX_CHARS and "… and 495 more rows" in message.whatsapp
+    assert f"… and {500 - EMAIL_TABLE_ROWS} more rows" in message.text
 
 
 def test_templates_render_in_a_sandbox_and_fall_back_with_a_note():
