@@ -33,6 +33,7 @@ import rules
 import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
+from cluster import Lease, Membership
 from notification import Dispatcher
 from evaluation import DryRunsBusy
 from metrics import Metrics
@@ -72,6 +73,7 @@ class Services:
     sources: database.SourcePools
     dispatcher: Dispatcher | None = None  # None without background threads (the apply command)
     scheduler: AlertScheduler | None = None
+    membership: Membership | None = None
     metrics: Metrics | None = None
     health_ping: asyncio.Future | None = None  # the database ping /health requests are waiting on
 
@@ -81,9 +83,14 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     services = open_services(settings, dsn)
     try:
         services.metrics = Metrics()
-        services.dispatcher = Dispatcher(services.pool, settings, metrics=services.metrics)
+        lease = Lease(services.pool.dsn, settings)
+        services.dispatcher = Dispatcher(services.pool, settings, metrics=services.metrics, lease=lease)
         services.scheduler = AlertScheduler(services.pool, settings, sources=services.sources,
                                             on_outbox=services.dispatcher.wake, metrics=services.metrics)
+        services.membership = Membership(services.pool, lease, on_acquire=services.scheduler.source_acquired,
+                                         on_release=services.scheduler.source_released,
+                                         on_message=services.scheduler.peer_message)
+        services.scheduler.attach(services.membership)
         services.metrics.watch(pool=services.pool, scheduler_status=services.scheduler.status)
     except BaseException:
         services.sources.close()
@@ -93,8 +100,12 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
         # Started in the background: the first templated message should not wait for them, nor start-up.
         templating.start(processes=settings.template_processes, timeout_seconds=settings.template_timeout_seconds,
                          memory_mb=settings.template_memory_mb)
+        # The lease first: claims and stores are made in its name. Then the alerts are registered, and only then
+        # does this instance take its share of the data sources (which starts their listeners and catch-ups).
+        lease.start()
         services.dispatcher.start()
         services.scheduler.start()
+        services.membership.start()
     except BaseException:
         stop_services(services)
         raise
@@ -143,10 +154,16 @@ def stop_services(services: Services) -> None:
         if services.scheduler is not None:
             services.scheduler.stopping()
         templating.stop()
+        if services.membership is not None:
+            services.membership.stop()
         if services.scheduler is not None:
             services.scheduler.stop(timeout=STOP_SECONDS)
         if services.dispatcher is not None:
             services.dispatcher.stop(timeout=STOP_SECONDS)
+        if services.membership is not None:
+            # Last: what this instance owned is released only once nothing of it runs here any more; the other
+            # instances are told and take it over at once.
+            services.membership.lease.leave()
     finally:
         services.sources.close()
         services.pool.close()
@@ -1319,6 +1336,13 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
         services.scheduler.alerts_changed(changed_alerts)
         for source_id in changed_sources:
             services.scheduler.data_source_changed(source_id)
+    else:
+        # The apply command: the instances running on this database are told, as one instance tells the others.
+        with services.pool.transaction() as cur:
+            if changed_alerts:
+                database.publish(cur, message=" ".join(["alerts", "apply", *map(str, changed_alerts)]))
+            for source_id in changed_sources:
+                database.publish(cur, message=f"source apply {source_id}")
     return plan
 
 
@@ -1784,6 +1808,7 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                                "reaching_database": services.dispatcher.healthy},
                 "channels": {"email": services.settings.email_enabled,
                              "whatsapp": services.settings.whatsapp_enabled},
+                "cluster": services.membership.status(),
             }
         try:
             # Its own thread, not the request thread pool: requests stuck on a hung server cannot hold it up.

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     template_memory_mb: int = Field(256, ge=64, le=16_384)
     template_processes: int = Field(2, ge=1, le=32)
 
+    # Several instances may share one service database: one that has not renewed its lease for this long is taken
+    # for dead and its data sources are taken over (INSTANCE_NAME labels it in /health; unset, host:pid).
+    instance_lease_seconds: float = Field(3.0, ge=0.5, le=300)
+    instance_name: str | None = Field(None, max_length=200)
+
     error_notify_after: int = Field(3, ge=1, le=1000)
     evaluation_retention_days: float = Field(30.0, gt=0, le=3650)
 
@@ -75,7 +80,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
 
     @field_validator(
-        "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number", mode="before"
+        "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number", "instance_name",
+        mode="before"
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -843,6 +843,40 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX incident_open_priority ON incident (priority, status) WHERE status IN ('ACTIVE', 'ACKNOWLEDGED');
         """,
     ),
+    (
+        8,
+        "several instances share the work: instance leases, data source owners with a fencing epoch, outbox keys",
+        """
+        -- Each running instance renews its lease; one whose lease ran out is dead, whatever its process does.
+        CREATE TABLE service_instance (
+            id uuid PRIMARY KEY,
+            name text NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz NOT NULL
+        );
+        -- The instance that evaluates a data source's alerts. The epoch grows each time the source changes hands;
+        -- an evaluation is stored only while its instance still holds the epoch it began under.
+        CREATE TABLE source_owner (
+            data_source_id uuid PRIMARY KEY REFERENCES data_source (id) ON DELETE CASCADE,
+            owner uuid,
+            epoch bigint NOT NULL DEFAULT 0,
+            since timestamptz
+        );
+        -- Claims name the claiming instance and last while its lease does (a frozen process keeps its database
+        -- sessions open, so a session-based claim would outlive it). An older instance that still claims by
+        -- session fails on the dropped column instead of sending beside a newer one.
+        ALTER TABLE notification DROP COLUMN claimed_by_pid;
+        ALTER TABLE notification
+            ADD COLUMN claimed_by uuid,
+            -- One decision's message to one recipient: the same decision stored twice queues it once.
+            ADD COLUMN idempotency_key text,
+            -- A send through a provider without idempotent requests began (and the digest of what it sent);
+            -- cleared once its outcome is known. Still set on a claim taken over: the provider may have it.
+            ADD COLUMN send_started_at timestamptz,
+            ADD COLUMN send_digest text;
+        CREATE UNIQUE INDEX notification_idempotency_key ON notification (idempotency_key);
+        """,
+    ),
 ]
 
 
@@ -1228,6 +1262,12 @@ def lock_alert_versions(cur, *, alert_ids: Sequence[UUID]) -> dict[UUID, tuple[i
     return {row["id"]: (row["version"], row["status"], row["evaluated_at"]) for row in cur.fetchall()}
 
 
+def count_evaluations(cur, *, alert_id: UUID) -> int:
+    """How many evaluations of an alert are on record (one more appears as each is stored)."""
+    cur.execute("SELECT count(*) AS n FROM evaluation WHERE alert_config_id = %s", (alert_id,))
+    return cur.fetchone()["n"]
+
+
 def clear_alert_state(cur, *, alert_id: UUID) -> None:
     """Forget an alert's last result, so its next evaluation is a fresh initial report."""
     cur.execute("DELETE FROM alert_state WHERE alert_config_id = %s", (alert_id,))
@@ -1373,21 +1413,22 @@ def insert_activities(cur, *, activities: Sequence[dict]) -> None:
 
 
 def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
-    """Queue rendered notifications in the outbox, all in one statement."""
+    """Queue rendered notifications in the outbox, all in one statement; a row whose idempotency key is queued
+    already is left out. Returns how many were queued."""
     if not notifications:
         return 0
-    psycopg2.extras.execute_values(
+    queued = psycopg2.extras.execute_values(
         cur,
-        "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html) "
-        "VALUES %s",
+        "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html, "
+        "idempotency_key) VALUES %s ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         [
             (n.get("incident_id"), n["alert_config_id"], n["kind"], n["channel"], n["recipient"],
-             n.get("subject"), n["body"], n.get("html"))
+             n.get("subject"), n["body"], n.get("html"), n.get("idempotency_key"))
             for n in notifications
         ],
-        page_size=1000,
+        page_size=1000, fetch=True,
     )
-    return len(notifications)
+    return len(queued)
 
 
 def list_incidents(
@@ -1448,12 +1489,13 @@ def list_notifications(
 
 
 # A group is the waiting rows of one alert, channel and recipient (a row whose alert was deleted is its own
-# group); the dispatcher sends each group as one message. A row is held while a live session's lease covers it.
+# group); the dispatcher sends each group as one message. A row is held while its claim lasts and the instance that
+# claimed it lives.
 _WAITING_GROUPS = """
     waiting AS (
         SELECT id, COALESCE(alert_config_id, id) AS grp, recipient, status, next_attempt_at, created_at, seq,
-               CASE WHEN claimed_until >= now() THEN EXISTS (SELECT 1 FROM pg_stat_activity a
-                                                             WHERE a.pid = claimed_by_pid) ELSE false END AS held
+               CASE WHEN claimed_until >= now() THEN EXISTS (SELECT 1 FROM service_instance i WHERE i.id = claimed_by
+                                                             AND i.expires_at > now()) ELSE false END AS held
         FROM notification WHERE channel = ANY(%(channels)s) AND status IN ('PENDING', 'RETRY')
     ),
     -- Due: a row is due and no row waits out a retry delay (new rows join the retry, not overtake it); a group
@@ -1466,11 +1508,11 @@ _WAITING_GROUPS = """
     )"""
 
 
-def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float, claimant_pid: int,
+def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: float, claimant: UUID,
                             rows_per_group: int = 100) -> list[dict]:
     """Claim up to `limit` due groups of one channel (up to `rows_per_group` rows each, oldest first) for the
-    session `claimant_pid`, whole or not at all. A claim ends when its lease expires or when the session that made
-    it no longer exists (its process died mid-send)."""
+    instance `claimant`, whole or not at all. A claim ends when its lease expires or when the instance that made
+    it is no longer live (its process died or froze mid-send)."""
     # SKIP LOCKED skips rows another claim is taking right now; a group with a skipped row is not whole and is
     # left to that claim, so one group is never sent by two senders at once.
     cur.execute(
@@ -1482,40 +1524,39 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
         "FROM waiting w JOIN chosen USING (grp, recipient)) numbered WHERE position <= %(rows)s), "
         "locked AS (SELECT id FROM notification WHERE id IN (SELECT id FROM members) "
         "AND status IN ('PENDING', 'RETRY') AND (claimed_until IS NULL OR claimed_until < now() "
-        "OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = notification.claimed_by_pid)) "
+        "OR NOT EXISTS (SELECT 1 FROM service_instance i WHERE i.id = notification.claimed_by "
+        "AND i.expires_at > now())) "
         "FOR UPDATE SKIP LOCKED), "
         "missed AS MATERIALIZED (SELECT DISTINCT grp, recipient FROM members WHERE id NOT IN (SELECT id FROM locked)) "
         "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
-        "claimed_by_pid = %(pid)s, attempts = n.attempts + 1, updated_at = now() "
+        "claimed_by = %(claimant)s, attempts = n.attempts + 1, updated_at = now() "
         "FROM members m WHERE n.id = m.id AND (m.grp, m.recipient) NOT IN (SELECT grp, recipient FROM missed) "
         "RETURNING n.*",
-        {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds, "pid": claimant_pid},
+        {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds,
+         "claimant": str(claimant)},
     )
     return cur.fetchall()
 
 
-def release_notifications(cur, *, notification_ids: Sequence[UUID], claimant_pid: int) -> None:
+def release_notifications(cur, *, notification_ids: Sequence[UUID], claimant: UUID) -> None:
     """Give back claimed rows that were not sent (they did not fit in the message): due again at once, and the
     attempt they were claimed for not counted."""
     cur.execute(
-        "UPDATE notification SET claimed_until = NULL, claimed_by_pid = NULL, attempts = greatest(attempts - 1, 0), "
-        "updated_at = now() WHERE id = ANY(%(ids)s::uuid[]) AND claimed_by_pid = %(pid)s "
+        "UPDATE notification SET claimed_until = NULL, claimed_by = NULL, attempts = greatest(attempts - 1, 0), "
+        "updated_at = now() WHERE id = ANY(%(ids)s::uuid[]) AND claimed_by = %(claimant)s "
         "AND status IN ('PENDING', 'RETRY')",
-        {"ids": [str(i) for i in notification_ids], "pid": claimant_pid},
+        {"ids": [str(i) for i in notification_ids], "claimant": str(claimant)},
     )
 
 
-def adopt_claims(cur, *, old_pid: int, new_pid: int) -> None:
-    """Move claims from a lost session of ours to its replacement, so they are not taken for a dead process's."""
-    cur.execute("UPDATE notification SET claimed_by_pid = %s WHERE claimed_by_pid = %s AND status IN "
-                "('PENDING', 'RETRY')", (new_pid, old_pid))
-
-
-def backend_pid(conn: psycopg2.extensions.connection) -> int:
-    """The server process id of a connection's session."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        return cur.fetchone()[0]
+def mark_send_started(cur, *, notification_ids: Sequence[UUID], claimant: UUID, digest: str) -> list[UUID]:
+    """Record that a send of these rows (as a message with this digest) is about to begin; return those whose
+    claim was still held: only they may be sent."""
+    cur.execute(
+        "UPDATE notification SET send_started_at = now(), send_digest = %(digest)s WHERE " + _CLAIM_HELD,
+        {"digest": digest, "ids": [str(i) for i in notification_ids], "claimant": str(claimant)},
+    )
+    return [row["id"] for row in cur.fetchall()]
 
 
 def seconds_until_next_due(cur, *, channels: Sequence[str]) -> float | None:
@@ -1530,12 +1571,13 @@ def seconds_until_next_due(cur, *, channels: Sequence[str]) -> float | None:
     return None if wait is None else max(0.0, float(wait))
 
 
-# Outcomes are recorded only by the session that holds the claim: a sender that outlived its lease must not
+# Outcomes are recorded only by the instance that holds the claim: a sender that outlived its lease must not
 # overwrite the outcome of the one that took over.
-_CLAIM_HELD = "id = ANY(%(ids)s) AND claimed_by_pid = %(pid)s AND status IN ('PENDING', 'RETRY') RETURNING id"
+_CLAIM_HELD = ("id = ANY(%(ids)s::uuid[]) AND claimed_by = %(claimant)s AND status IN ('PENDING', 'RETRY') "
+               "RETURNING id")
 
 
-def mark_notification_sent(cur, *, notification_ids: Sequence[UUID], claimant_pid: int,
+def mark_notification_sent(cur, *, notification_ids: Sequence[UUID], claimant: UUID,
                            provider_message_id: str | None) -> list[UUID]:
     """Record the delivery of these notifications (one message); return those whose claim was still held."""
     if not notification_ids:
@@ -1543,35 +1585,127 @@ def mark_notification_sent(cur, *, notification_ids: Sequence[UUID], claimant_pi
     cur.execute(
         "UPDATE notification SET status = 'SUCCESS', provider_message_id = %(provider)s, error = NULL, "
         "sent_at = now(), claimed_until = NULL, updated_at = now() WHERE " + _CLAIM_HELD,
-        {"provider": provider_message_id, "ids": list(notification_ids), "pid": claimant_pid},
+        {"provider": provider_message_id, "ids": [str(i) for i in notification_ids], "claimant": str(claimant)},
     )
     return [row["id"] for row in cur.fetchall()]
 
 
-def mark_notification_retry(cur, *, notification_ids: Sequence[UUID], claimant_pid: int, error: str,
+def mark_notification_retry(cur, *, notification_ids: Sequence[UUID], claimant: UUID, error: str,
                             delay_seconds: float) -> list[UUID]:
     """Record a failed attempt that will be tried again after the delay; return those whose claim was held."""
     if not notification_ids:
         return []
     cur.execute(
         "UPDATE notification SET status = 'RETRY', error = %(error)s, claimed_until = NULL, updated_at = now(), "
+        "send_started_at = NULL, send_digest = NULL, "
         "next_attempt_at = now() + make_interval(secs => %(delay)s) WHERE " + _CLAIM_HELD,
-        {"error": error, "delay": delay_seconds, "ids": list(notification_ids), "pid": claimant_pid},
+        {"error": error, "delay": delay_seconds, "ids": [str(i) for i in notification_ids], "claimant": str(claimant)},
     )
     return [row["id"] for row in cur.fetchall()]
 
 
-def mark_notification_failed(cur, *, notification_ids: Sequence[UUID], claimant_pid: int,
+def mark_notification_failed(cur, *, notification_ids: Sequence[UUID], claimant: UUID,
                              error: str) -> list[UUID]:
     """Record that these notifications will not be delivered, and why; return those whose claim was held."""
     if not notification_ids:
         return []
     cur.execute(
-        "UPDATE notification SET status = 'FAILED', error = %(error)s, claimed_until = NULL, updated_at = now() "
+        "UPDATE notification SET status = 'FAILED', error = %(error)s, claimed_until = NULL, updated_at = now(), "
+        "send_started_at = NULL, send_digest = NULL "
         "WHERE " + _CLAIM_HELD,
-        {"error": error, "ids": list(notification_ids), "pid": claimant_pid},
+        {"error": error, "ids": [str(i) for i in notification_ids], "claimant": str(claimant)},
     )
     return [row["id"] for row in cur.fetchall()]
+
+
+# --- instances sharing the service database --------------------------------------------------------------------
+
+CLUSTER_CHANNEL = "alert_service_cluster"
+
+
+def join_cluster(cur, *, instance_id: UUID, name: str, lease_seconds: float) -> None:
+    """Enter this instance, live for `lease_seconds` from now; instances dead for an hour are forgotten."""
+    cur.execute("DELETE FROM service_instance WHERE expires_at < clock_timestamp() - interval '1 hour'")
+    cur.execute("INSERT INTO service_instance (id, name, expires_at) "
+                "VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s))",
+                (str(instance_id), name, lease_seconds))
+
+
+def renew_lease(cur, *, instance_id: UUID, lease_seconds: float) -> bool:
+    """Extend this instance's lease; False when it had already run out (others may have taken its work)."""
+    cur.execute("UPDATE service_instance SET expires_at = clock_timestamp() + make_interval(secs => %s) "
+                "WHERE id = %s AND expires_at > clock_timestamp()", (lease_seconds, str(instance_id)))
+    return cur.rowcount == 1
+
+
+def leave_cluster(cur, *, instance_id: UUID) -> None:
+    """Give up every data source this instance owns and end its lease, so others take over at once."""
+    cur.execute("UPDATE source_owner SET owner = NULL, epoch = epoch + 1, since = now() WHERE owner = %s",
+                (str(instance_id),))
+    cur.execute("DELETE FROM service_instance WHERE id = %s", (str(instance_id),))
+    cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"left {instance_id}"))
+
+
+def cluster_view(cur) -> dict:
+    """The live instances (oldest first) and, for every data source, its owner and epoch (None: nobody)."""
+    cur.execute("SELECT id, name, started_at FROM service_instance WHERE expires_at > clock_timestamp() "
+                "ORDER BY started_at, id")
+    instances = cur.fetchall()
+    cur.execute("SELECT d.id, o.owner, COALESCE(o.epoch, 0) AS epoch FROM data_source d "
+                "LEFT JOIN source_owner o ON o.data_source_id = d.id ORDER BY d.id")
+    return {"instances": instances, "sources": {row["id"]: (row["owner"], row["epoch"]) for row in cur.fetchall()}}
+
+
+def take_source(cur, *, data_source_id: UUID, instance_id: UUID) -> int | None:
+    """Become the owner of a data source that nobody live owns; return the new epoch, or None when a live
+    instance holds it (or the source is gone)."""
+    cur.execute("INSERT INTO source_owner (data_source_id) SELECT id FROM data_source WHERE id = %s "
+                "ON CONFLICT DO NOTHING", (str(data_source_id),))
+    # Locked first: an evaluation of the old owner that is being stored holds it shared, so the change of hands
+    # waits for that commit, and every later store of the old owner sees the new epoch and is refused.
+    cur.execute("SELECT owner FROM source_owner WHERE data_source_id = %s FOR UPDATE", (str(data_source_id),))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    if row["owner"] is not None and str(row["owner"]) == str(instance_id):
+        cur.execute("SELECT epoch FROM source_owner WHERE data_source_id = %s", (str(data_source_id),))
+        return cur.fetchone()["epoch"]  # ours already: a new epoch would fence our own evaluations in flight
+    if row["owner"] is not None:
+        # A locking read sees the latest renewal, even one committed after this transaction began.
+        cur.execute("SELECT expires_at > clock_timestamp() AS live FROM service_instance WHERE id = %s FOR UPDATE",
+                    (str(row["owner"]),))
+        owner = cur.fetchone()
+        if owner is not None and owner["live"]:
+            return None
+    cur.execute("UPDATE source_owner SET owner = %s, epoch = epoch + 1, since = now() WHERE data_source_id = %s "
+                "RETURNING epoch", (str(instance_id), str(data_source_id)))
+    return cur.fetchone()["epoch"]
+
+
+def release_source(cur, *, data_source_id: UUID, instance_id: UUID) -> None:
+    """Give up a data source this instance owns (a new epoch: whatever it still had in flight cannot be stored)."""
+    cur.execute("UPDATE source_owner SET owner = NULL, epoch = epoch + 1, since = now() "
+                "WHERE data_source_id = %s AND owner = %s", (str(data_source_id), str(instance_id)))
+    cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"released {data_source_id}"))
+
+
+def held_sources(cur, *, instance_id: UUID, epochs: dict[UUID, int]) -> set[UUID]:
+    """The data sources this instance still owns under the given epochs while its lease lasts, locked shared until
+    the transaction ends (the fence of a store: no other instance can take them before it commits)."""
+    if not epochs:
+        return set()
+    cur.execute(
+        "SELECT o.data_source_id FROM source_owner o "
+        "JOIN unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS f(id, epoch) ON o.data_source_id = f.id "
+        "AND o.epoch = f.epoch WHERE o.owner = %(me)s AND EXISTS (SELECT 1 FROM service_instance i "
+        "WHERE i.id = %(me)s AND i.expires_at > clock_timestamp()) ORDER BY o.data_source_id FOR SHARE OF o",
+        {"ids": [str(k) for k in epochs], "epochs": list(epochs.values()), "me": str(instance_id)})
+    return {row["data_source_id"] for row in cur.fetchall()}
+
+
+def publish(cur, *, message: str) -> None:
+    """Tell every instance on the service database (at commit): `alerts <id> …`, `source <id>`, `run <id>`."""
+    cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, message))
 
 
 # --- figures for /metrics --------------------------------------------------------------------------------------
@@ -2374,13 +2508,13 @@ def prune_changes(pool: Pool, *, older_than_seconds: float) -> int:
         return cur.rowcount
 
 
-def open_listener(dsn: str) -> psycopg2.extensions.connection:
-    """A dedicated autocommit connection listening on the change channel."""
+def open_listener(dsn: str, channel: str = NOTIFY_CHANNEL) -> psycopg2.extensions.connection:
+    """A dedicated autocommit connection listening on the change channel (or another)."""
     conn = connect(dsn, application_name="alert-service-listener")
     conn.autocommit = True
     try:
         with deadline(conn, PING_DEADLINE_SECONDS, what="the data source", dsn=dsn), conn.cursor() as cur:
-            cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+            cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
     except BaseException:
         _close_quietly(conn)
         raise

@@ -166,8 +166,12 @@ class Evaluator:
 
     def __init__(self, pool: database.Pool, settings: Settings, *, sources: database.SourcePools,
                  stopping: Callable[[], bool] = lambda: False, on_outbox: Callable[[], None] = lambda: None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 fence: Callable[[], tuple[UUID, dict[UUID, int]] | None] = lambda: None) -> None:
         self.pool = pool
+        # This instance and the data sources it owns, with their epochs, as a batch begins: its store is refused
+        # for a data source that changed hands meanwhile (None: one instance owns everything).
+        self.fence = fence
         self.settings = settings
         self.sources = sources
         self.stopping = stopping
@@ -192,6 +196,7 @@ class Evaluator:
         `began` is called with the alerts whose queries are about to run, before the snapshot is taken. Alerts
         handed off while the batch runs are left out of the outcomes."""
         batch = batch if isinstance(batch, Batch) else Batch(batch)
+        fence = self.fence()
         started_at = datetime.now(timezone.utc)
         causes = dict(batch.requests)
         outcomes = {alert_id: Outcome() for alert_id in causes}
@@ -251,7 +256,7 @@ class Evaluator:
         if self.stopping() or not decided:
             return outcomes  # a template render cut short by the shutdown is no message to store
         try:
-            queued = self._store_batch(decided, outcomes, started_at=started_at, now=now)
+            queued = self._store_batch(decided, outcomes, started_at=started_at, now=now, fence=fence)
         finally:
             self._note_baselines(jobs, outcomes)
         if queued:
@@ -380,12 +385,12 @@ class Evaluator:
                             now=now, truncated=truncated)
 
     def _store_batch(self, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
-                     now: datetime) -> int:
+                     now: datetime, fence: tuple[UUID, dict[UUID, int]] | None = None) -> int:
         """Store the batch's decisions in one transaction; returns the notifications queued. When the batch cannot
         be stored whole (a bug, a constraint), each alert is stored on its own so one cannot hold up the rest."""
         try:
             with self.pool.transaction() as cur:
-                queued = self._store_jobs(cur, jobs, outcomes, started_at=started_at, now=now)
+                queued = self._store_jobs(cur, jobs, outcomes, started_at=started_at, now=now, fence=fence)
             self._count(jobs, outcomes)
             return queued
         except database.DatabaseUnavailable:
@@ -398,7 +403,7 @@ class Evaluator:
         for job in jobs:
             try:
                 with self.pool.transaction() as cur:
-                    queued += self._store_jobs(cur, [job], outcomes, started_at=started_at, now=now)
+                    queued += self._store_jobs(cur, [job], outcomes, started_at=started_at, now=now, fence=fence)
                 self._count([job], outcomes)
             except database.DatabaseUnavailable:
                 raise
@@ -414,7 +419,19 @@ class Evaluator:
                 self.metrics.evaluated(cause=job.cause, outcome=stored.outcome, seconds=job.seconds)
 
     def _store_jobs(self, cur, jobs: list[_Job], outcomes: dict[UUID, Outcome], *, started_at: datetime,
-                    now: datetime) -> int:
+                    now: datetime, fence: tuple[UUID, dict[UUID, int]] | None = None) -> int:
+        if fence is not None:
+            # Checked in the transaction that stores, and held until it commits: an instance that lost a data
+            # source (frozen past its lease, say) cannot store a decision the new owner makes too.
+            instance_id, epochs = fence
+            sources = {job.alert["data_source_id"] for job in jobs}
+            held = database.held_sources(cur, instance_id=instance_id,
+                                         epochs={s: epochs[s] for s in sources if s in epochs})
+            refused = [job for job in jobs if job.alert["data_source_id"] not in held]
+            if refused:
+                logger.warning("%d evaluation(s) not stored: their data source changed hands while they ran",
+                               len(refused))
+                jobs = [job for job in jobs if job.alert["data_source_id"] in held]
         locked = database.lock_alert_versions(cur, alert_ids=[job.alert["id"] for job in jobs])
         writes = _Writes()
         stored: dict[UUID, Outcome] = {}
@@ -562,7 +579,10 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
     firing_id = prior_row["firing_incident_id"] if prior_row else None
     if decision.resolve_incident and firing_id:
         writes.resolved.append((firing_id, alert["id"]))
-    for notice, message in zip(decision.notices, rendered):
+    # The decision's identity: the alert's version and the stored state it was made from. Any instance that makes
+    # it again makes the same keys, and the outbox queues each key once.
+    basis = f"{alert['id']}/{alert['version']}/{prior_row['evaluated_at'].isoformat() if prior_row else '-'}"
+    for index, (notice, message) in enumerate(zip(decision.notices, rendered)):
         incident_id = None
         if notice.open_incident:
             incident_id = uuid.uuid4()
@@ -584,7 +604,7 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
             continue
         writes.notifications += notification.outbox_rows(
             rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
-            incident_id=incident_id, kind=notice.kind,
+            incident_id=incident_id, kind=notice.kind, decision_key=f"{basis}/{index}",
         )
     fields = state_to_row(state, alert["version"], row_count, prior_row,
                           prior.fingerprints if prior is not None else None)

@@ -65,8 +65,8 @@ def apply_command(argv: list[str]) -> int:
     """`main.py apply FILE.yaml [--prune] [--dry-run]`: apply a configuration file to the service's database."""
     parser = argparse.ArgumentParser(prog="main.py apply", description=(
         "Apply an alerts-as-code file (the format of GET /alert-configs/export) to the database in DB_CONNECTION, "
-        "matched by name. A running service takes the changes up at its next start; to apply to a running service, "
-        "POST the file to /alert-configs/import instead."))
+        "matched by name. The instances running on that database are told and apply the changes at once (each also "
+        "looks for changes it was not told about every 30 s)."))
     parser.add_argument("file", help="the YAML file")
     parser.add_argument("--prune", action="store_true", help="delete what the file no longer has")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
@@ -99,9 +99,7 @@ def apply_command(argv: list[str]) -> int:
     if args.dry_run:
         print("dry run: nothing was changed")
     elif not plan.empty:
-        # The scheduler of a service running on this database does not watch for changes written elsewhere.
-        print("applied; a service running on this database takes the changes up at its next start (to apply to a "
-              "running service, POST the file to /alert-configs/import)")
+        print("applied; the instances running on this database were told and apply the changes now")
     return 0
 
 

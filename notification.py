@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import smtplib
@@ -9,18 +10,22 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.header import Header
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
-from email.utils import formatdate, make_msgid
+from datetime import datetime, timedelta, timezone
+from email.utils import formatdate, parseaddr
 from typing import Any, Protocol, Sequence
+from uuid import UUID
 
 import database
 import rules
 import templating
+from cluster import Lease
 from config import Settings, ascii_email
 from metrics import Metrics
 from templating import TemplateFailed
@@ -51,12 +56,16 @@ class NotificationError(Exception):
 
 
 class Channel(Protocol):
-    """Sends one message or raises NotificationError; never touches the database."""
+    """Sends one message or raises NotificationError; never touches the database. A channel whose provider may
+    have accepted a message whose answer was lost (a crash mid-request) and that can look it up has
+    `find_accepted(recipient=, digest=, since=)`, returning the provider's id of such a message or None."""
 
     name: str
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
-        """Deliver one message and return the provider's message id."""
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             notification_id: str | None = None) -> str | None:
+        """Deliver one message (`notification_id`: the first outbox row it carries) and return the provider's
+        message id."""
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
@@ -200,9 +209,21 @@ def check_template(template: str) -> None:
 
 
 def outbox_rows(
-    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str
+    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str, decision_key: str | None = None
 ) -> list[dict]:
-    """One outbox row per recipient of every channel."""
+    """One outbox row per recipient of every channel; with a decision key, each row carries an idempotency key
+    derived from it, its channel and its recipient."""
+    rows = _unkeyed_outbox_rows(rendered=rendered, channels=channels, alert_id=alert_id, incident_id=incident_id,
+                                kind=kind)
+    if decision_key is not None:
+        for row in rows:
+            row["idempotency_key"] = hashlib.sha256(
+                f"{decision_key}/{row['channel']}/{row['recipient']}".encode()).hexdigest()
+    return rows
+
+
+def _unkeyed_outbox_rows(*, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any,
+                         kind: str) -> list[dict]:
     rows = []
     for address in channels.get("email", []):
         rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "email",
@@ -414,7 +435,8 @@ class EmailChannel:
         if kept is not None:
             _quit_quietly(kept)
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             notification_id: str | None = None) -> str | None:
         """Send one multipart email; SMTP 5xx replies are permanent errors, everything else is retried."""
         s = self.settings
         if not s.email_enabled:
@@ -427,7 +449,7 @@ class EmailChannel:
         except ValueError as exc:
             raise NotificationError(str(exc), permanent=True) from None
         message, message_id = build_email(sender=s.email_sender, recipient=recipient, subject=subject or "Alert",
-                                          body=body, html_body=html_body)
+                                          body=body, html_body=html_body, notification_id=notification_id)
         with SendDeadline(s.send_timeout_seconds) as deadline:
             try:
                 for _ in range(2):
@@ -464,8 +486,11 @@ class EmailChannel:
         raise NotificationError("SMTP server closed the connection twice")
 
 
-def build_email(*, sender: str, recipient: str, subject: str, body: str, html_body: str | None) -> tuple[bytes, str]:
-    """The message as bytes (text, and HTML when given, as alternatives) and its Message-ID."""
+def build_email(*, sender: str, recipient: str, subject: str, body: str, html_body: str | None,
+                notification_id: str | None = None) -> tuple[bytes, str]:
+    """The message as bytes (text, and HTML when given, as alternatives) and its Message-ID, derived from the
+    notification it carries: a copy sent again after a crash (SMTP accepted it, the process died before recording
+    that) has the same Message-ID, so a mail system or a person can tell it is the same message."""
     # The compat32 MIME classes build this in a quarter of the time of EmailMessage's header registry.
     text_part = MIMEText(body, "plain", "utf-8")
     if html_body:
@@ -474,7 +499,8 @@ def build_email(*, sender: str, recipient: str, subject: str, body: str, html_bo
         message.attach(MIMEText(html_body, "html", "utf-8"))
     else:
         message = text_part
-    message_id = make_msgid(domain="alert-service")
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "alert-service"
+    message_id = f"<notification-{notification_id or uuid.uuid4()}@{domain}>"
     message["Subject"] = Header(subject, "utf-8").encode() if not subject.isascii() else subject
     message["From"] = sender
     message["To"] = recipient
@@ -537,7 +563,8 @@ class WhatsAppChannel:
             self._local.client = client
         return client
 
-    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None) -> str | None:
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             notification_id: str | None = None) -> str | None:
         """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
         if not self.settings.whatsapp_enabled:
             raise NotificationError(
@@ -569,6 +596,36 @@ class WhatsAppChannel:
                 ) from None
             raise NotificationError(f"Twilio unreachable: {type(exc).__name__}: {exc}") from None
         return message.sid
+
+
+    def find_accepted(self, *, recipient: str, digest: str, since: datetime) -> str | None:
+        """The sid of a message Twilio accepted for this recipient, from our number, created since `since` (less a
+        minute for clock skew), whose body has this digest; None when there is none. Twilio's Messages API takes
+        no idempotency key, so this look-up is what keeps a send interrupted by a crash from being repeated."""
+        from twilio.base.exceptions import TwilioException
+
+        try:
+            with SendDeadline(self.settings.send_timeout_seconds):
+                # Newest first; a page is plenty: only messages of the last minutes to one recipient can match.
+                recent = self._client().messages.list(to=f"whatsapp:{recipient}",
+                                                      from_=f"whatsapp:{self.settings.twilio_from_number}", limit=50)
+        except TwilioException as exc:
+            raise NotificationError(f"Twilio message look-up failed: {exc}") from None
+        except Exception as exc:  # requests' connection and timeout errors
+            raise NotificationError(f"Twilio unreachable for a message look-up: {type(exc).__name__}: {exc}") from None
+        earliest = since - timedelta(minutes=1)
+        for message in recent:
+            created = message.date_created
+            if created is not None and created.tzinfo is None:
+                created = created.replace(tzinfo=timezone.utc)
+            if (created is None or created >= earliest) and body_digest(message.body or "") == digest:
+                return message.sid
+        return None
+
+
+def body_digest(body: str) -> str:
+    """The digest of a message's text, recorded before a send and compared with the provider's copy after a crash."""
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _deadline_adapter():
@@ -670,9 +727,13 @@ class Dispatcher:
 
     def __init__(
         self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
-        threads_per_channel: int | None = None, metrics: Metrics | None = None,
+        threads_per_channel: int | None = None, metrics: Metrics | None = None, lease: Lease | None = None,
     ) -> None:
         self.pool = pool
+        # Claims are made in this instance's name and last while its lease does. Without a shared lease, the
+        # dispatcher holds one of its own.
+        self.lease = lease
+        self._own_lease = lease is None
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
@@ -692,9 +753,6 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.healthy = True
-        # Claims carry this session's server pid; while the session lives, no other dispatcher takes them.
-        self._session = None
-        self._session_pid: int | None = None
 
     def lease_seconds(self, channel: str) -> float:
         """How long a claim lasts: longer than any send can take, so a live sender is never overtaken."""
@@ -702,6 +760,9 @@ class Dispatcher:
 
     def start(self) -> None:
         """Start the dispatch loop in a background thread."""
+        if self._own_lease:
+            self.lease = Lease(self.pool.dsn, self.settings)
+            self.lease.start()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._thread.start()
 
@@ -720,8 +781,8 @@ class Dispatcher:
                 if not any(self._in_flight.values()):
                     break
             time.sleep(0.05)
-        if self._session is not None:
-            self._session.close()
+        if self._own_lease and self.lease is not None:
+            self.lease.leave()
 
     def wake(self) -> None:
         """Tell the loop that new rows are waiting (called after an evaluation commits)."""
@@ -765,25 +826,12 @@ class Dispatcher:
                 logger.exception("dispatcher loop failed; continuing")
             self._wake.wait(max(wait, 0.01))
 
-    def _claimant_pid(self) -> int:
-        """The pid of our claim session, reconnecting it (and moving our claims to it) when it was lost."""
-        session = self._session
-        if session is not None and not session.closed and not database.select_readable(session):
-            return self._session_pid
-        if session is not None:
-            session.close()
-        self._session = database.connect(self.pool.dsn, application_name="alert-service-dispatcher")
-        self._session.autocommit = True
-        old_pid, self._session_pid = self._session_pid, database.backend_pid(self._session)
-        if old_pid is not None:
-            with self.pool.transaction() as cur:
-                database.adopt_claims(cur, old_pid=old_pid, new_pid=self._session_pid)
-        return self._session_pid
-
     def dispatch_once(self) -> int:
         """Claim the groups each channel has room and rate for and hand them to its threads; return how many."""
         handed = 0
-        claimant = self._claimant_pid()
+        if not self.lease.valid():
+            return 0  # claims are made in the lease's name: none while it is in doubt
+        claimant = self.lease.instance_id
         for name in self.channels:
             with self._lock:
                 room = min(self._threads[name] - self._in_flight[name], self._rates[name].available(time.monotonic()))
@@ -791,7 +839,7 @@ class Dispatcher:
                 continue
             with self.pool.transaction() as cur:
                 claimed = database.claim_due_notifications(
-                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name), claimant_pid=claimant,
+                    cur, channel=name, limit=room, lease_seconds=self.lease_seconds(name), claimant=claimant,
                     rows_per_group=GROUP_MAX_ROWS,
                 )
             groups = group_claimed(claimed)
@@ -803,45 +851,42 @@ class Dispatcher:
                 handed += 1
         return handed
 
-    def _deliver(self, group: list[dict], claimant: int) -> None:
+    def _deliver(self, group: list[dict], claimant: UUID) -> None:
         first = group[0]
         channel = self.channels[first["channel"]]
         rows, later = group, []
         ids = [row["id"] for row in rows]
         try:
             try:
+                group = self._settle_interrupted(channel, group, claimant)
+                if not group:
+                    return
+                first = group[0]
                 message = combine_messages(group)
                 rows, later = group[:message.carries], group[message.carries:]
                 ids = [row["id"] for row in rows]
-                started = time.monotonic()
-                try:
-                    provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
-                                               body=message.body, html_body=message.html)
-                finally:
-                    self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
+                if self._may_send(channel, rows, message, claimant):
+                    started = time.monotonic()
+                    try:
+                        provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
+                                                   body=message.body, html_body=message.html,
+                                                   notification_id=str(first["id"]))
+                    finally:
+                        self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
+                else:  # given back (if the database lets us), for a sender that may send them
+                    rows, ids, later = [], [], group
             except NotificationError as exc:
                 self._record_failure(rows, claimant, exc)
             except Exception as exc:  # a bug in a channel must not kill the sender thread
                 logger.exception("channel %s raised unexpectedly", first["channel"])
                 self._record_failure(rows, claimant, NotificationError(f"{type(exc).__name__}: {exc}"))
             else:
-                with self.pool.transaction() as cur:
-                    sent = set(database.mark_notification_sent(cur, notification_ids=ids, claimant_pid=claimant,
-                                                               provider_message_id=provider_id))
-                    database.insert_activities(cur, activities=[
-                        {"action": "notified", "incident_id": incident_id, "alert_config_id": alert_id,
-                         "details": {"channel": first["channel"], "recipient": first["recipient"]}}
-                        for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
-                        if incident_id is not None])
-                self.metrics.notified(channel=first["channel"], status="success", count=len(sent))
-                if len(sent) < len(ids):
-                    logger.warning("notification %s was sent after its claim passed to another sender",
-                                   _some([i for i in ids if i not in sent]))
-                logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
+                if rows:
+                    self._record_sent(rows, claimant, provider_id)
             if later:  # what did not fit in this message goes in the next one
                 with self.pool.transaction() as cur:
                     database.release_notifications(cur, notification_ids=[row["id"] for row in later],
-                                                   claimant_pid=claimant)
+                                                   claimant=claimant)
         except database.DatabaseError as exc:
             # The claim expires after its lease and the rows are sent again: a duplicate, never a loss.
             logger.error("could not record the outcome of notification %s: %s", _some(ids), exc)
@@ -850,7 +895,65 @@ class Dispatcher:
                 self._in_flight[first["channel"]] -= 1
             self._wake.set()
 
-    def _record_failure(self, rows: list[dict], claimant: int, exc: NotificationError) -> None:
+    def _record_sent(self, rows: list[dict], claimant: UUID, provider_id: str | None) -> None:
+        """Record one message's rows as sent, with an activity on each incident they belong to."""
+        first, ids = rows[0], [row["id"] for row in rows]
+        with self.pool.transaction() as cur:
+            sent = set(database.mark_notification_sent(cur, notification_ids=ids, claimant=claimant,
+                                                       provider_message_id=provider_id))
+            database.insert_activities(cur, activities=[
+                {"action": "notified", "incident_id": incident_id, "alert_config_id": alert_id,
+                 "details": {"channel": first["channel"], "recipient": first["recipient"]}}
+                for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
+                if incident_id is not None])
+        self.metrics.notified(channel=first["channel"], status="success", count=len(sent))
+        if len(sent) < len(ids):
+            logger.warning("notification %s was sent after its claim passed to another sender",
+                           _some([i for i in ids if i not in sent]))
+        logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
+
+    def _settle_interrupted(self, channel: Channel, group: list[dict], claimant: UUID) -> list[dict]:
+        """Rows whose last send began but whose outcome was never recorded (the sender died or froze mid-request):
+        where the channel can look them up, those the provider has are recorded as sent, not sent again. Returns
+        the rows still to send."""
+        find = getattr(channel, "find_accepted", None)
+        interrupted = [row for row in group if row.get("send_started_at") is not None]
+        if find is None or not interrupted:
+            return group
+        settled: set = set()
+        for digest in {row["send_digest"] for row in interrupted}:
+            these = [row for row in interrupted if row["send_digest"] == digest]
+            provider_id = find(recipient=these[0]["recipient"], digest=digest,
+                               since=min(row["send_started_at"] for row in these))
+            if provider_id is None:
+                continue
+            with self.pool.transaction() as cur:
+                marked = database.mark_notification_sent(
+                    cur, notification_ids=[row["id"] for row in these], claimant=claimant,
+                    provider_message_id=provider_id)
+            settled |= set(marked)
+            logger.warning("%s notification %s was accepted by the provider (%s) before its sender stopped; "
+                           "recorded as sent, not sent again", these[0]["channel"], _some([r["id"] for r in these]),
+                           provider_id)
+            self.metrics.notified(channel=these[0]["channel"], status="success", count=len(marked))
+        return [row for row in group if row["id"] not in settled]
+
+    def _may_send(self, channel: Channel, rows: list[dict], message: Message, claimant: UUID) -> bool:
+        """Whether this instance may still send these rows: its lease holds, and (for a channel whose sends can be
+        looked up) the claim is still ours as the send is recorded as begun."""
+        if not self.lease.valid():
+            logger.warning("notification %s not sent: this instance's lease is in doubt; another instance takes it "
+                           "over when the claim lapses", _some([row["id"] for row in rows]))
+            return False
+        if getattr(channel, "find_accepted", None) is None:
+            return True
+        ids = [row["id"] for row in rows]
+        with self.pool.transaction() as cur:
+            held = database.mark_send_started(cur, notification_ids=ids, claimant=claimant,
+                                              digest=body_digest(message.body))
+        return len(held) == len(ids)
+
+    def _record_failure(self, rows: list[dict], claimant: UUID, exc: NotificationError) -> None:
         first = rows[0]
         # Each row gives up after its own attempts; the rest retry together after the group's longest backoff.
         final = [row for row in rows if exc.permanent or row["attempts"] > self.settings.max_retries]
@@ -860,7 +963,7 @@ class Dispatcher:
             for attempts in sorted({row["attempts"] for row in final}):
                 reason = str(exc) if exc.permanent else f"{exc} (gave up after {attempts} attempts)"
                 ids = [row["id"] for row in final if row["attempts"] == attempts]
-                marked = set(database.mark_notification_failed(cur, notification_ids=ids, claimant_pid=claimant,
+                marked = set(database.mark_notification_failed(cur, notification_ids=ids, claimant=claimant,
                                                                error=reason))
                 failed += [row for row in final if row["id"] in marked]
                 database.insert_activities(cur, activities=[
@@ -872,7 +975,7 @@ class Dispatcher:
                 delay = retry_delay(attempts=max(row["attempts"] for row in retry),
                                     base_seconds=self.settings.retry_delay_seconds, retry_after=exc.retry_after)
                 retried = database.mark_notification_retry(cur, notification_ids=[row["id"] for row in retry],
-                                                           claimant_pid=claimant, error=str(exc), delay_seconds=delay)
+                                                           claimant=claimant, error=str(exc), delay_seconds=delay)
         self.metrics.notified(channel=first["channel"], status="failed", count=len(failed))
         self.metrics.notified(channel=first["channel"], status="retry", count=len(retried))
         # Rows whose claim passed to another sender are recorded by that sender.

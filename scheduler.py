@@ -23,6 +23,7 @@ import schedule
 import database
 import query_analysis
 import rules
+from cluster import Membership
 from config import Settings
 from evaluation import UNAVAILABLE_RETRY_SECONDS, Batch, Evaluator, Outcome, SourceHealth
 from metrics import Metrics
@@ -149,6 +150,7 @@ class _Registered:
     data_source_id: UUID
     tables: tuple[str, ...]
     schedule: rules.Schedule
+    version: int = 0
     token: int = field(default_factory=lambda: next(_TOKENS))
     events_error: str | None = "not yet recorded"
     # What the query's result depends on (None: the stored query no longer parses), and why a scheduled run must
@@ -183,6 +185,9 @@ class AlertScheduler:
         self, pool: database.Pool, settings: Settings, *, sources: database.SourcePools,
         on_outbox: Callable[[], None] = lambda: None, metrics: Metrics | None = None,
     ) -> None:
+        # Set by attach() when instances share the service database: then only the data sources this instance
+        # owns are listened to and evaluated here. Without it, this process owns them all.
+        self.membership: Membership | None = None
         self.pool = pool
         self.settings = settings
         self.sources = sources
@@ -194,7 +199,7 @@ class AlertScheduler:
         self._shares: dict[UUID | None, _Share] = {}
         self._share_lock = threading.Lock()
         self.evaluator = Evaluator(pool, settings, sources=sources, stopping=self._stop_requested,
-                                   on_outbox=on_outbox, metrics=self.metrics)
+                                   on_outbox=on_outbox, metrics=self.metrics, fence=self._fence)
         self._flights: dict[UUID, _Flight] = {}
         self._flight_lock = threading.Lock()
         # Housekeeping runs as `schedule` jobs. Alert runs are kept in a heap of due times: one `schedule.Job` per
@@ -228,8 +233,23 @@ class AlertScheduler:
 
     # --- life cycle ------------------------------------------------------------------------------------------
 
+    def attach(self, membership: Membership) -> None:
+        """Share the work with the other instances on the service database (before start)."""
+        self.membership = membership
+
+    def _holds(self, source_id: UUID | None) -> bool:
+        """Whether this instance evaluates the data source's alerts now."""
+        return self.membership is None or (source_id is not None and self.membership.holds(source_id) is not None)
+
+    def _fence(self) -> tuple[UUID, dict[UUID, int]] | None:
+        """What an evaluation's store checks in its transaction: this instance and the epochs it holds."""
+        if self.membership is None:
+            return None
+        return self.membership.instance_id, self.membership.owned()
+
     def start(self) -> None:
-        """Register every active alert, start listeners and the schedule thread, then evaluate each alert once."""
+        """Register every active alert and start the schedule thread; without a membership, also start listeners
+        and evaluate each alert once (with one, that happens per data source as this instance takes it)."""
         with self.pool.transaction() as cur:
             alerts = database.list_active_alerts(cur)
         with self._change_lock:
@@ -239,8 +259,9 @@ class AlertScheduler:
                 except rules.RuleError as exc:
                     # One unusable stored alert must not keep every other alert from running.
                     logger.error("alert %s (%s) not scheduled: %s", alert["name"], alert["id"], exc)
-            for source_id in {a["data_source_id"] for a in alerts}:
-                self._sync_source(source_id)
+            if self.membership is None:
+                for source_id in {a["data_source_id"] for a in alerts}:
+                    self._sync_source(source_id)
         self._history_hypertable = database.setup_evaluation_retention(
             self.pool, days=self.settings.evaluation_retention_days)
         self._guarded(self._prune_history)
@@ -254,10 +275,15 @@ class AlertScheduler:
         self._thread = threading.Thread(target=self._schedule_loop, name="schedule", daemon=True)
         self._thread.start()
         threading.Thread(target=self._watch_batches, name="batch-watch", daemon=True).start()
-        # Rows written while the service was down are found here; only the difference is sent. An alert whose
-        # result depends on nothing that can change (no table, no clock) and was stored under its current version
-        # needs no catch-up. (Without a record of changes made while the service was down, every alert that reads
-        # a table is evaluated.)
+        if self.membership is None:
+            self._catch_up_alerts(alerts)
+        logger.info("scheduler started with %d active alert(s)", len(alerts))
+
+    def _catch_up_alerts(self, alerts: list[dict]) -> None:
+        """Evaluate alerts once as their data source's work starts here. Rows written while nobody evaluated them
+        are found here; only the difference is sent. An alert whose result depends on nothing that can change (no
+        table, no clock) and was stored under its current version needs no catch-up. (Without a record of changes
+        made while nobody watched, every alert that reads a table is evaluated.)"""
         catch_up = []
         with self._state_lock:
             for alert in alerts:
@@ -267,10 +293,73 @@ class AlertScheduler:
                     entry.clean_since = float("-inf")
                 else:
                     catch_up.append(alert["id"])
-        self.skipped_catch_ups = len(alerts) - len(catch_up)
+        self.skipped_catch_ups += len(alerts) - len(catch_up)
         self.submit_many(catch_up, "catch_up")
-        logger.info("scheduler started with %d active alert(s); %d need no catch-up evaluation",
-                    len(alerts), self.skipped_catch_ups)
+
+    # --- data sources changing hands between instances ---------------------------------------------------------
+
+    def source_acquired(self, source_id: UUID, epoch: int, starting: bool) -> None:
+        """This instance now owns the data source: install its triggers, listen, and evaluate its alerts once.
+        At start-up this happens before start-up ends; on a takeover, in a thread of its own, so a data source
+        that hangs cannot hold up the lease or the other sources."""
+        if starting:
+            self._start_source(source_id)
+        else:
+            threading.Thread(target=self._guarded, args=(self._start_source, source_id),
+                             name=f"acquire-{source_id}", daemon=True).start()
+
+    def _start_source(self, source_id: UUID) -> None:
+        with self._change_lock:
+            if not self._holds(source_id):
+                return
+            self._sync_source(source_id)
+        with self.pool.transaction() as cur:
+            alerts = [a for a in database.list_active_alerts(cur) if a["data_source_id"] == source_id]
+        self._catch_up_alerts(alerts)
+        logger.info("data source %s: work started, %d alert(s)", source_id, len(alerts))
+
+    def source_released(self, source_id: UUID, wait: float) -> None:
+        """This instance no longer owns the data source: stop listening, let its running evaluations finish for
+        up to `wait` seconds (what is still running then is refused at its store by the new epoch), and forget
+        what later evaluations here would have built on."""
+        with self._change_lock:
+            self._stop_listener(source_id)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._batches_lock:
+                if source_id not in self._batches.values():
+                    break
+            time.sleep(0.02)
+        with self._state_lock:
+            alert_ids = [a for a, e in self._registered.items() if e.data_source_id == source_id]
+        self.evaluator.forget_baselines(alert_ids)
+
+    def peer_message(self, kind: str, ids: list[str]) -> None:
+        """Another instance changed something or asks for something (see Membership.publish)."""
+        if kind == "alerts":
+            self.alerts_changed([UUID(i) for i in ids], from_peer=True)
+        elif kind == "source":
+            for source_id in ids:
+                self.data_source_changed(UUID(source_id), from_peer=True)
+        elif kind == "run":
+            alert_ids = [UUID(i) for i in ids]
+            with self._state_lock:
+                owned = [a for a in alert_ids if a in self._registered
+                         and self._holds(self._registered[a].data_source_id)]
+            self.submit_many(owned, "manual")
+        elif kind == "resync":
+            self.resync()
+
+    def resync(self) -> None:
+        """Apply alert changes this instance was not told about (the stored versions differ from those registered)."""
+        with self.pool.transaction() as cur:
+            stored = {a["id"]: a["version"] for a in database.list_active_alerts(cur)}
+        with self._state_lock:
+            registered = {a: e.version for a, e in self._registered.items()}
+        changed = [a for a in set(stored) | set(registered) if stored.get(a) != registered.get(a)]
+        if changed:
+            logger.info("%d alert(s) changed without this instance being told; applying", len(changed))
+            self.alerts_changed(changed, from_peer=True)
 
     def _stop_requested(self) -> bool:
         return self._stop.is_set()
@@ -313,8 +402,12 @@ class AlertScheduler:
         """Apply a created, updated, paused, resumed or deleted alert at once."""
         self.alerts_changed([alert_id])
 
-    def alerts_changed(self, alert_ids, cause: str = "manual") -> None:
-        """Apply created, updated, paused, resumed or deleted alerts at once, each data source synced once."""
+    def alerts_changed(self, alert_ids, cause: str = "manual", *, from_peer: bool = False) -> None:
+        """Apply created, updated, paused, resumed or deleted alerts at once, each data source synced once (and
+        tell the other instances, unless they told us)."""
+        alert_ids = list(alert_ids)
+        if self.membership is not None and not from_peer and alert_ids:
+            self.membership.publish("alerts", alert_ids)
         active = []
         with self._change_lock:
             touched: set[UUID] = set()
@@ -335,13 +428,19 @@ class AlertScheduler:
                     touched.add(alert["data_source_id"])
                     active.append(alert_id)
             for source_id in touched:
+                if self.membership is not None and not self._holds(source_id):
+                    # A data source nobody holds yet (just created) is taken here, if it belongs here, so its
+                    # triggers exist before the API answers.
+                    self.membership.claim(source_id)
                 self._sync_source(source_id)
         self.submit_many(active, cause)
 
-    def data_source_changed(self, data_source_id: UUID) -> None:
+    def data_source_changed(self, data_source_id: UUID, *, from_peer: bool = False) -> None:
         """Reconnect to a data source whose connection changed (or let go of a deleted one): its triggers leave the
         database it read, its listener and pools start again from the stored row, and its alerts are evaluated
         once, as events sent meanwhile may have been missed."""
+        if self.membership is not None and not from_peer:
+            self.membership.publish("source", [data_source_id])
         with self._change_lock:
             with self._state_lock:
                 alert_ids = [a for a, e in self._registered.items() if e.data_source_id == data_source_id]
@@ -355,13 +454,13 @@ class AlertScheduler:
             self.evaluator.source_health.pop(data_source_id, None)
             # Their last results' snapshots were of the database the source read before: nothing builds on them.
             self.evaluator.forget_baselines(alert_ids)
-        self.alerts_changed(alert_ids, cause="catch_up")
+        self.alerts_changed(alert_ids, cause="catch_up", from_peer=True)
 
     def _register(self, alert: dict) -> None:
         alert_id = alert["id"]
         parsed = rules.parse_schedule(alert["schedule"])
         entry = _Registered(data_source_id=alert["data_source_id"], tables=tuple(alert["watched_tables"] or ()),
-                            schedule=parsed)
+                            schedule=parsed, version=alert["version"])
         try:
             entry.dependencies = query_analysis.dependencies(alert["query"])
             if not (entry.dependencies.relations or entry.dependencies.functions):
@@ -434,7 +533,11 @@ class AlertScheduler:
 
     def _sync_source(self, source_id: UUID) -> None:
         """Make the data source's triggers match its active alerts, record per alert why events are off, and
-        keep a listener running exactly while some alert there is event-driven."""
+        keep a listener running exactly while some alert there is event-driven. Only the data source's owner
+        does this; another instance leaves its triggers and listener to it."""
+        if not self._holds(source_id):
+            self._stop_listener(source_id)
+            return
         errors: dict[str, str] = {}
         try:
             here = self.sources.database_of(source_id)
@@ -517,7 +620,8 @@ class AlertScheduler:
     def _prune_changes(self) -> None:
         """Forget changed rows logged long ago on every answering data source whose tables log them."""
         with self._state_lock:
-            sources = {e.data_source_id for e in self._registered.values() if not isinstance(e.delta_form, str)}
+            sources = {e.data_source_id for e in self._registered.values() if not isinstance(e.delta_form, str)
+                       and self._holds(e.data_source_id)}
         health = dict(self.evaluator.source_health)
         for source_id in sources:
             if health.get(source_id, SourceHealth()).not_answering_since is not None:
@@ -535,7 +639,7 @@ class AlertScheduler:
             return
         try:
             with self._state_lock:
-                sources = {e.data_source_id for e in self._registered.values()}
+                sources = {e.data_source_id for e in self._registered.values() if self._holds(e.data_source_id)}
             health = dict(self.evaluator.source_health)
             for source_id in sources:
                 if health.get(source_id, SourceHealth()).not_answering_since is None:
@@ -554,6 +658,11 @@ class AlertScheduler:
         the logged changes each alert may be evaluated from; any other request makes the next evaluation a full one."""
         starting = []
         covered: set[UUID] = set()
+        if self.membership is not None:
+            # Another instance evaluates the alerts of the data sources it owns.
+            with self._state_lock:
+                alert_ids = [a for a in alert_ids if a in self._registered
+                             and self._holds(self._registered[a].data_source_id)]
         now = time.monotonic()
         with self._flight_lock:
             for alert_id in alert_ids:
@@ -658,6 +767,13 @@ class AlertScheduler:
                 if not batch:
                     share.running -= 1
                     return
+            if not self._holds(source_id):
+                # Given up while these waited: the new owner evaluates them as it takes the data source over.
+                with self._flight_lock:
+                    for alert_id, _ in batch:
+                        flight = self._flights[alert_id]
+                        flight.running, flight.pending, flight.deltas = False, None, None
+                continue
             try:
                 self._fly(source_id, batch)
             except Exception:
@@ -842,7 +958,21 @@ class AlertScheduler:
         self._enqueue(resumed)
 
     def run_now(self, alert_id: UUID, timeout: float) -> None:
-        """Evaluate an alert now and wait for that evaluation to finish."""
+        """Evaluate an alert now and wait for that evaluation to finish (on another instance when that one owns
+        the alert's data source: then until its evaluation is recorded)."""
+        with self._state_lock:
+            entry = self._registered.get(alert_id)
+        if self.membership is not None and entry is not None and not self._holds(entry.data_source_id):
+            with self.pool.transaction() as cur:
+                before = database.count_evaluations(cur, alert_id=alert_id)
+            self.membership.publish("run", [alert_id])
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not self._stop.is_set():
+                time.sleep(0.05)
+                with self.pool.transaction() as cur:
+                    if database.count_evaluations(cur, alert_id=alert_id) > before:
+                        return
+            return
         done = threading.Event()
         with self._flight_lock:
             self._waiters.setdefault(alert_id, []).append(done)
@@ -890,6 +1020,8 @@ class AlertScheduler:
                 try:
                     self._schedule.run_pending()
                     due, resume = self._pop_due(time.monotonic())
+                    if self.membership is not None:
+                        due = [a for a in due if self._holds(self._registered[a].data_source_id)]
                     ran = [alert_id for alert_id in due if not self._result_unchanged(alert_id)]
                     self.skipped_runs += len(due) - len(ran)
                     due = ran
@@ -1037,6 +1169,7 @@ class AlertScheduler:
         return {
             "running": self.alive,
             "active_alerts": active,
+            "owned_alerts": sum(1 for e in list(self._registered.values()) if self._holds(e.data_source_id)),
             "skipped_scheduled_runs": self.skipped_runs + self._covered_runs,
             "skipped_catch_ups": self.skipped_catch_ups,
             "incremental_evaluations": self.evaluator.incremental_evaluations,

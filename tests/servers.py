@@ -612,6 +612,15 @@ class _TwilioHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self) -> None:
+        status, payload = self.server.owner._list(self.path, self.headers.get("Authorization"))
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("twilio server %s - " + format, self.address_string(), *args)
 
@@ -626,6 +635,8 @@ class TwilioServer(_LoopbackServer):
         self._httpd: _TwilioHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._requests: list[TwilioRequest] = []
+        self._created: list[dict[str, Any]] = []  # Message resources answered 201, oldest first
+        self._lists = 0
         self._scripted: list[tuple[int, dict[str, Any], dict[str, str]]] = []
         self._trickles = 0
         self._stopping = threading.Event()
@@ -670,6 +681,7 @@ class TwilioServer(_LoopbackServer):
         """Forget recorded requests and pending scripted answers."""
         with self._cond:
             self._requests.clear()
+            self._created.clear()
             self._scripted.clear()
 
     def script(self, status: int, code: int | None = None, message: str = "", times: int = 1,
@@ -690,6 +702,31 @@ class TwilioServer(_LoopbackServer):
                 self._trickles -= 1
                 return True
             return False
+
+    @property
+    def lists(self) -> int:
+        """How many message list (look-up) requests were answered."""
+        with self._cond:
+            return self._lists
+
+    def _list(self, path: str, authorization: str | None) -> tuple[int, dict[str, Any]]:
+        """Twilio's message list, newest first, filtered by To and From (one page)."""
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        if authorization != expected:
+            return 401, _twilio_error(401, 20003, "Authenticate")
+        route, _, query = path.partition("?")
+        uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        if route != uri:
+            return 404, _twilio_error(404, 20404, f"The requested resource {path} was not found")
+        params = {key: values[0] for key, values in parse_qs(query).items()}
+        size = int(params.get("PageSize", 50))
+        with self._cond:
+            self._lists += 1
+            found = [m for m in reversed(self._created) if params.get("To", m["to"]) == m["to"]
+                     and params.get("From", m["from"]) == m["from"]][:size]
+        return 200, {"messages": found, "first_page_uri": f"{uri}?PageSize={size}&Page=0", "next_page_uri": None,
+                     "previous_page_uri": None, "page": 0, "page_size": size, "start": 0, "end": len(found) - 1,
+                     "uri": path}
 
     def wait_for(self, count: int, timeout: float = 10) -> list[TwilioRequest]:
         """Block until at least count requests were answered 201; return those."""
@@ -729,6 +766,10 @@ class TwilioServer(_LoopbackServer):
                 return 400, _twilio_error(400, code, text)
         sid, now = "SM" + uuid.uuid4().hex, format_datetime(datetime.now(timezone.utc))
         uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
+        self._created.append({
+            "sid": sid, "account_sid": self.account_sid, "to": form["To"], "from": form["From"], "body": form["Body"],
+            "status": "queued", "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
+            "direction": "outbound-api", "error_code": None, "error_message": None})
         return 201, {
             "sid": sid, "account_sid": self.account_sid, "messaging_service_sid": None,
             "to": form["To"], "from": form["From"], "body": form["Body"], "status": "queued",

@@ -217,3 +217,20 @@ def test_main_py_apply_plans_applies_and_then_has_nothing_to_change(db_dsn, tmp_
     path.write_text("alerts:\n  - name: Orders\n    schedule: interval:5m\n")
     bad = run()
     assert bad.returncode == 1 and "line 2: alerts[0].query" in bad.stderr and "nothing was changed" in bad.stderr
+
+
+def test_main_py_apply_reaches_a_running_service_at_once(service, smtp_server, db_dsn, tmp_path):
+    create_orders_table(db_dsn)
+    insert_orders(db_dsn, ["ORD-APPLIED"])
+    path = tmp_path / "alerts.yaml"
+    path.write_text("alerts:\n  - name: Orders\n    query: SELECT order_number FROM dc_order\n"
+                    "    schedule: interval:1h\n    notification_channels: {email: [ops@example.com]}\n")
+    env = {**os.environ, "DB_CONNECTION": db_dsn, "SECRET_KEY": TEST_SECRET_KEY, "LOG_FILE": "",
+           "DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "main.py", "apply", str(path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # The running service was told: its initial report arrives well before its 30 s look for unannounced changes.
+    mail = smtp_server.wait_for(1, timeout=10)[0]
+    assert "ORD-APPLIED" in mail.message.get_body(("plain",)).get_content()
+    eventually(lambda: service.services.scheduler.status()["active_alerts"] == 1, timeout=5)

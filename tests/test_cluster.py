@@ -1,0 +1,252 @@
+"""Several instances on one service database, in one process: who owns which data source, the fence on a store,
+the outbox's idempotency keys, Message-IDs, and a WhatsApp send interrupted by a crash. (The same with real
+processes killed, frozen and stopped: test_high_availability.py.)"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+
+import psycopg2
+import pytest
+
+import database
+from cluster import plan_ownership, preferred_owner
+from evaluation import Evaluator
+from notification import Dispatcher, WhatsAppChannel, body_digest, outbox_rows
+from tests.conftest import (Service, _new_database, create_orders_table, data_source_parts, drop_database, dsn_with,
+                            eventually, insert_orders)
+
+
+def test_every_instance_computes_the_same_owner_and_a_joining_instance_takes_only_its_share():
+    sources = [uuid.uuid4() for _ in range(300)]
+    two = [uuid.uuid4(), uuid.uuid4()]
+    three = [*two, uuid.uuid4()]
+    before = {s: preferred_owner(s, two) for s in sources}
+    after = {s: preferred_owner(s, list(reversed(three))) for s in sources}
+    moved = [s for s in sources if before[s] != after[s]]
+    assert all(after[s] == three[2] for s in moved), "a source moved between two instances that both stayed"
+    assert 60 <= len(moved) <= 140, len(moved)  # about a third
+    assert {after[s] for s in sources} == set(three)
+    assert preferred_owner(sources[0], []) is None
+
+
+def test_ownership_is_taken_only_from_no_one_or_the_dead_and_given_up_when_it_belongs_elsewhere():
+    me, other, dead = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    mine = next(s for s in iter(uuid.uuid4, None) if preferred_owner(s, [me, other]) == me)
+    theirs = next(s for s in iter(uuid.uuid4, None) if preferred_owner(s, [me, other]) == other)
+    instances = [me, other]
+    assert plan_ownership(me=me, instances=instances, sources={mine: (None, 0)}, owned=set()) == ([mine], [])
+    assert plan_ownership(me=me, instances=instances, sources={mine: (dead, 4)}, owned=set()) == ([mine], [])
+    # A live instance holds it (it is giving it up): wait for it.
+    assert plan_ownership(me=me, instances=instances, sources={mine: (other, 4)}, owned=set()) == ([], [])
+    assert plan_ownership(me=me, instances=instances, sources={theirs: (None, 0)}, owned=set()) == ([], [])
+    assert plan_ownership(me=me, instances=instances, sources={theirs: (me, 2)}, owned={theirs}) == ([], [theirs])
+    # Someone else holds what this instance thinks it owns (its lease ran out meanwhile): give it up.
+    assert plan_ownership(me=me, instances=instances, sources={mine: (other, 5)}, owned={mine}) == ([], [mine])
+    gone = uuid.uuid4()
+    assert plan_ownership(me=me, instances=instances, sources={}, owned={gone}) == ([], [gone])
+
+
+@pytest.fixture
+def source_dsns(pg_admin_dsn):
+    names = [_new_database(pg_admin_dsn) for _ in range(4)]
+    yield [dsn_with(pg_admin_dsn, dbname=name) for name in names]
+    for name in names:
+        drop_database(pg_admin_dsn, name)
+
+
+def owners(service: Service) -> dict[str, str]:
+    rows = service.sql("SELECT data_source_id, owner FROM source_owner WHERE owner IS NOT NULL")
+    return {str(r["data_source_id"]): str(r["owner"]) for r in rows}
+
+
+def test_two_instances_share_the_data_sources_and_the_survivor_takes_over_when_one_stops(
+        settings, smtp_server, source_dsns):
+    first = Service(settings.model_copy(update={"instance_name": "first"})).start()
+    second = None
+    try:
+        sources = []
+        for number, dsn in enumerate(source_dsns):
+            create_orders_table(dsn)
+            created = first.client.post("/data-sources/", json={"name": f"shop{number}", "allow_privileged_role": True,
+                                                                  **data_source_parts(dsn)})
+            assert created.status_code == 201, created.text
+            sources.append(created.json()["id"])
+        second = Service(settings.model_copy(update={"instance_name": "second"})).start()
+        for number, source_id in enumerate(sources):
+            # Created on either instance: the owner installs the trigger and evaluates.
+            (first if number % 2 else second).create_alert(
+                name=f"orders {number}", data_source_id=source_id, notification_channels={"email": ["ops@example.com"]})
+        ids = {str(first.services.membership.instance_id), str(second.services.membership.instance_id)}
+        eventually(lambda: set(sources) <= set(owners(first)) and set(owners(first).values()) == ids, timeout=10,
+                   message="the data sources spread over both instances")
+        def health_agrees():
+            health = first.client.get("/health").json()["cluster"]
+            return ([p["name"] for p in health["peers"]] == ["second"]
+                    and sorted(health["owns"] + health["peers"][0]["owns"]) == sorted(owners(first)) and health)
+        health = eventually(health_agrees, timeout=5, message="/health to show both instances and what they own")
+        assert health["name"] == "first" and health["owns"] and health["peers"][0]["owns"]
+
+        smtp_server.wait_for(4, timeout=20)  # each alert's initial report
+        for number, dsn in enumerate(source_dsns):
+            insert_orders(dsn, [f"ORD-{number}-A"])
+        mails = smtp_server.wait_for(8, timeout=20)
+
+        leaving = str(first.services.membership.instance_id)
+        handed = [s for s, o in owners(first).items() if o == leaving and s in sources]
+        stopped_at = time.monotonic()
+        first.stop()
+        first = None
+        survivor = str(second.services.membership.instance_id)
+        eventually(lambda: all(owners(second).get(s) == survivor for s in sources), timeout=5,
+                   message="the survivor to own every data source")
+        taken_in = time.monotonic() - stopped_at
+        assert taken_in < 5, taken_in
+        for number, dsn in enumerate(source_dsns):
+            insert_orders(dsn, [f"ORD-{number}-B"])
+        mails = smtp_server.wait_for(12, timeout=20)
+        time.sleep(1)
+        texts = [m.message.get_body(("plain",)).get_content() for m in smtp_server.messages]
+        for number in range(len(source_dsns)):
+            for suffix in "AB":
+                assert sum(f"ORD-{number}-{suffix}" in text for text in texts) == 1, (number, suffix, texts)
+        assert len(smtp_server.messages) == 12, [m.message["Subject"] for m in mails]
+        assert handed, "the stopped instance owned nothing: the hand-over was not exercised"
+    finally:
+        for service in (first, second):
+            if service is not None:
+                service.stop()
+
+
+def test_an_instance_that_lost_its_data_source_cannot_store_an_evaluation(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(notification_channels={"email": ["ops@example.com"]})
+    smtp_server.wait_for(1)
+    service.wait_idle()
+    membership = service.services.membership
+    source_id = uuid.UUID(alert["data_source_id"])
+    stale = (membership.instance_id, {source_id: membership.holds(source_id)})
+    # Another instance takes the source over, as it would from an instance frozen past its lease.
+    other = uuid.uuid4()
+    service.sql("INSERT INTO service_instance (id, name, expires_at) VALUES (%s, 'other', now() + interval '1 hour')",
+                (str(other),))
+    service.sql("UPDATE source_owner SET owner = %s, epoch = epoch + 1 WHERE data_source_id = %s",
+                (str(other), str(source_id)))
+    before = service.sql("SELECT evaluated_at FROM alert_state")[0]["evaluated_at"]
+    insert_orders(db_dsn, ["ORD-STALE"])
+    services = service.services
+    evaluator = Evaluator(services.pool, services.settings, sources=services.sources, fence=lambda: stale)
+    outcomes = evaluator.evaluate([(uuid.UUID(alert["id"]), "manual")])
+    assert outcomes[uuid.UUID(alert["id"])].outcome is None
+    assert service.sql("SELECT evaluated_at FROM alert_state")[0]["evaluated_at"] == before
+    assert service.sql("SELECT count(*) AS n FROM notification")[0]["n"] == 1
+    assert service.sql("SELECT count(*) AS n FROM incident")[0]["n"] == 0
+    # Under the epoch it holds, the same evaluation is stored.
+    owner = service.sql("SELECT epoch FROM source_owner WHERE data_source_id = %s", (str(source_id),))[0]["epoch"]
+    current = Evaluator(services.pool, services.settings, sources=services.sources,
+                        fence=lambda: (other, {source_id: owner}))
+    assert current.evaluate([(uuid.UUID(alert["id"]), "manual")])[uuid.UUID(alert["id"])].outcome == "triggered"
+
+
+def test_the_same_decision_queued_twice_is_in_the_outbox_once(service, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(notification_channels={"email": ["a@example.com", "b@example.com"]}, schedule="interval:1h")
+    service.wait_idle()
+    from notification import Rendered
+
+    rendered = Rendered(subject="s", text="t", html="<p>t</p>", whatsapp="w")
+    rows = outbox_rows(rendered=rendered, channels={"email": ["a@example.com", "b@example.com"]},
+                       alert_id=alert["id"], incident_id=None, kind="incident", decision_key="decision-1")
+    assert len({r["idempotency_key"] for r in rows}) == 2
+    with service.services.pool.transaction() as cur:
+        before = service.sql("SELECT count(*) AS n FROM notification")[0]["n"]
+        assert database.insert_notifications(cur, notifications=rows) == 2
+        assert database.insert_notifications(cur, notifications=rows) == 0
+    assert service.sql("SELECT count(*) AS n FROM notification")[0]["n"] == before + 2
+
+
+def test_an_email_carries_a_message_id_derived_from_the_notification_it_carries(service, smtp_server, db_dsn):
+    create_orders_table(db_dsn)
+    service.create_alert(notification_channels={"email": ["ops@example.com"]})
+    mail = smtp_server.wait_for(1)[0]
+    row = eventually(lambda: service.sql("SELECT id FROM notification WHERE status = 'SUCCESS'"))[0]
+    assert mail.message["Message-ID"] == f"<notification-{row['id']}@example.com>"
+    assert row["id"] and service.sql("SELECT idempotency_key FROM notification")[0]["idempotency_key"]
+
+
+def queue_interrupted_whatsapp(pool, body: str) -> uuid.UUID:
+    """A WhatsApp outbox row whose send began under an instance that then died (its claim lapsed)."""
+    with pool.transaction() as cur:
+        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
+                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                    "WHERE is_default RETURNING id")
+        alert_id = cur.fetchone()["id"]
+        cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, body, attempts, "
+                    "claimed_by, claimed_until, send_started_at, send_digest) "
+                    "VALUES (%s, 'incident', 'whatsapp', '+14155550123', %s, 1, %s, now() - interval '1 second', "
+                    "now() - interval '5 seconds', %s) RETURNING id",
+                    (alert_id, body, str(uuid.uuid4()), body_digest(body)))
+        return cur.fetchone()["id"]
+
+
+def test_a_whatsapp_message_twilio_accepted_before_its_sender_died_is_not_sent_again(
+        settings, db_dsn, twilio_server):
+    pool = database.service_pool(db_dsn, size=4)
+    body = "*[HIGH] Order Monitor: 1 new row*"
+    sid = WhatsAppChannel(settings).send(recipient="+14155550123", subject=None, body=body, html_body=None)
+    notification_id = queue_interrupted_whatsapp(pool, body)
+    dispatcher = Dispatcher(pool, settings)
+    dispatcher.start()
+    try:
+        row = eventually(lambda: [r for r in _rows(pool) if r["status"] == "SUCCESS"], timeout=10)[0]
+        assert row["id"] == notification_id and row["provider_message_id"] == sid
+        assert len(twilio_server.delivered) == 1 and twilio_server.lists >= 1
+    finally:
+        dispatcher.stop()
+        pool.close()
+
+
+def test_a_whatsapp_message_twilio_never_received_is_sent_once_after_its_sender_died(settings, db_dsn, twilio_server):
+    pool = database.service_pool(db_dsn, size=4)
+    queue_interrupted_whatsapp(pool, "*[HIGH] Order Monitor: 2 new rows*")
+    dispatcher = Dispatcher(pool, settings)
+    dispatcher.start()
+    try:
+        eventually(lambda: [r for r in _rows(pool) if r["status"] == "SUCCESS"], timeout=10)
+        time.sleep(0.5)
+        assert [r.body for r in twilio_server.delivered] == ["*[HIGH] Order Monitor: 2 new rows*"]
+        assert twilio_server.lists == 1
+    finally:
+        dispatcher.stop()
+        pool.close()
+
+
+def test_claims_of_an_instance_whose_lease_ran_out_are_taken_at_once(settings, db_dsn, smtp_server):
+    pool = database.service_pool(db_dsn, size=4)
+    frozen = uuid.uuid4()
+    with pool.transaction() as cur:
+        cur.execute("INSERT INTO service_instance (id, name, expires_at) VALUES (%s, 'frozen', "
+                    "clock_timestamp() - interval '1 second')", (str(frozen),))
+        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
+                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                    "WHERE is_default RETURNING id")
+        alert_id = cur.fetchone()["id"]
+        # Claimed for another 10 minutes, by an instance that stopped renewing its lease.
+        cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body, attempts, "
+                    "claimed_by, claimed_until) VALUES (%s, 'incident', 'email', 'ops@example.com', 'held', 'b', 1, "
+                    "%s, now() + interval '10 minutes')", (alert_id, str(frozen)))
+    dispatcher = Dispatcher(pool, settings)
+    dispatcher.start()
+    try:
+        assert smtp_server.wait_for(1, timeout=10)[0].message["Subject"] == "held"
+    finally:
+        dispatcher.stop()
+        pool.close()
+
+
+def _rows(pool) -> list[dict]:
+    with pool.transaction() as cur:
+        cur.execute("SELECT * FROM notification ORDER BY created_at, seq")
+        return cur.fetchall()
