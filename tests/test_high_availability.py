@@ -18,10 +18,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from uuid import UUID
 
 import psycopg2
 import pytest
 
+from cluster import preferred_owner
 from tests.conftest import (TEST_SECRET_KEY, _new_database, drop_database, dsn_with, eventually, fetch, free_port,
                             wait_for_health)
 from tests.servers import ReceivedMail, SmtpServer
@@ -204,7 +206,8 @@ def ownership(instances: list[Instance]) -> dict[Instance, tuple[str, set[str]]]
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP", "SIGTERM"])
 def test_when_the_owner_of_a_busy_source_dies_another_takes_over_within_5_s_and_every_row_is_emailed_once(
-        how, db_dsn, source_dsns, smtp_server, tmp_path):
+        how, db_dsn, source_dsns, empty_dsn, smtp_server, tmp_path):
+    spare_dsn = empty_dsn
     env = instance_env(db_dsn, smtp_server, tmp_path / "data")
     instances = [Instance(f"instance-{i}", env, tmp_path / f"instance-{i}.log") for i in range(3)]
     stream: Stream | None = None
@@ -225,16 +228,26 @@ def test_when_the_owner_of_a_busy_source_dies_another_takes_over_within_5_s_and_
             for k in range(SOURCES) for j, (kind, query) in enumerate(ALERT_QUERIES.items())]
         smtp_server.wait_for(len(alerts), timeout=20)  # the initial reports: every alert ran once
 
+        # Sources are placed by rendezvous hashing, which puts three sources on three instances one each only about
+        # a time in five: idle sources (on a spare database, without alerts) are added until each instance is the
+        # place of one, so that the spread can be checked every time.
+        instance_ids = [UUID(i.cluster()["instance"]) for i in instances]
+        everything = [source["id"] for source in instances[0].call("GET", "/data-sources/")]
+        while {preferred_owner(UUID(s), instance_ids) for s in everything} != set(instance_ids):
+            everything.append(instances[0].call("POST", "/data-sources/", {
+                "name": f"idle-{len(everything)}", "dsn": spare_dsn, "allow_privileged_role": True})["id"])
+
         def spread() -> dict[Instance, tuple[str, set[str]]] | None:
             owned = ownership(instances)
             if owned is None:
                 return None
-            # The default data source (the service database) may be owned too; these three are what is counted.
-            ours = [owns & set(sources) for _, owns in owned.values()]
-            return owned if all(ours) and sorted(s for o in ours for s in o) == sorted(sources) else None
+            live = [UUID(instance) for instance, _ in owned.values()]
+            holders = {s: [UUID(instance) for instance, owns in owned.values() if s in owns] for s in everything}
+            return owned if all(holders[s] == [preferred_owner(UUID(s), live)] for s in everything) else None
 
-        # Work is spread: each of the three owns one of the three sources, and no source has two owners.
+        # Work is spread: every source has one owner, the one the placement names, and each instance owns some.
         owned = eventually(spread, timeout=15, interval=0.2, message="the sources to be spread over the instances")
+        assert all(owns for _, owns in owned.values())
         busy = sources[0]
         victim, (victim_id, _) = next((i, shown) for i, shown in owned.items() if busy in shown[1])
         survivors = [i for i in instances if i is not victim]
