@@ -358,7 +358,8 @@ class Membership:
         while not self._stop.is_set():
             conn = None
             try:
-                conn = database.open_listener(self.lease.dsn, database.CLUSTER_CHANNEL)
+                conn = database.open_listener(self.lease.dsn, database.CLUSTER_CHANNEL,
+                                              application_name="alert-service-cluster")
                 backoff = 0.2
                 if not first:
                     self._messages.put(("resync", []))

@@ -1185,7 +1185,7 @@ def list_alerts(cur, *, status: str | None = None, priority: str | None = None, 
     return cur.fetchall()
 
 
-def list_active_alerts(cur) -> list[dict]:
+def list_active_alerts(cur, *, data_source_id: UUID | None = None) -> list[dict]:
     """Every active alert, for the scheduler, with what start-up needs to know of its stored state: the version it
     was evaluated under (state_version, None when there is none) and whether it is settled (state_clean: its last
     evaluation succeeded and nothing in it waits for the clock, such as a `for`, a repeat, a cooldown or a digest,
@@ -1195,7 +1195,9 @@ def list_active_alerts(cur) -> list[dict]:
                 "AND (s.cooldown_until IS NULL OR s.cooldown_until <= now()) AND s.digest IS NULL "
                 "AND s.condition_state IS DISTINCT FROM 'FIRING', "
                 "false) AS state_clean FROM alert_config a "
-                "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.status = 'ACTIVE' ORDER BY a.created_at, a.id")
+                "LEFT JOIN alert_state s ON s.alert_config_id = a.id WHERE a.status = 'ACTIVE' "
+                "AND (%(source)s::uuid IS NULL OR a.data_source_id = %(source)s::uuid) ORDER BY a.created_at, a.id",
+                {"source": data_source_id})
     return cur.fetchall()
 
 
@@ -2508,9 +2510,10 @@ def prune_changes(pool: Pool, *, older_than_seconds: float) -> int:
         return cur.rowcount
 
 
-def open_listener(dsn: str, channel: str = NOTIFY_CHANNEL) -> psycopg2.extensions.connection:
+def open_listener(dsn: str, channel: str = NOTIFY_CHANNEL, *,
+                  application_name: str = "alert-service-listener") -> psycopg2.extensions.connection:
     """A dedicated autocommit connection listening on the change channel (or another)."""
-    conn = connect(dsn, application_name="alert-service-listener")
+    conn = connect(dsn, application_name=application_name)
     conn.autocommit = True
     try:
         with deadline(conn, PING_DEADLINE_SECONDS, what="the data source", dsn=dsn), conn.cursor() as cur:

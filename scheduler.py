@@ -312,9 +312,12 @@ class AlertScheduler:
         with self._change_lock:
             if not self._holds(source_id):
                 return
-            self._sync_source(source_id)
+            with self._state_lock:
+                used = any(e.data_source_id == source_id for e in self._registered.values())
+            if used:  # a data source no alert reads is not even connected to
+                self._sync_source(source_id)
         with self.pool.transaction() as cur:
-            alerts = [a for a in database.list_active_alerts(cur) if a["data_source_id"] == source_id]
+            alerts = database.list_active_alerts(cur, data_source_id=source_id)
         self._catch_up_alerts(alerts)
         logger.info("data source %s: work started, %d alert(s)", source_id, len(alerts))
 
