@@ -23,8 +23,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model,
+                      field_validator, model_serializer, model_validator)
 
 import config_plan
 import database
@@ -72,6 +72,7 @@ class Services:
     box: database.SecretBox
     sources: database.SourcePools
     dispatcher: Dispatcher | None = None  # None without background threads (the apply command)
+    delivery_poller: notification.DeliveryStatusPoller | None = None  # asks Twilio when it cannot call back
     scheduler: AlertScheduler | None = None
     membership: Membership | None = None
     metrics: Metrics | None = None
@@ -82,7 +83,7 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
     """Connect, migrate, and start the dispatcher and the scheduler."""
     services = open_services(settings, dsn)
     try:
-        services.metrics = Metrics()
+        services.metrics = Metrics(channels=notification.channel_names())
         lease = Lease(services.pool.dsn, settings)
         services.dispatcher = Dispatcher(services.pool, settings, metrics=services.metrics, lease=lease)
         services.scheduler = AlertScheduler(services.pool, settings, sources=services.sources,
@@ -106,6 +107,9 @@ def start_services(settings: Settings, dsn: str | None = None) -> Services:
         services.dispatcher.start()
         services.scheduler.start()
         services.membership.start()
+        if not settings.public_base_url and (settings.whatsapp_enabled or settings.sms_enabled):
+            services.delivery_poller = notification.DeliveryStatusPoller(services.pool, settings)
+            services.delivery_poller.start()
     except BaseException:
         stop_services(services)
         raise
@@ -121,6 +125,7 @@ def open_services(settings: Settings, dsn: str | None = None) -> Services:
                                  deadline_seconds=database.SERVICE_DEADLINE_SECONDS)
     try:
         database.migrate(pool)
+        database.allow_channels(pool, channels=notification.channel_names())
         box = database.SecretBox(settings.secret_key.get_secret_value() if settings.secret_key else None)
         # Fail at start-up, not at the first alert, when the key cannot read what is stored.
         database.check_stored_secrets(pool, box)
@@ -160,6 +165,8 @@ def stop_services(services: Services) -> None:
             services.scheduler.stop(timeout=STOP_SECONDS)
         if services.dispatcher is not None:
             services.dispatcher.stop(timeout=STOP_SECONDS)
+        if services.delivery_poller is not None:
+            services.delivery_poller.stop(timeout=STOP_SECONDS)
         if services.membership is not None:
             # Last: what this instance owned is released only once nothing of it runs here any more; the other
             # instances are told and take it over at once.
@@ -198,6 +205,7 @@ def create_app(settings: Settings | None = None, dsn: str | None = None) -> Fast
     _install_error_handlers(app)
     _install_routes(app)
     _install_metrics(app)
+    _install_twilio_status(app)
     return app
 
 
@@ -341,7 +349,9 @@ class _Gate:
             request = Request(scope)
             refusal = None
             path = scope["path"]
-            public = path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL) or path.startswith(DOCS_ASSETS_URL + "/")
+            # Twilio's status callbacks carry Twilio's signature, not an API key: the route checks that.
+            public = (path in ("/health", DOCS_URL, REDOC_URL, OPENAPI_URL, notification.TWILIO_STATUS_PATH)
+                      or path.startswith(DOCS_ASSETS_URL + "/"))
             problem = None if public else _key_refusal(request)
             if problem is not None:
                 refusal = JSONResponse(status_code=401, content={"detail": problem},
@@ -394,35 +404,77 @@ class RequestBody(BaseModel):
 EmailAddress = Annotated[str, AfterValidator(ascii_email), WithJsonSchema({"type": "string", "format": "email"})]
 
 
-class NotificationChannels(RequestBody):
-    """Recipients per channel; at least one recipient in all."""
+def _recipients_of(transport: type[notification.Transport]):
+    """The field validator of one channel's recipients: the transport's own check."""
+    def check(cls, values: list[str]) -> list[str]:
+        return transport.recipients(values)
+    return field_validator(transport.name)(check)
+
+
+def _someone(self) -> RequestBody:
+    """At least one recipient in all, given or by reference."""
+    if not any(getattr(self, name) for name in [*notification.TRANSPORTS, "users", "teams"]):
+        raise ValueError(f"at least one recipient is needed in {' or '.join(notification.TRANSPORTS)}, or a user "
+                         "or team in users or teams")
+    return self
+
+
+# Channels a user is reached on: those a user's record has an address for.
+PersonChannel = Literal[tuple(notification.PERSON_ADDRESSES)]
+
+
+class _StoredChannels(RequestBody):
+    """Recipients as stored: email and whatsapp always (as before other channels existed), the rest when given."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler) -> dict:
+        data = handler(self)
+        return {key: value for key, value in data.items()
+                if key in ("email", "whatsapp") or (value and not (key == "user_channels" and value == ["email"]))}
+
+
+# Recipients per channel, one list per registered channel: a new channel is a new field with no edit here.
+NotificationChannels = create_model(
+    "NotificationChannels",
+    __base__=_StoredChannels,
+    __doc__="Recipients per channel; at least one recipient in all.",
+    __validators__={**{f"_{name}": _recipients_of(transport) for name, transport in notification.TRANSPORTS.items()},
+                    "_someone": model_validator(mode="after")(_someone)},
+    **{name: (list[Annotated[str, WithJsonSchema(transport.recipient_schema)]],
+              Field(default_factory=list, max_length=100, description=transport.recipients_noun))
+       for name, transport in notification.TRANSPORTS.items()},
+    users=(list[UUID], Field(default_factory=list, max_length=100,
+                             description="Users (ids) reached at their current email and phone when a message is "
+                                         "queued")),
+    teams=(list[UUID], Field(default_factory=list, max_length=100,
+                             description="Teams (ids) whose members, as they are when a message is queued, are "
+                                         "reached")),
+    user_channels=(list[PersonChannel], Field(
+        default_factory=lambda: ["email"], min_length=1, max_length=3,
+        description="The channels users and team members are reached on: email (their email), whatsapp and sms "
+                    "(their phone)")),
+)
+NotificationChannels.model_config = ConfigDict(extra="forbid", json_schema_extra={
+    "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
+NotificationChannels.model_rebuild(force=True)
+
+
+ChannelName = Literal[tuple(notification.channel_names())]
+
+
+class WhatsAppTemplate(RequestBody):
+    """An approved WhatsApp Content template, and the message field each of its variables is filled with."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "example": {"email": ["oncall@example.com"], "whatsapp": ["+14155550123"]}})
+        "example": {"content_sid": "HX0123456789abcdef0123456789abcdef",
+                    "variables": {"1": "alert_name", "2": "row_count", "3": "first_rows"}}})
 
-    email: list[EmailAddress] = Field(default_factory=list, max_length=100)
-    whatsapp: list[str] = Field(default_factory=list, max_length=100)
-
-    @field_validator("whatsapp")
-    @classmethod
-    def _e164(cls, numbers: list[str]) -> list[str]:
-        cleaned = [n.strip().removeprefix("whatsapp:") for n in numbers]
-        bad = [n for n in cleaned if not is_e164(n)]
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: WhatsApp numbers must be in E.164 form, '+' and 8 to 15 digits")
-        return list(dict.fromkeys(cleaned))
-
-    @field_validator("email")
-    @classmethod
-    def _unique(cls, addresses: list[str]) -> list[str]:
-        return list(dict.fromkeys(addresses))
-
-    @model_validator(mode="after")
-    def _someone(self) -> "NotificationChannels":
-        if not self.email and not self.whatsapp:
-            raise ValueError("at least one recipient is needed in email or whatsapp")
-        return self
-
+    content_sid: str = Field(pattern=r"^HX[0-9a-fA-F]{32}$",
+                             description="The template's Content SID in Twilio's Content Template Builder")
+    variables: dict[Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_]+$")],
+                    Literal[notification.TEMPLATE_SOURCES]] = Field(
+        default_factory=dict, max_length=20,
+        description="Template variable ({{1}}, {{name}}) to message field: " + ", ".join(notification.TEMPLATE_SOURCES))
 
 _ALERT_EXAMPLE = {
     "name": "Order Monitor",
@@ -458,6 +510,9 @@ class AlertConfigIn(RequestBody):
     key_columns: list[Annotated[str, Field(min_length=1, max_length=63)]] | None = Field(None, max_length=32)
     schedule: str = Field(max_length=255)
     notification_channels: NotificationChannels
+    whatsapp_template: WhatsAppTemplate | None = Field(
+        None, description="Send WhatsApp messages as this approved template: delivery then does not depend on the "
+                          "24-hour window (error 63016)")
     priority: Priority = Priority.MEDIUM
     created_by: UUID | None = None
 
@@ -541,6 +596,7 @@ class AlertConfigOut(BaseModel):
     key_columns: list[str] | None
     schedule: str
     notification_channels: dict[str, list[str]]
+    whatsapp_template: dict[str, Any] | None = None
     priority: Priority
     status: str
     created_by: UUID | None
@@ -768,6 +824,9 @@ class MessagePreview(BaseModel):
     email_subject: str
     email_text: str
     whatsapp_text: str
+    texts: dict[str, str] = Field(description="The body each channel of the alert would send, by channel")
+    whatsapp_template: dict[str, Any] | None = Field(
+        None, description="With the alert's WhatsApp template: its content_sid and the variables that would be sent")
 
 
 class TestResult(BaseModel):
@@ -811,6 +870,11 @@ class NotificationOut(BaseModel):
     error: str | None
     created_at: datetime
     sent_at: datetime | None
+    delivery_status: str | None = Field(description="What the provider reported after accepting the message "
+                                        "(Twilio: queued, sent, delivered, read, failed, undelivered)")
+    delivery_error_code: int | None
+    delivery_hint: str | None = Field(description="What delivery_error_code means and what to do")
+    delivery_updated_at: datetime | None
 
 
 class EvaluationOut(LastEvaluation):
@@ -939,6 +1003,12 @@ def validate_alert(services: Services, body: AlertConfigIn, *, source: dict | No
         rules.key_indexes(columns, body.key_columns)
     except rules.RuleError as exc:
         raise field_error("key_columns", str(exc)) from None
+    channels = body.notification_channels
+    if channels.users or channels.teams:
+        with services.pool.transaction() as cur:
+            missing = database.missing_people(cur, user_ids=channels.users, team_ids=channels.teams)
+        if missing:
+            raise field_error("notification_channels", f"{', '.join(missing)} does not exist")
     if body.message_template is not None:
         try:
             notification.check_template(body.message_template)
@@ -985,7 +1055,7 @@ def alert_body(row: dict) -> dict:
         "trigger_condition": row["trigger_condition"] if row["trigger_condition"] is not None else row["condition"],
         "message_template": row["message_template"], "key_columns": row["key_columns"],
         "schedule": row["schedule"], "notification_channels": row["notification_channels"],
-        "priority": row["priority"], "created_by": row["created_by"],
+        "priority": row["priority"], "created_by": row["created_by"], "whatsapp_template": row["whatsapp_template"],
     }
 
 
@@ -1101,7 +1171,9 @@ def _stored_configuration(cur) -> tuple[dict, dict, list[str]]:
             "data_source": source_names[row["data_source_id"]],
             **{k: body[k] for k in ("trigger_condition", "message_template", "key_columns", "schedule",
                                     "notification_channels", "priority")},
-            "status": row["status"], "created_by": user_emails.get(row["created_by"])}
+            "status": row["status"], "created_by": user_emails.get(row["created_by"]),
+            # Only when set, so the files of alerts without one read as before.
+            **({"whatsapp_template": body["whatsapp_template"]} if body["whatsapp_template"] else {})}
         by_key["alerts"][row["name"]] = row
     return entries, by_key, sorted(set(duplicates))
 
@@ -1196,7 +1268,9 @@ def _validate_entries(document: config_plan.Document, environ: Mapping[str, str]
                             else rules.parse_condition(condition).as_dict(),
                             "message_template": body.message_template, "key_columns": body.key_columns,
                             "schedule": body.schedule, "notification_channels": body.notification_channels.model_dump(),
-                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator}
+                            "priority": body.priority.value, "status": status or "ACTIVE", "created_by": creator,
+                            "whatsapp_template": body.whatsapp_template.model_dump()
+                            if body.whatsapp_template else None}
                 if found:
                     raise _Refused
             except (ValidationError, HTTPException) as exc:
@@ -1785,11 +1859,12 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
     def list_notifications(services: ServicesDep, incident_id: UUID | None = None,
                            alert_config_id: UUID | None = None,
                            status: Literal["PENDING", "RETRY", "SUCCESS", "FAILED"] | None = None,
-                           channel: Literal["email", "whatsapp"] | None = None, skip: Skip = 0, limit: Limit = 100):
+                           channel: ChannelName | None = None, skip: Skip = 0, limit: Limit = 100):
         """Notifications, newest first, with their delivery status and error."""
         with services.pool.transaction() as cur:
-            return database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
+            rows = database.list_notifications(cur, incident_id=incident_id, alert_id=alert_config_id,
                                                status=status, channel=channel, skip=skip, limit=limit)
+        return [{**row, "delivery_hint": notification.delivery_hint(row["delivery_error_code"])} for row in rows]
 
     app.include_router(router)
 
@@ -1806,8 +1881,8 @@ def _install_routes(app: FastAPI) -> None:  # noqa: C901 - one place that lists 
                 "scheduler": services.scheduler.status(),
                 "dispatcher": {"running": services.dispatcher.alive,
                                "reaching_database": services.dispatcher.healthy},
-                "channels": {"email": services.settings.email_enabled,
-                             "whatsapp": services.settings.whatsapp_enabled},
+                "channels": {name: transport.enabled(services.settings)
+                             for name, transport in notification.TRANSPORTS.items()},
                 "cluster": services.membership.status(),
             }
         try:
@@ -1842,6 +1917,41 @@ def _install_metrics(app: FastAPI) -> None:
         return Response(content=body, media_type=media_type)
 
     app.include_router(router)
+
+
+def _install_twilio_status(app: FastAPI) -> None:
+    """Twilio's status callbacks: no API key (Twilio cannot send one) but Twilio's signature, checked against
+    TWILIO_AUTH_TOKEN and the URL Twilio was given (PUBLIC_BASE_URL)."""
+
+    @app.post(notification.TWILIO_STATUS_PATH, tags=["notifications"], status_code=204,
+              responses={403: {"description": "X-Twilio-Signature is missing or does not match"}})
+    async def twilio_status(request: Request):
+        """Record what Twilio reports about a message it accepted (delivered, read, failed, undelivered and its
+        error code). Twilio signs each call with the account's auth token; any other call is a 403."""
+        from urllib.parse import parse_qsl
+
+        from twilio.request_validator import RequestValidator
+
+        services = _services(request)
+        settings = services.settings
+        if not settings.public_base_url or settings.twilio_auth_token is None:
+            raise HTTPException(403, "status callbacks need PUBLIC_BASE_URL and TWILIO_AUTH_TOKEN")
+        form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        url = settings.public_base_url + notification.TWILIO_STATUS_PATH
+        if request.url.query:
+            url += "?" + request.url.query
+        signature = request.headers.get("x-twilio-signature", "")
+        validator = RequestValidator(settings.twilio_auth_token.get_secret_value())
+        if not signature or not validator.validate(url, form, signature):
+            logger.warning("refused a Twilio status callback with a missing or wrong signature")
+            raise HTTPException(403, "X-Twilio-Signature does not match: not a call from Twilio for this account")
+        sid, status = form.get("MessageSid"), form.get("MessageStatus")
+        if not sid or not status:
+            raise HTTPException(422, "MessageSid and MessageStatus are required")
+        code = form.get("ErrorCode")
+        await run_in_threadpool(notification.record_delivery_status, services.pool, provider_message_id=sid,
+                                status=status, error_code=int(code) if code and code.isdigit() else None)
+        return Response(status_code=204)
 
 
 # `uvicorn api:app` works too: settings are read when the app starts, in its lifespan.

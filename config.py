@@ -48,6 +48,19 @@ class Settings(BaseSettings):
     # Twilio's default throughput of a WhatsApp sender for text messages is 10 a second; 0 is no limit.
     twilio_max_per_second: float = Field(10.0, ge=0, le=10_000)
 
+    # Without PUBLIC_BASE_URL, a message's delivery status is asked for this long after its send, then after
+    # twice that, and so on (at most 8 times within a day).
+    twilio_status_poll_seconds: float = Field(30.0, gt=0, le=3600)
+    # SMS through the same Twilio account: this sender, or TWILIO_FROM_NUMBER when unset.
+    twilio_sms_from_number: str | None = None
+
+    # Where people reach this service: links in messages (incident, alert) and Twilio's delivery status callbacks.
+    public_base_url: str | None = None
+    # Webhook bodies are signed with this (HMAC-SHA256); webhooks are sent only when it is set.
+    webhook_signing_secret: SecretStr | None = None
+    # Requests open at once per HTTP channel (webhook, Slack).
+    webhook_connections: int = Field(4, ge=1, le=64)
+
     retry_delay_minutes: float = Field(10.0, ge=0, le=24 * 60)
     max_retries: int = Field(3, ge=0, le=100)
 
@@ -80,8 +93,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
 
     @field_validator(
-        "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number", "instance_name",
-        mode="before"
+        "smtp_host", "smtp_username", "smtp_from", "twilio_account_sid", "twilio_from_number",
+        "twilio_sms_from_number", "public_base_url", "instance_name", mode="before"
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -91,7 +104,8 @@ class Settings(BaseSettings):
         return value.strip() if isinstance(value, str) else value
 
     @field_validator(
-        "db_connection", "reader_dsn", "smtp_password", "twilio_auth_token", "smtp_ca_file", "api_key", "secret_key", mode="before"
+        "db_connection", "reader_dsn", "smtp_password", "twilio_auth_token", "smtp_ca_file", "api_key", "secret_key",
+        "webhook_signing_secret", mode="before"
     )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
@@ -184,7 +198,7 @@ class Settings(BaseSettings):
         address = ascii_email(address)
         return formataddr((name, address), "utf-8") if name else address
 
-    @field_validator("twilio_from_number")
+    @field_validator("twilio_from_number", "twilio_sms_from_number")
     @classmethod
     def _from_number_is_e164(cls, value: str | None) -> str | None:
         if value is None:
@@ -201,6 +215,23 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or "?" in value or "#" in value:
+            raise ValueError("must be the URL people and Twilio reach this service at, such as "
+                             "https://alerts.example.com, without a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("webhook_signing_secret")
+    @classmethod
+    def _signing_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (python -c 'import secrets; print(secrets.token_hex(32))')")
+        return value
+
     @property
     def email_sender(self) -> str | None:
         """The From address of alert emails."""
@@ -215,6 +246,16 @@ class Settings(BaseSettings):
     def whatsapp_enabled(self) -> bool:
         """True when enough Twilio settings are present to send WhatsApp messages."""
         return bool(self.twilio_account_sid and self.twilio_auth_token and self.twilio_from_number)
+
+    @property
+    def sms_enabled(self) -> bool:
+        """True when enough Twilio settings are present to send SMS."""
+        return bool(self.twilio_account_sid and self.twilio_auth_token and self.sms_sender)
+
+    @property
+    def sms_sender(self) -> str | None:
+        """The number SMS are sent from."""
+        return self.twilio_sms_from_number or self.twilio_from_number
 
     @property
     def api_keys(self) -> list[str]:

@@ -877,6 +877,41 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE UNIQUE INDEX notification_idempotency_key ON notification (idempotency_key);
         """,
     ),
+    (
+        9,
+        "the outbox's channels come from the service's channel registry",
+        """
+        -- allow_channels() puts it back at start-up, naming the channels the running code has.
+        ALTER TABLE notification DROP CONSTRAINT IF EXISTS notification_channel_check;
+        """,
+    ),
+    (
+        10,
+        "what Twilio reports after accepting a message: its delivery status and error code",
+        """
+        -- Twilio answers 'queued'; delivered, read, failed or undelivered (with an error code) comes later, by
+        -- status callback or, without PUBLIC_BASE_URL, by asking (delivery_checks times, next at delivery_check_at).
+        ALTER TABLE notification
+            ADD COLUMN delivery_status text,
+            ADD COLUMN delivery_error_code integer,
+            ADD COLUMN delivery_updated_at timestamptz,
+            ADD COLUMN delivery_checks integer NOT NULL DEFAULT 0,
+            ADD COLUMN delivery_check_at timestamptz;
+        CREATE INDEX notification_by_provider_message ON notification (provider_message_id)
+            WHERE provider_message_id IS NOT NULL;
+        """,
+    ),
+    (
+        11,
+        "WhatsApp templates: an alert's approved Content template and the variables each message fills it with",
+        """
+        -- {"content_sid": "HX…", "variables": {"1": "alert_name", …}}: business-initiated WhatsApp messages outside
+        -- the 24-hour window must use an approved template.
+        ALTER TABLE alert_config ADD COLUMN whatsapp_template jsonb;
+        -- {"content_sid": "HX…", "variables": {"1": "Orders", …}}: the values one message sends.
+        ALTER TABLE notification ADD COLUMN template jsonb;
+        """,
+    ),
 ]
 
 
@@ -911,6 +946,25 @@ def migrate(pool: Pool) -> list[int]:
             applied.append(version)
             logger.info("applied migration %s: %s", version, description)
     return applied
+
+
+def allow_channels(pool: Pool, *, channels: Sequence[str]) -> None:
+    """Limit the outbox's channel column to these channels (the registry's), unless it is limited to them already."""
+    wanted = ",".join(sorted(set(channels)))
+    with pool.transaction(deadline_seconds=None) as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        # The constraint's comment names its channels: cheaper and surer than parsing its definition back.
+        cur.execute("SELECT obj_description(oid, 'pg_constraint') AS channels FROM pg_constraint "
+                    "WHERE conrelid = 'notification'::regclass AND conname = 'notification_channel_check'")
+        found = cur.fetchone()
+        if found is not None and found["channels"] == wanted:
+            return
+        # NOT VALID: rows of a channel an older version had do not stop start-up; every new row is checked.
+        cur.execute(sql.SQL("ALTER TABLE notification DROP CONSTRAINT IF EXISTS notification_channel_check, "
+                            "ADD CONSTRAINT notification_channel_check CHECK (channel = ANY ({})) NOT VALID").format(
+            sql.Literal(sorted(set(channels)))))
+        cur.execute(sql.SQL("COMMENT ON CONSTRAINT notification_channel_check ON notification IS {}").format(
+            sql.Literal(wanted)))
 
 
 def init_db(dsn: str | None = None) -> str:
@@ -1080,6 +1134,24 @@ def get_user(cur, *, user_id: UUID) -> dict | None:
     return cur.fetchone()
 
 
+def people(cur, *, user_ids: Sequence[UUID], team_ids: Sequence[UUID]) -> list[dict]:
+    """The users named and the members of the teams named, each once, with their current email and phone."""
+    cur.execute("SELECT DISTINCT id, email, phone, team_id FROM users "
+                "WHERE id = ANY(%(users)s::uuid[]) OR team_id = ANY(%(teams)s::uuid[]) ORDER BY id",
+                {"users": [str(u) for u in user_ids], "teams": [str(t) for t in team_ids]})
+    return cur.fetchall()
+
+
+def missing_people(cur, *, user_ids: Sequence[UUID], team_ids: Sequence[UUID]) -> list[str]:
+    """Which of these users and teams do not exist, as 'user <id>' and 'team <id>'."""
+    cur.execute("SELECT 'user ' || u AS missing FROM unnest(%(users)s::uuid[]) u "
+                "WHERE NOT EXISTS (SELECT 1 FROM users WHERE id = u) "
+                "UNION ALL SELECT 'team ' || t FROM unnest(%(teams)s::uuid[]) t "
+                "WHERE NOT EXISTS (SELECT 1 FROM team WHERE id = t)",
+                {"users": [str(u) for u in user_ids], "teams": [str(t) for t in team_ids]})
+    return [row["missing"] for row in cur.fetchall()]
+
+
 def update_user(cur, *, user_id: UUID, name: str, email: str, phone: str | None,
                 team_id: UUID | None) -> dict | None:
     """Replace a user's details; None when there is no such user."""
@@ -1101,15 +1173,18 @@ def delete_user(cur, *, user_id: UUID) -> dict | None:
 
 _ALERT_FIELDS = (
     "name", "description", "query", "data_source_id", "trigger_condition", "condition", "key_columns", "schedule",
-    "notification_channels", "priority", "created_by", "message_template",
+    "notification_channels", "priority", "created_by", "message_template", "whatsapp_template",
 )
 
 
 def _alert_values(fields: dict) -> list:
-    return [
-        psycopg2.extras.Json(fields[name]) if name in ("notification_channels", "condition") else fields[name]
-        for name in _ALERT_FIELDS
-    ]
+    values = []
+    for name in _ALERT_FIELDS:
+        # An import of a file written before WhatsApp templates leaves it out: no template (SQL NULL).
+        value = fields.get(name) if name == "whatsapp_template" else fields[name]
+        is_json = name in ("notification_channels", "condition") or (name == "whatsapp_template" and value is not None)
+        values.append(psycopg2.extras.Json(value) if is_json else value)
+    return values
 
 
 def insert_alert(cur, *, fields: dict) -> dict:
@@ -1422,10 +1497,11 @@ def insert_notifications(cur, *, notifications: Sequence[dict]) -> int:
     queued = psycopg2.extras.execute_values(
         cur,
         "INSERT INTO notification (incident_id, alert_config_id, kind, channel, recipient, subject, body, html, "
-        "idempotency_key) VALUES %s ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        "template, idempotency_key) VALUES %s ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         [
             (n.get("incident_id"), n["alert_config_id"], n["kind"], n["channel"], n["recipient"],
-             n.get("subject"), n["body"], n.get("html"), n.get("idempotency_key"))
+             n.get("subject"), n["body"], n.get("html"),
+             psycopg2.extras.Json(n["template"]) if n.get("template") else None, n.get("idempotency_key"))
             for n in notifications
         ],
         page_size=1000, fetch=True,
@@ -1485,6 +1561,49 @@ def list_notifications(
          "skip": skip, "limit": limit},
     )
     return cur.fetchall()
+
+
+# --- delivery status reported by the provider ------------------------------------------------------------------
+
+
+def notifications_by_provider_message(cur, *, provider_message_id: str) -> list[dict]:
+    """The sent notifications one provider message carried, locked until the transaction ends."""
+    cur.execute("SELECT id, incident_id, alert_config_id, channel, recipient, delivery_status FROM notification "
+                "WHERE provider_message_id = %s AND status = 'SUCCESS' ORDER BY id FOR UPDATE",
+                (provider_message_id,))
+    return cur.fetchall()
+
+
+def set_delivery_status(cur, *, notification_ids: Sequence[UUID], status: str, error_code: int | None) -> None:
+    """Record what the provider reports about these notifications' message."""
+    cur.execute("UPDATE notification SET delivery_status = %(status)s, delivery_error_code = %(code)s, "
+                "delivery_updated_at = now() WHERE id = ANY(%(ids)s)",
+                {"status": status, "code": error_code, "ids": list(notification_ids)})
+
+
+def claim_delivery_checks(cur, *, channels: Sequence[str], final: Sequence[str], limit: int, max_checks: int,
+                          base_seconds: float, max_age_seconds: float) -> list[str]:
+    """Provider message ids whose delivery status is due to be asked for (none final yet, sent within
+    max_age_seconds, asked fewer than max_checks times); each is due again after a doubling delay."""
+    cur.execute(
+        """
+        WITH due AS (
+            SELECT id FROM notification
+            WHERE channel = ANY(%(channels)s) AND status = 'SUCCESS' AND provider_message_id IS NOT NULL
+              AND (delivery_status IS NULL OR NOT delivery_status = ANY(%(final)s))
+              AND delivery_checks < %(max_checks)s AND sent_at > now() - make_interval(secs => %(max_age)s)
+              AND coalesce(delivery_check_at, sent_at + make_interval(secs => %(base)s)) <= now()
+            ORDER BY coalesce(delivery_check_at, sent_at) LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE notification n SET delivery_checks = n.delivery_checks + 1,
+            delivery_check_at = now() + make_interval(secs => %(base)s * 2 ^ (n.delivery_checks + 1))
+        FROM due WHERE n.id = due.id RETURNING n.provider_message_id
+        """,
+        {"channels": list(channels), "final": list(final), "limit": limit, "max_checks": max_checks,
+         "base": base_seconds, "max_age": max_age_seconds},
+    )
+    return list(dict.fromkeys(row["provider_message_id"] for row in cur.fetchall()))
 
 
 # --- the outbox ------------------------------------------------------------------------------------------------

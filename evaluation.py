@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 from uuid import UUID
 
 import database
@@ -433,6 +433,7 @@ class Evaluator:
                                len(refused))
                 jobs = [job for job in jobs if job.alert["data_source_id"] in held]
         locked = database.lock_alert_versions(cur, alert_ids=[job.alert["id"] for job in jobs])
+        recipients = _recipients(cur, [job.alert for job in jobs])
         writes = _Writes()
         stored: dict[UUID, Outcome] = {}
         for job in jobs:
@@ -446,7 +447,8 @@ class Evaluator:
             error = job.result if isinstance(job.result, str) else None
             row_count = None if error else job.delta.row_count if job.delta else len(job.result[1])
             _collect(writes, alert, decision, job.rendered, job.row, job.prior, now=now, error=error,
-                     row_count=row_count, is_state=job.condition is not None and job.condition.is_state)
+                     row_count=row_count, is_state=job.condition is not None and job.condition.is_state,
+                     links=notification.Links(self.settings.public_base_url), recipients=recipients[alert["id"]])
             summary = decision.summary or {}
             writes.evaluations.append({
                 "alert_config_id": alert["id"], "cause": job.cause, "started_at": started_at,
@@ -513,7 +515,9 @@ class Evaluator:
         for notice in decision.notices:
             rendered = notification.render_message(alert=alert, notice=notice)
             messages.append({"kind": notice.kind, "email_subject": rendered.subject, "email_text": rendered.text,
-                             "whatsapp_text": rendered.whatsapp})
+                             "whatsapp_text": rendered.whatsapp,
+                             "texts": {name: text.body for name, text in rendered.texts.items()},
+                             "whatsapp_template": rendered.texts["whatsapp"].template})
         return {
             "outcome": decision.outcome, "error": error,
             "columns": columns, "rows": [[rules.jsonable(v) for v in r] for r in rows[:DRY_RUN_ROWS]],
@@ -572,7 +576,8 @@ def join_arrays(arrays: list[str]) -> str:
 
 def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: list[notification.Rendered],
              prior_row: dict | None, prior: rules.AlertState | None, *, now: datetime, error: str | None,
-             row_count: int | None, is_state: bool) -> None:
+             row_count: int | None, is_state: bool, links: notification.Links,
+             recipients: dict[str, list[str]]) -> None:
     """Add one decision's rows to the batch's writes: state, incidents, activity and outbox rows."""
     state = decision.state
     muted = alert["muted_until"] is not None and alert["muted_until"] > now
@@ -603,14 +608,33 @@ def _collect(writes: _Writes, alert: dict, decision: rules.Decision, rendered: l
                                                   "muted_until": alert["muted_until"].isoformat()}})
             continue
         writes.notifications += notification.outbox_rows(
-            rendered=message, channels=alert["notification_channels"], alert_id=alert["id"],
-            incident_id=incident_id, kind=notice.kind, decision_key=f"{basis}/{index}",
+            rendered=message, channels=recipients, alert_id=alert["id"],
+            incident_id=incident_id, kind=notice.kind, links=links, decision_key=f"{basis}/{index}",
         )
     fields = state_to_row(state, alert["version"], row_count, prior_row,
                           prior.fingerprints if prior is not None else None)
     fields["last_error"] = error
     if not _same_state(fields, prior_row):
         writes.states.append((alert["id"], fields))
+
+
+def _recipients(cur, alerts: list[dict]) -> dict[Any, dict[str, list[str]]]:
+    """Each alert's addresses per channel, with the current addresses of the users and teams it names (one query
+    for the batch, and none when no alert names anyone)."""
+    user_ids, team_ids = set(), set()
+    for alert in alerts:
+        users, teams = notification.referenced_people(alert["notification_channels"])
+        user_ids.update(users)
+        team_ids.update(teams)
+    found = database.people(cur, user_ids=list(user_ids), team_ids=list(team_ids)) if user_ids or team_ids else []
+    expanded = {}
+    for alert in alerts:
+        users, teams = notification.referenced_people(alert["notification_channels"])
+        named = [p for p in found if str(p["id"]) in users or (p["team_id"] and str(p["team_id"]) in teams)]
+        expanded[alert["id"]] = notification.expand_recipients(alert["notification_channels"], named)
+        if (users or teams) and not named:
+            logger.warning("alert %s names users or teams that have no members now", alert["id"])
+    return expanded
 
 
 def state_from_row(row: dict | None) -> rules.AlertState | None:

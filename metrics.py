@@ -4,7 +4,7 @@ and gauges read from the service database and the scheduler when /metrics is scr
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "alert_service"
 CAUSES = ("initial", "schedule", "event", "manual", "catch_up")
 OUTCOMES = ("no_change", "triggered", "resolved", "error")
+# The channels the service has (the dispatcher's registry); these two when none are given.
 CHANNELS = ("email", "whatsapp")
 SEND_STATUSES = ("success", "retry", "failed")
 PRIORITIES = ("LOW", "MEDIUM", "HIGH", "CRITICAL")
@@ -40,8 +41,9 @@ class Metrics:
     """The figures of one running service, in a registry of its own (apps started side by side in one process,
     as the tests do, never see each other's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: Sequence[str] = CHANNELS) -> None:
         self.registry = CollectorRegistry()
+        self.channels = tuple(channels)
         self._evaluations = Counter(
             f"{PREFIX}_evaluations", "Evaluations stored, by what asked for them and what they found",
             ["cause", "outcome"], registry=self.registry)
@@ -63,7 +65,7 @@ class Metrics:
         for cause in CAUSES:
             for outcome in OUTCOMES:
                 self._evaluations.labels(cause=cause, outcome=outcome)
-        for channel in CHANNELS:
+        for channel in self.channels:
             self._send_seconds.labels(channel=channel)
             for status in SEND_STATUSES:
                 self._notifications.labels(channel=channel, status=status)
@@ -88,7 +90,7 @@ class Metrics:
 
     def watch(self, *, pool: database.Pool, scheduler_status: Callable[[], dict]) -> None:
         """Also report, at each scrape, what the service database and the scheduler hold at that moment."""
-        self.registry.register(_ServiceCollector(pool, scheduler_status))
+        self.registry.register(_ServiceCollector(pool, scheduler_status, self.channels))
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The figures in the format the scraper asked for (Prometheus text, or OpenMetrics), and its media type."""
@@ -100,9 +102,10 @@ class _ServiceCollector:
     """Gauges read when scraped: the outbox, open incidents and alerts from the service database (one query each),
     skipped evaluations and listeners from the scheduler's memory."""
 
-    def __init__(self, pool: database.Pool, scheduler_status: Callable[[], dict]) -> None:
+    def __init__(self, pool: database.Pool, scheduler_status: Callable[[], dict], channels: Sequence[str]) -> None:
         self.pool = pool
         self.scheduler_status = scheduler_status
+        self.channels = channels
 
     def collect(self) -> Iterable[Metric]:
         yield from self._from_scheduler()
@@ -120,7 +123,7 @@ class _ServiceCollector:
             return
         up.add_metric([], 1)
         yield up
-        yield from _database_figures(outbox, incidents, alerts, sources)
+        yield from _database_figures(outbox, incidents, alerts, sources, self.channels)
 
     def _from_scheduler(self) -> Iterable[Metric]:
         status = self.scheduler_status()
@@ -149,7 +152,7 @@ class _ServiceCollector:
 
 
 def _database_figures(outbox: list[dict], incidents: list[dict], alerts: list[dict],
-                      sources: list[dict]) -> list[Metric]:
+                      sources: list[dict], channels: Sequence[str]) -> list[Metric]:
     """The gauges made of the service database's aggregates, with a zero for every label set that has no row."""
     depth = GaugeMetricFamily(f"{PREFIX}_outbox_messages", "Notifications waiting in the outbox (pending: not yet "
                               "tried, retry: waiting out a retry delay)", labels=["channel", "status"])
@@ -160,7 +163,7 @@ def _database_figures(outbox: list[dict], incidents: list[dict], alerts: list[di
     ages: dict[str, float] = {}
     for row in outbox:
         ages[row["channel"]] = max(ages.get(row["channel"], 0.0), float(row["oldest_age_seconds"]))
-    for channel in CHANNELS:
+    for channel in channels:
         for status in ("pending", "retry"):
             depth.add_metric([channel, status], counts.get((channel, status), 0))
         oldest.add_metric([channel], ages.get(channel, 0.0))

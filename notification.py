@@ -1,9 +1,12 @@
-"""Notification channels (SMTP email, Twilio WhatsApp), message rendering, and the outbox dispatcher."""
+"""Notification channels (one Transport class per channel, in a registry), message rendering, and the outbox
+dispatcher."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import html
+import json
 import logging
 import smtplib
 import socket
@@ -18,15 +21,16 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 from datetime import datetime, timedelta, timezone
-from email.utils import formatdate, parseaddr
-from typing import Any, Protocol, Sequence
+from email.utils import formatdate, parseaddr, parsedate_to_datetime
+from typing import Any, ClassVar, Sequence
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import database
 import rules
 import templating
 from cluster import Lease
-from config import Settings, ascii_email
+from config import Settings, ascii_email, is_e164
 from metrics import Metrics
 from templating import TemplateFailed
 
@@ -41,6 +45,22 @@ MESSAGE_MAX_VALUE_CHARS = 1_000
 EMAIL_MAX_CHARS = 100_000
 EMAIL_TRUNCATION_NOTE = "\n… (message cut at 100,000 characters; see the API for every row)\n"
 MAX_BACKOFF_SECONDS = 6 * 3600
+SMS_MAX_CHARS = 1600  # Twilio's limit of one SMS body (up to 10 segments)
+URL_MAX_CHARS = 2048
+HTTP_READ_TIMEOUT_SECONDS = 10.0
+# A webhook carries at most this many rows, in about this many characters: the receiver can read the rest in the API.
+WEBHOOK_MAX_ROWS = 100
+WEBHOOK_MAX_CHARS = 100_000
+WEBHOOK_TIMESTAMP_HEADER = "X-Alert-Timestamp"
+WEBHOOK_SIGNATURE_HEADER = "X-Alert-Signature"
+WEBHOOK_DELIVERY_HEADER = "X-Alert-Delivery"
+# Slack's limits (https://api.slack.com/reference/block-kit/blocks): header text 150 characters, section text
+# 3,000, 50 blocks a message; the top-level text is the notification's fallback.
+SLACK_HEADER_MAX_CHARS = 150
+SLACK_SECTION_MAX_CHARS = 3000
+SLACK_MAX_BLOCKS = 50
+SLACK_TEXT_MAX_CHARS = 3000
+SLACK_MAX_ROWS = 100
 # Servers commonly drop idle sessions after a minute or more; a kept session is used for 30 s at most.
 SMTP_IDLE_SECONDS = 30.0
 _SMTP_POLICY = compat32.clone(linesep="\r\n")  # SMTP wants CRLF line ends; sendmail sends bytes as they are
@@ -55,30 +75,139 @@ class NotificationError(Exception):
         self.retry_after = retry_after
 
 
-class Channel(Protocol):
-    """Sends one message or raises NotificationError; never touches the database. A channel whose provider may
-    have accepted a message whose answer was lost (a crash mid-request) and that can look it up has
-    `find_accepted(recipient=, digest=, since=)`, returning the provider's id of such a message or None."""
+class Transport:
+    """One channel: its settings, how it renders an alert's message for its medium, how it coalesces queued
+    messages, how it sends, and how it classifies errors. Sends one message or raises NotificationError
+    (`permanent`, `retry_after`); never touches the database. Registered with @register under `name`, the key
+    of notification_channels and of the outbox's channel column. A transport whose provider may have accepted a
+    message whose answer was lost (a crash mid-request), and that can look it up, has `find_accepted(recipient=,
+    digest=, since=)`, returning the provider's id of such a message or None."""
 
-    name: str
+    name: ClassVar[str]
+    # How a person names this channel's recipients (the API schema's description).
+    recipients_noun: ClassVar[str] = "recipients"
+    # The JSON schema of one recipient in the API.
+    recipient_schema: ClassVar[dict] = {"type": "string"}
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        """True when the settings this channel needs are present."""
+        return True
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        """How many sends of this channel may run at once (its sender threads)."""
+        return 4
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        """How many sends a second this channel may start; 0 is no limit."""
+        return 0.0
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        """The recipients as stored and sent (normalised, each once), or ValueError naming the bad ones."""
+        return list(dict.fromkeys(value.strip() for value in values))
+
+    @classmethod
+    def render(cls, content: "Content") -> "Text":
+        """The message of one notice in this channel's form, as its outbox rows store it."""
+        raise NotImplementedError
+
+    @classmethod
+    def finish(cls, text: "Text", *, alert_id: Any, incident_id: Any, links: "Links") -> "Text":
+        """The rendered text with what is known only when the outbox rows are written (the incident's id)."""
+        return text
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> "Message":
+        """One message carrying as many of the queued rows of one alert and recipient as fit (at least the first);
+        by default one row at a time."""
+        first = rows[0]
+        return Message(subject=first["subject"], body=first["body"], html=first["html"])
+
+    @classmethod
+    def describe(cls, recipient: str) -> str:
+        """The recipient as logs and activities show it (a URL that is itself a credential is cut to its host)."""
+        return recipient
 
     def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
-             notification_id: str | None = None) -> str | None:
-        """Deliver one message (`notification_id`: the first outbox row it carries) and return the provider's
-        message id."""
+             key: str | None = None) -> str | None:
+        """Deliver one message and return the provider's message id; `key` identifies it across retries."""
+        raise NotImplementedError
+
+
+TRANSPORTS: dict[str, type[Transport]] = {}
+
+
+def register(transport: type[Transport]) -> type[Transport]:
+    """Make a transport a channel of the service (a class decorator)."""
+    TRANSPORTS[transport.name] = transport
+    return transport
+
+
+def channel_names() -> list[str]:
+    """The names of every registered channel, in registration order."""
+    return list(TRANSPORTS)
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Content:
+    """One notice of an alert before it takes any channel's form: what every transport renders from."""
+
+    alert: dict
+    notice: rules.Notice
+    subject: str
+    paragraphs: list[str]  # the default message's text: what happened, the condition's detail, the description
+    custom: str | None  # the alert's message template's output, when it has one that rendered
+
+
+@dataclass(frozen=True)
+class Text:
+    """What an outbox row of one channel stores: the subject and HTML (email only) and the body."""
+
+    subject: str | None
+    body: str
+    html: str | None = None
+    template: dict | None = None  # WhatsApp: the approved template and its variables, sent instead of the body
+
+
+@dataclass(frozen=True)
+class Links:
+    """Where a person can look at an incident and its alert (PUBLIC_BASE_URL); empty without it."""
+
+    base_url: str | None = None
+
+    def of(self, *, alert_id: Any, incident_id: Any) -> dict[str, str]:
+        """The links of one alert and incident, by name."""
+        if not self.base_url:
+            return {}
+        links = {"alert": f"{self.base_url}/alert-configs/{alert_id}"} if alert_id else {}
+        if incident_id:
+            links["incident"] = f"{self.base_url}/incidents/{incident_id}"
+            links["activities"] = f"{self.base_url}/incidents/{incident_id}/activities"
+        return links
+
+
+@dataclass(frozen=True)
 class Rendered:
-    """The texts of one alert message on every channel."""
+    """The texts of one alert message on every channel its alert uses (and email and WhatsApp, for previews)."""
 
     subject: str
     text: str
     html: str
-    whatsapp: str
+    texts: dict[str, Text]
+
+    @property
+    def whatsapp(self) -> str:
+        """The WhatsApp text."""
+        return self.texts["whatsapp"].body
 
 
 def _cell(value: Any) -> str:
@@ -105,17 +234,12 @@ _INTROS = {
 }
 
 
-def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
-    """Render the email (text and HTML) and WhatsApp texts of one notice, with the alert's template if it has one."""
+def compose(*, alert: dict, notice: rules.Notice) -> Content:
+    """What a notice says, before any channel's form, with the alert's template if it has one."""
     name, priority = alert["name"], alert["priority"]
     subject = f"[{priority}] {name}: {notice.headline}"
-    columns, rows = notice.columns, notice.rows
-    intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(rows), "row"))
+    intro = _INTROS[notice.kind].format(name=name, headline=notice.headline, total=_plural(len(notice.rows), "row"))
     paragraphs = [intro] + [p for p in (notice.detail, alert.get("description")) if p]
-    shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
-    hidden = len(rows) - len(shown)
-    more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
-
     template = alert.get("message_template")
     custom = None
     if template:
@@ -123,32 +247,82 @@ def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
             custom = render_template(template, template_context(alert=alert, notice=notice))
         except TemplateFailed as exc:
             paragraphs.append(f"(The alert's message template failed, so this is the default message: {exc})")
+    return Content(alert=alert, notice=notice, subject=subject, paragraphs=paragraphs, custom=custom)
 
-    if custom is not None:
-        text = custom if custom.endswith("\n") else custom + "\n"
-        html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
-        whatsapp = f"*{subject}*\n{custom}"
+
+# Channels a user or team named in notification_channels can be reached on, and the user's field each uses.
+PERSON_ADDRESSES = {"email": "email", "whatsapp": "phone", "sms": "phone"}
+
+
+def expand_recipients(channels: dict, people: Sequence[dict]) -> dict[str, list[str]]:
+    """The addresses per channel: those given, and the current ones of the users and team members named (on
+    `user_channels`, email by default), each once."""
+    expanded = {name: list(channels.get(name) or []) for name in TRANSPORTS}
+    for name in channels.get("user_channels") or ["email"]:
+        field = PERSON_ADDRESSES.get(name)
+        if field is None or name not in expanded:
+            continue
+        for person in people:
+            address = person.get(field)
+            if address and address not in expanded[name]:
+                expanded[name].append(address)
+    return expanded
+
+
+def referenced_people(channels: dict) -> tuple[list[str], list[str]]:
+    """The user ids and team ids named in notification_channels."""
+    return list(channels.get("users") or []), list(channels.get("teams") or [])
+
+
+def render_message(*, alert: dict, notice: rules.Notice) -> Rendered:
+    """Render one notice for email, WhatsApp and every other channel the alert has recipients on."""
+    content = compose(alert=alert, notice=notice)
+    channels = alert.get("notification_channels") or {}
+    names = dict.fromkeys(["email", "whatsapp", *channels, *(channels.get("user_channels") or [])])
+    texts = {name: TRANSPORTS[name].render(content) for name in names if name in TRANSPORTS}
+    email = texts["email"]
+    return Rendered(subject=content.subject, text=email.body, html=email.html, texts=texts)
+
+
+# What a WhatsApp template variable can be filled with.
+TEMPLATE_SOURCES = ("alert_name", "priority", "kind", "headline", "subject", "detail", "description", "row_count",
+                    "first_rows")
+TEMPLATE_VARIABLE_MAX_CHARS = 200
+TEMPLATE_FIRST_ROWS = 3
+
+
+def template_variables(content: Content, mapping: dict[str, str]) -> dict[str, str]:
+    """The values of a WhatsApp template's variables for one notice: each variable is filled with the message field
+    it is mapped to (TEMPLATE_SOURCES)."""
+    alert, notice = content.alert, content.notice
+    first = "; ".join(", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row))
+                      for row in notice.rows[:TEMPLATE_FIRST_ROWS])
+    fields = {"alert_name": alert["name"], "priority": alert["priority"], "kind": notice.kind,
+              "headline": notice.headline, "subject": content.subject, "detail": notice.detail or "",
+              "description": alert.get("description") or "", "row_count": str(len(notice.rows)),
+              "first_rows": first or "(no rows)"}
+    # WhatsApp refuses a variable with a line break, a tab or more than four spaces in a row, and an empty one.
+    return {name: cut_text_to(" ".join(fields[source].split()) or "-", TEMPLATE_VARIABLE_MAX_CHARS)
+            for name, source in mapping.items()}
+
+
+def _chat_text(content: Content, *, heading: str, limit: int) -> str:
+    """A short text message (WhatsApp, SMS): the heading, the detail and as many rows as fit in `limit`."""
+    if content.custom is not None:
+        text = f"{heading}\n{content.custom}"
     else:
-        text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
-        html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
-        if more:
-            html_parts.append(f"<p>{html.escape(more)}</p>")
-        html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
-        wa_lines = [f"*{subject}*"] + ([notice.detail] if notice.detail else [])
-        length = sum(len(line) + 1 for line in wa_lines)
-        for row in rows:  # only as many as can be shown: a result can have 10,000 rows
-            if length > WHATSAPP_MAX_CHARS:
+        notice = content.notice
+        lines = [heading] + ([notice.detail] if notice.detail else [])
+        length = sum(len(line) + 1 for line in lines)
+        for row in notice.rows:  # only as many as can be shown: a result can have 10,000 rows
+            if length > limit:
                 break
-            wa_lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(columns, row)))
-            length += len(wa_lines[-1]) + 1
-        whatsapp = "\n".join(wa_lines)
-    if len(text) > EMAIL_MAX_CHARS:
-        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
-    if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
-        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
-    if len(whatsapp) > WHATSAPP_MAX_CHARS:
-        whatsapp = whatsapp[: WHATSAPP_MAX_CHARS - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
-    return Rendered(subject=subject, text=text, html=html_text, whatsapp=whatsapp)
+            lines.append("• " + ", ".join(f"{c}={_cell(v)}" for c, v in zip(notice.columns, row)))
+            length += len(lines[-1]) + 1
+        text = "\n".join(lines)
+    if len(text) > limit:
+        text = text[: limit - len(WHATSAPP_TRUNCATION_NOTE)] + WHATSAPP_TRUNCATION_NOTE
+    return text
 
 
 def _rows_within(columns: Sequence[str], rows: Sequence[Sequence[Any]], limit: int) -> int:
@@ -209,29 +383,26 @@ def check_template(template: str) -> None:
 
 
 def outbox_rows(
-    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str, decision_key: str | None = None
+    *, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any, kind: str, links: Links = Links(),
+    decision_key: str | None = None,
 ) -> list[dict]:
-    """One outbox row per recipient of every channel; with a decision key, each row carries an idempotency key
-    derived from it, its channel and its recipient."""
-    rows = _unkeyed_outbox_rows(rendered=rendered, channels=channels, alert_id=alert_id, incident_id=incident_id,
-                                kind=kind)
+    """One outbox row per recipient of every registered channel; with a decision key, each row carries an
+    idempotency key derived from it, its channel and its recipient."""
+    rows = []
+    for name, transport in TRANSPORTS.items():
+        recipients = channels.get(name) or []
+        if not recipients:
+            continue
+        # render_message rendered every channel of the alert these channels belong to.
+        text = transport.finish(rendered.texts[name], alert_id=alert_id, incident_id=incident_id, links=links)
+        for recipient in recipients:
+            rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": name,
+                         "recipient": recipient, "subject": text.subject, "body": text.body, "html": text.html,
+                         "template": text.template})
     if decision_key is not None:
         for row in rows:
             row["idempotency_key"] = hashlib.sha256(
                 f"{decision_key}/{row['channel']}/{row['recipient']}".encode()).hexdigest()
-    return rows
-
-
-def _unkeyed_outbox_rows(*, rendered: Rendered, channels: dict, alert_id: Any, incident_id: Any,
-                         kind: str) -> list[dict]:
-    rows = []
-    for address in channels.get("email", []):
-        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "email",
-                     "recipient": address, "subject": rendered.subject, "body": rendered.text,
-                     "html": rendered.html})
-    for number in channels.get("whatsapp", []):
-        rows.append({"alert_config_id": alert_id, "incident_id": incident_id, "kind": kind, "channel": "whatsapp",
-                     "recipient": number, "subject": None, "body": rendered.whatsapp, "html": None})
     return rows
 
 
@@ -243,6 +414,7 @@ class Message:
     body: str
     html: str | None
     carries: int = 1  # how many of the group's rows, from the first: the rest wait for the next send
+    template: dict | None = None  # WhatsApp: sent instead of the body (one template message carries one row)
 
 
 # A group holds at most this many rows: about EMAIL_MAX_CHARS of typical messages; the rest go in the next send.
@@ -255,38 +427,21 @@ def combine_messages(rows: Sequence[dict]) -> Message:
     message of that channel (at least the first; one row is sent as stored). `carries` says how many: the rest
     are left for the next send, never cut away."""
     first = rows[0]
-    if len(rows) == 1:
-        return Message(subject=first["subject"], body=first["body"], html=first["html"])
-    if first["channel"] == "whatsapp":
-        bodies = [first["body"]]
-        size = len(first["body"])
-        for row in rows[1:]:
-            if size + 2 + len(row["body"]) > WHATSAPP_MAX_CHARS:
-                break
-            bodies.append(row["body"])
-            size += 2 + len(row["body"])
-        return Message(subject=None, body="\n\n".join(bodies), html=None, carries=len(bodies))
-    # Whole updates only, as many as fit in one email (the first always does: it was cut to size when rendered).
-    # The headings are sized for the whole group, so the updates chosen still fit once numbered.
-    carried, size = 0, 0
-    for number, row in enumerate(rows, 1):
-        length = len(_heading(number, len(rows), row)) + len(row["body"]) + 2
-        if carried and size + length > EMAIL_MAX_CHARS:
+    if len(rows) == 1 or first.get("template"):
+        return Message(subject=first["subject"], body=first["body"], html=first["html"], template=first.get("template"))
+    return TRANSPORTS[first["channel"]].combine(rows)
+
+
+def _combine_chat(rows: Sequence[dict], limit: int) -> Message:
+    """Short texts joined by a blank line, as many as fit in `limit` characters."""
+    bodies = [rows[0]["body"]]
+    size = len(rows[0]["body"])
+    for row in rows[1:]:
+        if size + 2 + len(row["body"]) > limit or row.get("template"):  # a template goes in a message of its own
             break
-        carried, size = carried + 1, size + length
-    texts, html_parts = [], []
-    for number, row in enumerate(rows[:carried], 1):
-        heading = _heading(number, carried, row)
-        texts.append(f"{heading}\n{row['body']}")
-        html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
-    text = "\n".join(texts)
-    if len(text) > EMAIL_MAX_CHARS:  # one update alone, already at the limit, and its heading
-        text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
-    html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
-    if len(html_text) > 4 * EMAIL_MAX_CHARS:
-        html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
-    subject = first["subject"] if carried == 1 else f"{first['subject']} (+{_plural(carried - 1, 'more update')})"
-    return Message(subject=subject, body=text, html=html_text, carries=carried)
+        bodies.append(row["body"])
+        size += 2 + len(row["body"])
+    return Message(subject=None, body="\n\n".join(bodies), html=None, carries=len(bodies))
 
 
 def _heading(number: int, count: int, row: dict) -> str:
@@ -386,11 +541,81 @@ class _WatchedSMTP_SSL(_DeadlineWatched, smtplib.SMTP_SSL):
     """smtplib.SMTP_SSL under the send's deadline."""
 
 
-class EmailChannel:
+@register
+class EmailChannel(Transport):
     """Email through SMTP. Each sender thread keeps its session open for SMTP_IDLE_SECONDS, so an alert does not
     pay for TCP, TLS and AUTH every time; a kept session that the server closed is replaced and retried once."""
 
     name = "email"
+    recipients_noun = "email addresses"
+    recipient_schema = {"type": "string", "format": "email"}
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.email_enabled
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.smtp_connections
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        return settings.smtp_max_per_second
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        # Stored as it is sent: an internationalised domain in IDNA form, and only ASCII before the @, so an
+        # address that is accepted here does not fail at every send.
+        return list(dict.fromkeys(ascii_email(value) for value in values))
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The text and HTML of the email."""
+        columns, rows = content.notice.columns, content.notice.rows
+        if content.custom is not None:
+            custom = content.custom
+            text = custom if custom.endswith("\n") else custom + "\n"
+            html_text = f"<html><body><pre>{html.escape(custom)}</pre></body></html>"
+        else:
+            paragraphs = content.paragraphs
+            shown = rows[:_rows_within(columns, rows[:EMAIL_MAX_ROWS], EMAIL_MAX_CHARS)]
+            hidden = len(rows) - len(shown)
+            more = f"… and {_plural(hidden, 'more row')} not shown." if hidden else None
+            text = "\n".join(paragraphs + _text_table(columns, shown) + ([more] if more else [])) + "\n"
+            html_parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs] + _html_table(columns, shown)
+            if more:
+                html_parts.append(f"<p>{html.escape(more)}</p>")
+            html_text = "<html><body>" + "".join(html_parts) + "</body></html>"
+        if len(text) > EMAIL_MAX_CHARS:
+            text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+        if len(html_text) > 4 * EMAIL_MAX_CHARS:  # escaping can make it longer than the text, never more than this
+            html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
+        return Text(subject=content.subject, body=text, html=html_text)
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        first = rows[0]
+        # Whole updates only, as many as fit in one email (the first always does: it was cut to size when rendered).
+        # The headings are sized for the whole group, so the updates chosen still fit once numbered.
+        carried, size = 0, 0
+        for number, row in enumerate(rows, 1):
+            length = len(_heading(number, len(rows), row)) + len(row["body"]) + 2
+            if carried and size + length > EMAIL_MAX_CHARS:
+                break
+            carried, size = carried + 1, size + length
+        texts, html_parts = [], []
+        for number, row in enumerate(rows[:carried], 1):
+            heading = _heading(number, carried, row)
+            texts.append(f"{heading}\n{row['body']}")
+            html_parts.append(f"<hr><p><b>{html.escape(heading)}</b></p>{_html_inner(row)}")
+        text = "\n".join(texts)
+        if len(text) > EMAIL_MAX_CHARS:  # one update alone, already at the limit, and its heading
+            text = text[: EMAIL_MAX_CHARS - len(EMAIL_TRUNCATION_NOTE)] + EMAIL_TRUNCATION_NOTE
+        html_text = _HTML_OPEN + "".join(html_parts) + _HTML_CLOSE
+        if len(html_text) > 4 * EMAIL_MAX_CHARS:
+            html_text = f"<html><body><pre>{html.escape(text)}</pre></body></html>"
+        subject = first["subject"] if carried == 1 else f"{first['subject']} (+{_plural(carried - 1, 'more update')})"
+        return Message(subject=subject, body=text, html=html_text, carries=carried)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -436,7 +661,7 @@ class EmailChannel:
             _quit_quietly(kept)
 
     def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
-             notification_id: str | None = None) -> str | None:
+             key: str | None = None) -> str | None:
         """Send one multipart email; SMTP 5xx replies are permanent errors, everything else is retried."""
         s = self.settings
         if not s.email_enabled:
@@ -449,7 +674,7 @@ class EmailChannel:
         except ValueError as exc:
             raise NotificationError(str(exc), permanent=True) from None
         message, message_id = build_email(sender=s.email_sender, recipient=recipient, subject=subject or "Alert",
-                                          body=body, html_body=html_body, notification_id=notification_id)
+                                          body=body, html_body=html_body, notification_id=key)
         with SendDeadline(s.send_timeout_seconds) as deadline:
             try:
                 for _ in range(2):
@@ -520,10 +745,71 @@ def _decode(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
-class WhatsAppChannel:
+@register
+class WhatsAppChannel(Transport):
     """WhatsApp through Twilio's Messages API, using the official client pointed at TWILIO_API_BASE_URL."""
 
     name = "whatsapp"
+    recipients_noun = "WhatsApp numbers"
+    recipient_schema = {"type": "string", "pattern": r"^(whatsapp:)?\+[1-9][0-9]{7,14}$"}
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.whatsapp_enabled
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.twilio_connections
+
+    @classmethod
+    def max_per_second(cls, settings: Settings) -> float:
+        return settings.twilio_max_per_second
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _e164_numbers(values, cls.recipients_noun, prefix="whatsapp:")
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The subject in bold, then the detail and as many rows as fit in 1,600 characters; with the alert's
+        approved template, that template and its variables are sent instead (the text stays as the record)."""
+        body = _chat_text(content, heading=f"*{content.subject}*", limit=WHATSAPP_MAX_CHARS)
+        template = content.alert.get("whatsapp_template")
+        if not template:
+            return Text(subject=None, body=body)
+        return Text(subject=None, body=body, template={
+            "content_sid": template["content_sid"],
+            "variables": template_variables(content, template.get("variables") or {})})
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        return _combine_chat(rows, WHATSAPP_MAX_CHARS)
+
+    not_configured = "WhatsApp is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER"
+
+    def _sender(self) -> str:
+        return f"whatsapp:{self.settings.twilio_from_number}"
+
+    def _address(self, recipient: str) -> str:
+        return f"whatsapp:{recipient}"
+
+    def _callback(self) -> dict:
+        # Twilio reports delivered, read, failed or undelivered there; without it, DeliveryStatusPoller asks.
+        base = self.settings.public_base_url
+        return {"status_callback": f"{base}{TWILIO_STATUS_PATH}"} if base else {}
+
+    def fetch_status(self, sid: str) -> tuple[str, int | None]:
+        """Twilio's current status of one message and its error code."""
+        from twilio.base.exceptions import TwilioException
+
+        try:
+            with SendDeadline(self.settings.send_timeout_seconds):
+                message = self._client().messages(sid).fetch()
+        except TwilioException as exc:
+            raise NotificationError(f"Twilio request failed: {exc}") from None
+        except Exception as exc:  # requests' connection and timeout errors
+            raise NotificationError(f"Twilio unreachable: {type(exc).__name__}") from None
+        return message.status, int(message.error_code) if message.error_code else None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -564,21 +850,20 @@ class WhatsAppChannel:
         return client
 
     def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
-             notification_id: str | None = None) -> str | None:
+             key: str | None = None, template: dict | None = None) -> str | None:
         """Send one WhatsApp message; Twilio 4xx other than 429 are permanent errors."""
-        if not self.settings.whatsapp_enabled:
-            raise NotificationError(
-                "WhatsApp is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM_NUMBER",
-                permanent=True,
-            )
+        if not self.enabled(self.settings):
+            raise NotificationError(self.not_configured, permanent=True)
         from twilio.base.exceptions import TwilioException, TwilioRestException
 
         client = self._client()
         try:
             with SendDeadline(self.settings.send_timeout_seconds) as deadline:
-                message = client.messages.create(
-                    from_=f"whatsapp:{self.settings.twilio_from_number}", to=f"whatsapp:{recipient}", body=body
-                )
+                content = ({"content_sid": template["content_sid"],
+                            "content_variables": json.dumps(template["variables"], ensure_ascii=False)}
+                           if template else {"body": body})
+                message = client.messages.create(from_=self._sender(), to=self._address(recipient), **content,
+                                                 **self._callback())
             if deadline.expired:  # http.client reads a header block cut short as a complete one
                 raise TimeoutError("the answer was cut at the deadline")
         except TwilioRestException as exc:
@@ -607,8 +892,7 @@ class WhatsAppChannel:
         try:
             with SendDeadline(self.settings.send_timeout_seconds):
                 # Newest first; a page is plenty: only messages of the last minutes to one recipient can match.
-                recent = self._client().messages.list(to=f"whatsapp:{recipient}",
-                                                      from_=f"whatsapp:{self.settings.twilio_from_number}", limit=50)
+                recent = self._client().messages.list(to=self._address(recipient), from_=self._sender(), limit=50)
         except TwilioException as exc:
             raise NotificationError(f"Twilio message look-up failed: {exc}") from None
         except Exception as exc:  # requests' connection and timeout errors
@@ -626,6 +910,15 @@ class WhatsAppChannel:
 def body_digest(body: str) -> str:
     """The digest of a message's text, recorded before a send and compared with the provider's copy after a crash."""
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _e164_numbers(values: Sequence[str], noun: str, *, prefix: str) -> list[str]:
+    """Phone numbers as sent (without `prefix`), each once, or ValueError naming those not in E.164 form."""
+    cleaned = [value.strip().removeprefix(prefix) for value in values]
+    bad = [number for number in cleaned if not is_e164(number)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: {noun} must be in E.164 form, '+' and 8 to 15 digits")
+    return list(dict.fromkeys(cleaned))
 
 
 def _deadline_adapter():
@@ -669,10 +962,421 @@ def _deadline_adapter():
 def _retry_after(response: Any) -> float | None:
     headers = getattr(response, "headers", None) or {}
     value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    try:
-        return min(float(value), MAX_BACKOFF_SECONDS) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return min(max(float(value), 0.0), MAX_BACKOFF_SECONDS)
+    except ValueError:
+        pass
+    try:  # the other form RFC 9110 allows: an HTTP date
+        return min(max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0), MAX_BACKOFF_SECONDS)
+    except (TypeError, ValueError):
+        return None
+
+
+@register
+class SmsChannel(WhatsAppChannel):
+    """SMS through the same Twilio account as WhatsApp, from TWILIO_SMS_FROM_NUMBER (or TWILIO_FROM_NUMBER)."""
+
+    name = "sms"
+    recipients_noun = "SMS numbers"
+    recipient_schema = {"type": "string", "pattern": r"^\+[1-9][0-9]{7,14}$"}
+    not_configured = ("SMS is not configured: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_SMS_FROM_NUMBER "
+                      "(or TWILIO_FROM_NUMBER)")
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.sms_enabled
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _e164_numbers(values, cls.recipients_noun, prefix="")
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The subject, then the detail and as many rows as fit in 1,600 characters (Twilio's limit of one SMS
+        body, sent as up to ten segments)."""
+        return Text(subject=None, body=_chat_text(content, heading=content.subject, limit=SMS_MAX_CHARS))
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        return _combine_chat(rows, SMS_MAX_CHARS)
+
+    def _sender(self) -> str:
+        return self.settings.sms_sender
+
+    def _address(self, recipient: str) -> str:
+        return recipient
+
+
+def _urls(values: Sequence[str], noun: str) -> list[str]:
+    """URLs as sent, each once, or ValueError naming those that are not http(s) URLs with a host."""
+    cleaned = [value.strip() for value in values]
+    bad = []
+    for url in cleaned:
+        try:
+            parts = urlsplit(url)
+            usable = parts.scheme in ("http", "https") and parts.hostname and len(url) <= URL_MAX_CHARS
+        except ValueError:
+            usable = False
+        if not usable:
+            bad.append(url[:100])
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: {noun} must be http:// or https:// URLs with a host, at most "
+                         f"{URL_MAX_CHARS} characters")
+    return list(dict.fromkeys(cleaned))
+
+
+def _url_host(url: str) -> str:
+    """A URL cut to its scheme and host: the path of a Slack or webhook URL is often its only credential."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/…"
+
+
+def classify_http(status: int, *, retry_after: float | None, reason: str) -> NotificationError | None:
+    """None for a 2xx answer; otherwise the error: 408, 429 and 5xx are retried (no sooner than Retry-After),
+    a redirect or any other 4xx is permanent."""
+    if 200 <= status < 300:
+        return None
+    text = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
+    if status in (408, 429) or status >= 500:
+        return NotificationError(text, retry_after=retry_after)
+    if 300 <= status < 400:
+        return NotificationError(f"{text} (the URL redirects; use the URL it redirects to)", permanent=True)
+    return NotificationError(text, permanent=True)
+
+
+class _HttpChannel(Transport):
+    """A channel that POSTs a JSON body to a URL per recipient, within SEND_TIMEOUT_SECONDS."""
+
+    recipient_schema = {"type": "string", "format": "uri"}
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._local = threading.local()
+
+    @classmethod
+    def connections(cls, settings: Settings) -> int:
+        return settings.webhook_connections
+
+    @classmethod
+    def recipients(cls, values: Sequence[str]) -> list[str]:
+        return _urls(values, cls.recipients_noun)
+
+    @classmethod
+    def describe(cls, recipient: str) -> str:
+        return _url_host(recipient)
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            # A requests session is not shared between threads.
+            session = requests.Session()
+            session.trust_env = False  # no proxy or .netrc credentials picked up from the environment
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, _deadline_adapter())
+            self._local.session = session
+        return session
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        """POST the body and return the response, or raise NotificationError as classify_http says."""
+        import requests
+
+        timeout = min(HTTP_READ_TIMEOUT_SECONDS, self.settings.send_timeout_seconds)
+        try:
+            with SendDeadline(self.settings.send_timeout_seconds) as deadline:
+                response = self._session().post(url, data=body, headers=headers, timeout=timeout,
+                                                allow_redirects=False)
+                reason = response.text[:200].strip()
+            if deadline.expired:
+                raise requests.ConnectionError("the answer was cut at the deadline")
+        except requests.RequestException as exc:
+            if deadline.expired:
+                raise NotificationError(f"{_url_host(url)} did not answer within SEND_TIMEOUT_SECONDS "
+                                        f"({self.settings.send_timeout_seconds:g}s)") from None
+            # The exception's text holds the whole URL, whose path may be the credential.
+            raise NotificationError(f"{_url_host(url)} unreachable: {type(exc).__name__}") from None
+        error = classify_http(response.status_code, retry_after=_retry_after(response), reason=reason)
+        if error is not None:
+            raise error
+        return response
+
+
+@register
+class WebhookChannel(_HttpChannel):
+    """A JSON document POSTed to a URL per recipient, signed with HMAC-SHA256 over the timestamp and the body."""
+
+    name = "webhook"
+    recipients_noun = "webhook URLs"
+    not_configured = "webhooks are not configured: set WEBHOOK_SIGNING_SECRET"
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.webhook_signing_secret is not None
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """The documented JSON body (see the README's Webhook section), without the incident until it exists."""
+        alert, notice = content.alert, content.notice
+        rows = notice.rows[:_rows_within(notice.columns, notice.rows[:WEBHOOK_MAX_ROWS], WEBHOOK_MAX_CHARS)]
+        document = {
+            "version": 1, "kind": notice.kind, "subject": content.subject, "headline": notice.headline,
+            "detail": notice.detail,
+            "text": content.custom if content.custom is not None else "\n".join(content.paragraphs),
+            "alert": {"id": str(alert["id"]) if alert.get("id") else None, "name": alert["name"],
+                      "priority": alert["priority"], "description": alert.get("description")},
+            "incident": None, "columns": list(notice.columns),
+            "rows": [[_json_cell(value) for value in row] for row in rows],
+            "row_count": len(notice.rows), "rows_omitted": len(notice.rows) - len(rows), "links": {},
+        }
+        return Text(subject=content.subject, body=json.dumps(document, ensure_ascii=False))
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        document = json.loads(text.body)
+        if alert_id:
+            document["alert"]["id"] = str(alert_id)
+        document["incident"] = {"id": str(incident_id)} if incident_id else None
+        document["links"] = links.of(alert_id=alert_id, incident_id=incident_id)
+        return Text(subject=text.subject, body=json.dumps(document, ensure_ascii=False))
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
+        """POST the body with its signature; the delivery id stays the same on every retry of one message."""
+        if not self.enabled(self.settings):
+            raise NotificationError(self.not_configured, permanent=True)
+        data = body.encode()
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", "User-Agent": "alert-service",
+                   WEBHOOK_TIMESTAMP_HEADER: timestamp,
+                   WEBHOOK_SIGNATURE_HEADER: webhook_signature(
+                       self.settings.webhook_signing_secret.get_secret_value(), timestamp, data)}
+        if key:
+            headers[WEBHOOK_DELIVERY_HEADER] = key
+        self._post(recipient, data, headers)
+        return key
+
+
+def webhook_signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The signature header's value: 'sha256=' and the hex HMAC-SHA256 of '<timestamp>.<body>' under the secret."""
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+@register
+class SlackChannel(_HttpChannel):
+    """A Block Kit message POSTed to a Slack incoming-webhook URL per recipient, cut to Slack's limits."""
+
+    name = "slack"
+    recipients_noun = "Slack incoming-webhook URLs"
+
+    @classmethod
+    def render(cls, content: Content) -> Text:
+        """A header, the text, the rows as a table in a code block and a line for the rows that did not fit."""
+        notice = content.notice
+        blocks: list[dict] = [{"type": "header", "text": {
+            "type": "plain_text", "text": cut_text_to(content.subject, SLACK_HEADER_MAX_CHARS)}}]
+        if content.custom is not None:
+            blocks.append(_slack_section(content.custom))
+        else:
+            blocks.append(_slack_section("\n".join(content.paragraphs[1:] or content.paragraphs)))
+            rows = notice.rows
+
+            def table_of(count: int) -> str:
+                return _slack_escape("```" + "\n".join(_text_table(notice.columns, rows[:count])[1:]) + "```")
+
+            # The most rows whose table fits one section: a table only grows with its rows, so a binary search.
+            low, high = 0, min(len(rows), SLACK_MAX_ROWS)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if len(table_of(middle)) <= SLACK_SECTION_MAX_CHARS:
+                    low = middle
+                else:
+                    high = middle - 1
+            shown, table = low, table_of(low) if low else ""
+            if table:
+                blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": table}})
+            if len(rows) > shown:
+                blocks.append({"type": "context", "elements": [
+                    {"type": "mrkdwn", "text": f"… and {_plural(len(rows) - shown, 'more row')}"}]})
+        payload = {"text": cut_text_to(content.subject, SLACK_TEXT_MAX_CHARS), "blocks": blocks}
+        return Text(subject=content.subject, body=json.dumps(payload, ensure_ascii=False))
+
+    @classmethod
+    def finish(cls, text: Text, *, alert_id: Any, incident_id: Any, links: Links) -> Text:
+        url = links.of(alert_id=alert_id, incident_id=incident_id).get("incident")
+        if not url:
+            return text
+        payload = json.loads(text.body)
+        payload["blocks"].append({"type": "context", "elements": [
+            {"type": "mrkdwn", "text": f"<{url}|Open the incident>"}]})
+        return Text(subject=text.subject, body=json.dumps(payload, ensure_ascii=False))
+
+    @classmethod
+    def combine(cls, rows: Sequence[dict]) -> Message:
+        """Whole messages, divided by a line, as many as fit in Slack's 50 blocks."""
+        payloads = [json.loads(rows[0]["body"])]
+        count = len(payloads[0]["blocks"])
+        for row in rows[1:]:
+            payload = json.loads(row["body"])
+            if count + 1 + len(payload["blocks"]) > SLACK_MAX_BLOCKS:
+                break
+            payloads.append(payload)
+            count += 1 + len(payload["blocks"])
+        blocks = list(payloads[0]["blocks"])
+        for payload in payloads[1:]:
+            blocks += [{"type": "divider"}, *payload["blocks"]]
+        more = len(payloads) - 1
+        text = payloads[0]["text"] + (f" (+{_plural(more, 'more update')})" if more else "")
+        body = json.dumps({"text": cut_text_to(text, SLACK_TEXT_MAX_CHARS), "blocks": blocks}, ensure_ascii=False)
+        return Message(subject=rows[0]["subject"], body=body, html=None, carries=len(payloads))
+
+    def send(self, *, recipient: str, subject: str | None, body: str, html_body: str | None,
+             key: str | None = None) -> str | None:
+        """POST the message; Slack answers 200 'ok', 4xx such as 404 channel_not_found for good."""
+        self._post(recipient, body.encode(), {"Content-Type": "application/json", "User-Agent": "alert-service"})
+        return None
+
+
+def cut_text_to(text: str, limit: int) -> str:
+    """The text, or its first characters and '…', in at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _slack_escape(text: str) -> str:
+    # Slack's mrkdwn reads <...> as links and mentions: a value such as <!channel> must not notify anyone.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_section(text: str) -> dict:
+    escaped = _slack_escape(text)
+    if len(escaped) > SLACK_SECTION_MAX_CHARS:
+        escaped = escaped[: SLACK_SECTION_MAX_CHARS - 40] + "… (cut at Slack's limit)"
+    return {"type": "section", "text": {"type": "mrkdwn", "text": escaped or " "}}
+
+
+def _json_cell(value: Any) -> Any:
+    value = rules.jsonable(value)
+    return cut_text(value, MESSAGE_MAX_VALUE_CHARS) if isinstance(value, str) else value
+
+
+# --- delivery status that Twilio reports after accepting a message -----------------------------------------------
+
+TWILIO_STATUS_PATH = "/twilio/status"
+# Twilio's message statuses in the order they happen; a callback that arrives late never moves a status back.
+_DELIVERY_ORDER = {"accepted": 0, "scheduled": 0, "queued": 1, "sending": 2, "sent": 3, "delivered": 4,
+                   "undelivered": 4, "failed": 4, "read": 5, "canceled": 4}
+FINAL_DELIVERY_STATUSES = ("delivered", "read", "failed", "undelivered", "canceled")
+DELIVERY_FAILED = ("failed", "undelivered")
+# Plain words for the commonest errors (https://www.twilio.com/docs/api/errors).
+TWILIO_ERROR_HINTS = {
+    63016: "Outside WhatsApp's 24-hour window: the recipient has not written to your WhatsApp sender in the last "
+           "24 hours, and a free-form message is only allowed inside it. Give the alert an approved template "
+           "(whatsapp_template), or ask the recipient to message your sender first.",
+    21211: "Not a valid phone number: check the recipient's number, in E.164 form with its country code.",
+    21408: "Your Twilio account may not send to this country: enable it in the Twilio console under Messaging, "
+           "Settings, Geo permissions.",
+    21610: "The recipient replied STOP to your sender: nothing reaches them until they reply START.",
+    63003: "WhatsApp could not find the recipient: the number has no WhatsApp account, or it is mistyped.",
+    63024: "Not a valid recipient on this channel: the number cannot receive WhatsApp messages from your sender.",
+}
+# Without PUBLIC_BASE_URL, statuses are asked for: up to this many times a message, within this long of its send.
+DELIVERY_MAX_CHECKS = 8
+DELIVERY_MAX_AGE_SECONDS = 24 * 3600
+DELIVERY_CHECKS_PER_PASS = 20
+
+
+def delivery_hint(error_code: int | None) -> str | None:
+    """What a Twilio error code means and what to do, for the commonest ones."""
+    return TWILIO_ERROR_HINTS.get(error_code) if error_code is not None else None
+
+
+def delivery_moves_on(current: str | None, reported: str) -> bool:
+    """Whether a reported status is news: callbacks can arrive out of order, and a late 'sent' must not undo
+    'delivered'."""
+    if reported not in _DELIVERY_ORDER:
+        return False
+    return current is None or _DELIVERY_ORDER[reported] > _DELIVERY_ORDER.get(current, -1)
+
+
+def record_delivery_status(pool: database.Pool, *, provider_message_id: str, status: str,
+                           error_code: int | None) -> int:
+    """Record a status Twilio reports for one message on the notifications it carried, with an incident activity
+    when it failed; return how many notifications changed."""
+    status = status.lower()
+    with pool.transaction() as cur:
+        rows = [row for row in database.notifications_by_provider_message(cur, provider_message_id=provider_message_id)
+                if delivery_moves_on(row["delivery_status"], status)]
+        if not rows:
+            return 0
+        database.set_delivery_status(cur, notification_ids=[row["id"] for row in rows], status=status,
+                                     error_code=error_code)
+        if status in DELIVERY_FAILED:
+            database.insert_activities(cur, activities=[
+                {"action": "notification_undelivered", "incident_id": incident_id, "alert_config_id": alert_id,
+                 "details": {"channel": rows[0]["channel"], "recipient": _shown(rows[0]), "status": status,
+                             "error_code": error_code, "hint": delivery_hint(error_code)}}
+                for incident_id, alert_id in _incidents(rows)])
+    if status in DELIVERY_FAILED:
+        logger.warning("%s message %s to %s was %s (Twilio error %s)", rows[0]["channel"], provider_message_id,
+                       _shown(rows[0]), status, error_code)
+    return len(rows)
+
+
+class DeliveryStatusPoller:
+    """Without PUBLIC_BASE_URL Twilio cannot call back: this asks Twilio for the status of messages in flight,
+    a few at a time, each after a doubling delay (TWILIO_STATUS_POLL_SECONDS, then twice that …), at most
+    DELIVERY_MAX_CHECKS times within DELIVERY_MAX_AGE_SECONDS of the send."""
+
+    def __init__(self, pool: database.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.twilio = WhatsAppChannel(settings)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start asking in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="delivery-status", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop asking; a request in progress ends within SEND_TIMEOUT_SECONDS."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        interval = min(self.settings.twilio_status_poll_seconds, 5.0)
+        while not self._stop.wait(interval):
+            try:
+                self.check_once()
+            except database.DatabaseUnavailable as exc:
+                logger.warning("delivery status checks cannot reach the database: %s", exc)
+            except Exception:
+                logger.exception("delivery status check failed; continuing")
+
+    def check_once(self) -> int:
+        """Ask Twilio about the messages due; return how many answered."""
+        with self.pool.transaction() as cur:
+            due = database.claim_delivery_checks(
+                cur, channels=[name for name, t in TRANSPORTS.items() if issubclass(t, WhatsAppChannel)],
+                final=FINAL_DELIVERY_STATUSES, limit=DELIVERY_CHECKS_PER_PASS, max_checks=DELIVERY_MAX_CHECKS,
+                base_seconds=self.settings.twilio_status_poll_seconds, max_age_seconds=DELIVERY_MAX_AGE_SECONDS)
+        answered = 0
+        for sid in due:
+            if self._stop.is_set():
+                break
+            try:
+                status, error_code = self.twilio.fetch_status(sid)
+            except NotificationError as exc:
+                logger.info("could not ask Twilio about message %s: %s", sid, exc)
+                continue
+            record_delivery_status(self.pool, provider_message_id=sid, status=status, error_code=error_code)
+            answered += 1
+        return answered
 
 
 # --- the outbox dispatcher -------------------------------------------------------------------------------------
@@ -726,7 +1430,7 @@ class Dispatcher:
     channel's rate limit, and records the outcome on every row."""
 
     def __init__(
-        self, pool: database.Pool, settings: Settings, channels: dict[str, Channel] | None = None,
+        self, pool: database.Pool, settings: Settings, channels: dict[str, Transport] | None = None,
         threads_per_channel: int | None = None, metrics: Metrics | None = None, lease: Lease | None = None,
     ) -> None:
         self.pool = pool
@@ -736,13 +1440,12 @@ class Dispatcher:
         self._own_lease = lease is None
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.channels = channels or {"email": EmailChannel(settings), "whatsapp": WhatsAppChannel(settings)}
-        threads = {"email": settings.smtp_connections, "whatsapp": settings.twilio_connections}
-        self._threads = {name: threads_per_channel or threads.get(name, 4) for name in self.channels}
-        limits = {"email": settings.smtp_max_per_second, "whatsapp": settings.twilio_max_per_second}
+        self.channels = channels or {name: transport(settings) for name, transport in TRANSPORTS.items()}
+        self._threads = {name: threads_per_channel or TRANSPORTS[name].connections(settings) for name in self.channels}
         started = time.monotonic()
-        self._rates = {name: SendRate(limits.get(name, 0.0), now=started) for name in self.channels}
-        # A hung SMTP server occupies only the email threads; WhatsApp keeps its own.
+        self._rates = {name: SendRate(TRANSPORTS[name].max_per_second(settings), now=started)
+                       for name in self.channels}
+        # A hung SMTP server occupies only the email threads; every other channel keeps its own.
         self._executors = {
             name: ThreadPoolExecutor(max_workers=self._threads[name], thread_name_prefix=f"send-{name}")
             for name in self.channels
@@ -868,9 +1571,11 @@ class Dispatcher:
                 if self._may_send(channel, rows, message, claimant):
                     started = time.monotonic()
                     try:
+                        # Only WhatsApp takes a template; the other channels' send has no such argument.
+                        extra = {"template": message.template} if message.template else {}
                         provider_id = channel.send(recipient=first["recipient"], subject=message.subject,
-                                                   body=message.body, html_body=message.html,
-                                                   notification_id=str(first["id"]))
+                                                   body=message.body, html_body=message.html, key=str(first["id"]),
+                                                   **extra)
                     finally:
                         self.metrics.sent(channel=first["channel"], seconds=time.monotonic() - started)
                 else:  # given back (if the database lets us), for a sender that may send them
@@ -903,16 +1608,16 @@ class Dispatcher:
                                                        provider_message_id=provider_id))
             database.insert_activities(cur, activities=[
                 {"action": "notified", "incident_id": incident_id, "alert_config_id": alert_id,
-                 "details": {"channel": first["channel"], "recipient": first["recipient"]}}
+                 "details": {"channel": first["channel"], "recipient": _shown(first)}}
                 for incident_id, alert_id in _incidents(row for row in rows if row["id"] in sent)
                 if incident_id is not None])
         self.metrics.notified(channel=first["channel"], status="success", count=len(sent))
         if len(sent) < len(ids):
             logger.warning("notification %s was sent after its claim passed to another sender",
                            _some([i for i in ids if i not in sent]))
-        logger.info("sent %s notification %s to %s", first["channel"], _some(ids), first["recipient"])
+        logger.info("sent %s notification %s to %s", first["channel"], _some(ids), _shown(first))
 
-    def _settle_interrupted(self, channel: Channel, group: list[dict], claimant: UUID) -> list[dict]:
+    def _settle_interrupted(self, channel: Transport, group: list[dict], claimant: UUID) -> list[dict]:
         """Rows whose last send began but whose outcome was never recorded (the sender died or froze mid-request):
         where the channel can look them up, those the provider has are recorded as sent, not sent again. Returns
         the rows still to send."""
@@ -938,7 +1643,7 @@ class Dispatcher:
             self.metrics.notified(channel=these[0]["channel"], status="success", count=len(marked))
         return [row for row in group if row["id"] not in settled]
 
-    def _may_send(self, channel: Channel, rows: list[dict], message: Message, claimant: UUID) -> bool:
+    def _may_send(self, channel: Transport, rows: list[dict], message: Message, claimant: UUID) -> bool:
         """Whether this instance may still send these rows: its lease holds, and (for a channel whose sends can be
         looked up) the claim is still ours as the send is recorded as begun."""
         if not self.lease.valid():
@@ -955,6 +1660,7 @@ class Dispatcher:
 
     def _record_failure(self, rows: list[dict], claimant: UUID, exc: NotificationError) -> None:
         first = rows[0]
+        shown = _shown(first)
         # Each row gives up after its own attempts; the rest retry together after the group's longest backoff.
         final = [row for row in rows if exc.permanent or row["attempts"] > self.settings.max_retries]
         retry = [row for row in rows if row not in final]
@@ -968,7 +1674,7 @@ class Dispatcher:
                 failed += [row for row in final if row["id"] in marked]
                 database.insert_activities(cur, activities=[
                     {"action": "notification_failed", "incident_id": incident_id, "alert_config_id": alert_id,
-                     "details": {"channel": first["channel"], "recipient": first["recipient"], "error": reason}}
+                     "details": {"channel": first["channel"], "recipient": shown, "error": reason}}
                     for incident_id, alert_id in _incidents(row for row in final if row["id"] in marked)])
             retried = []
             if retry:
@@ -981,10 +1687,16 @@ class Dispatcher:
         # Rows whose claim passed to another sender are recorded by that sender.
         if failed:
             logger.error("%s notification %s to %s FAILED: %s", first["channel"],
-                         _some([row["id"] for row in failed]), first["recipient"], exc)
+                         _some([row["id"] for row in failed]), shown, exc)
         if retried:
             logger.warning("%s notification %s to %s failed (attempt %s), will retry: %s", first["channel"],
-                           _some(retried), first["recipient"], max(row["attempts"] for row in retry), exc)
+                           _some(retried), shown, max(row["attempts"] for row in retry), exc)
+
+
+def _shown(row: dict) -> str:
+    """A row's recipient as logs and activities show it."""
+    transport = TRANSPORTS.get(row["channel"])
+    return transport.describe(row["recipient"]) if transport else row["recipient"]
 
 
 def _some(ids: Sequence[Any]) -> str:

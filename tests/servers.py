@@ -1,5 +1,5 @@
 """Real loopback servers (SMTP, a trickling SMTP, silent TCP, a TCP banner, a TCP proxy that can stop answering, Twilio
-API) that tests and benchmarks use instead of mocks."""
+API, webhook and Slack receivers) that tests and benchmarks use instead of mocks."""
 
 from __future__ import annotations
 
@@ -561,6 +561,17 @@ class TwilioRequest:
     answered_status: int
     received_at: float  # time.monotonic()
     received_wall: float  # time.time()
+    content_sid: str | None = None  # a WhatsApp template send: the template and its variables (JSON) in place of Body
+    content_variables: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusCallback:
+    """A status callback as Twilio makes it: the URL, the form fields and the X-Twilio-Signature header."""
+
+    url: str
+    form: dict[str, str]
+    headers: dict[str, str]
 
 
 def _twilio_error(status: int, code: int | None, message: str) -> dict[str, Any]:
@@ -613,7 +624,11 @@ class _TwilioHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        status, payload = self.server.owner._list(self.path, self.headers.get("Authorization"))
+        owner = self.server.owner
+        if self.path.split("?", 1)[0].endswith("/Messages.json"):
+            status, payload = owner._list(self.path, self.headers.get("Authorization"))
+        else:
+            status, payload = owner._fetch(self.path, self.headers.get("Authorization"))
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -635,11 +650,12 @@ class TwilioServer(_LoopbackServer):
         self._httpd: _TwilioHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._requests: list[TwilioRequest] = []
-        self._created: list[dict[str, Any]] = []  # Message resources answered 201, oldest first
         self._lists = 0
         self._scripted: list[tuple[int, dict[str, Any], dict[str, str]]] = []
         self._trickles = 0
         self._stopping = threading.Event()
+        self._messages: dict[str, dict[str, Any]] = {}  # sid: the Message resource, as GET returns it
+        self.fetches: dict[str, int] = {}  # sid: how many times its status was asked for
 
     @property
     def base_url(self) -> str:
@@ -681,7 +697,6 @@ class TwilioServer(_LoopbackServer):
         """Forget recorded requests and pending scripted answers."""
         with self._cond:
             self._requests.clear()
-            self._created.clear()
             self._scripted.clear()
 
     def script(self, status: int, code: int | None = None, message: str = "", times: int = 1,
@@ -722,8 +737,8 @@ class TwilioServer(_LoopbackServer):
         size = int(params.get("PageSize", 50))
         with self._cond:
             self._lists += 1
-            found = [m for m in reversed(self._created) if params.get("To", m["to"]) == m["to"]
-                     and params.get("From", m["from"]) == m["from"]][:size]
+            found = [{k: v for k, v in m.items() if not k.startswith("_")} for m in reversed(self._messages.values())
+                     if params.get("To", m["to"]) == m["to"] and params.get("From", m["from"]) == m["from"]][:size]
         return 200, {"messages": found, "first_page_uri": f"{uri}?PageSize={size}&Page=0", "next_page_uri": None,
                      "previous_page_uri": None, "page": 0, "page_size": size, "start": 0, "end": len(found) - 1,
                      "uri": path}
@@ -753,31 +768,215 @@ class TwilioServer(_LoopbackServer):
             else:
                 status, payload = self._create_message(form)
             self._requests.append(TwilioRequest(form.get("To", ""), form.get("From", ""), form.get("Body", ""),
-                                                path, status, *received))
+                                                path, status, *received, content_sid=form.get("ContentSid"),
+                                                content_variables=form.get("ContentVariables")))
             self._cond.notify_all()
         return status, payload, headers
+
+    def report(self, sid: str, status: str, error_code: int | None = None) -> StatusCallback | None:
+        """Move a message to a status, as Twilio does when the carrier answers, and return the status callback Twilio
+        would then make (None when it was sent without a StatusCallback URL): to that URL, signed with the auth
+        token as Twilio signs it."""
+        from twilio.request_validator import RequestValidator
+
+        with self._cond:
+            message = self._messages[sid]
+            message.update(status=status, error_code=error_code)
+            url = message["_callback"]
+        if not url:
+            return None
+        form = {"MessageSid": sid, "SmsSid": sid, "AccountSid": self.account_sid, "MessageStatus": status,
+                "SmsStatus": status, "To": message["to"], "From": message["from"], "ApiVersion": "2010-04-01"}
+        if error_code is not None:
+            form["ErrorCode"] = str(error_code)
+        signature = RequestValidator(self.auth_token).compute_signature(url, form)
+        return StatusCallback(url=url, form=form, headers={"X-Twilio-Signature": signature})
+
+    def callback_url(self, sid: str) -> str | None:
+        """The StatusCallback a message was sent with."""
+        with self._cond:
+            return self._messages[sid]["_callback"]
+
+    def _fetch(self, path: str, authorization: str | None) -> tuple[int, dict[str, Any]]:
+        """GET of one Message resource."""
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        prefix = f"/2010-04-01/Accounts/{self.account_sid}/Messages/"
+        with self._cond:
+            if authorization != expected:
+                return 401, _twilio_error(401, 20003, "Authenticate")
+            sid = path.split("?", 1)[0].removeprefix(prefix).removesuffix(".json")
+            self.fetches[sid] = self.fetches.get(sid, 0) + 1
+            if not path.startswith(prefix) or sid not in self._messages:
+                return 404, _twilio_error(404, 20404, f"The requested resource {path} was not found")
+            return 200, {k: v for k, v in self._messages[sid].items() if not k.startswith("_")}
 
     def _create_message(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         """Twilio's 400 for a missing parameter, or 201 with a freshly queued Message resource."""
         for field, code, text in (("To", 21604, "A 'To' phone number is required."),
                                   ("From", 21603, "A 'From' phone number is required."),
                                   ("Body", 21602, "Message body is required.")):
-            if not form.get(field):
+            if not form.get(field) and not (field == "Body" and form.get("ContentSid")):
                 return 400, _twilio_error(400, code, text)
         sid, now = "SM" + uuid.uuid4().hex, format_datetime(datetime.now(timezone.utc))
         uri = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}"
-        self._created.append({
-            "sid": sid, "account_sid": self.account_sid, "to": form["To"], "from": form["From"], "body": form["Body"],
-            "status": "queued", "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
-            "direction": "outbound-api", "error_code": None, "error_message": None})
-        return 201, {
+        self._messages[sid] = message = {
             "sid": sid, "account_sid": self.account_sid, "messaging_service_sid": None,
-            "to": form["To"], "from": form["From"], "body": form["Body"], "status": "queued",
+            "to": form["To"], "from": form["From"], "body": form.get("Body", ""), "status": "queued",
             "date_created": now, "date_updated": now, "date_sent": None, "uri": f"{uri}.json",
             "num_segments": "1", "num_media": "0", "direction": "outbound-api", "price": None,
             "price_unit": "USD", "error_code": None, "error_message": None, "api_version": "2010-04-01",
-            "subresource_uris": {"media": f"{uri}/Media.json"},
+            "subresource_uris": {"media": f"{uri}/Media.json"}, "_callback": form.get("StatusCallback"),
         }
+        return 201, {k: v for k, v in message.items() if not k.startswith("_")}
+
+
+@dataclass(frozen=True)
+class HttpPost:
+    """One POST seen by an HttpReceiver and the status it was answered with."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    answered_status: int
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server: Any
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, text, headers = self.server.owner._answer(self.path, dict(self.headers.items()), body)
+        data = text.encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(data)),
+                            **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("receiver %s - " + format, self.address_string(), *args)
+
+
+class HttpReceiver(_LoopbackServer):
+    """An HTTP server on 127.0.0.1 that records POSTs, answers 200 or a scripted status, and can check each POST
+    (`check` returns an error status and text, or None to accept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._posts: list[HttpPost] = []
+        self._scripted: list[tuple[int, str, dict[str, str]]] = []
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{LOCALHOST}:{self.port}{path}"
+
+    @property
+    def posts(self) -> list[HttpPost]:
+        """Every POST received, oldest first."""
+        with self._cond:
+            return list(self._posts)
+
+    @property
+    def accepted(self) -> list[HttpPost]:
+        """The POSTs answered 2xx."""
+        return [post for post in self.posts if 200 <= post.answered_status < 300]
+
+    def start(self) -> None:
+        if self._httpd is None:
+            self._httpd = ThreadingHTTPServer((LOCALHOST, self.port), _ReceiverHandler)
+            self._httpd.daemon_threads = True
+            self._httpd.owner = self  # type: ignore[attr-defined]
+            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name=f"receiver-{self.port}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._httpd is not None and self._thread is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join()
+            self._httpd, self._thread = None, None
+
+    def script(self, status: int, text: str = "", times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next `times` acceptable POSTs with this status."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        with self._cond:
+            self._scripted.extend([(status, text, headers)] * times)
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[HttpPost]:
+        """Block until at least `count` POSTs were answered 2xx; return those."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.accepted) >= count, timeout):
+                raise AssertionError(f"expected {count} accepted POST(s) within {timeout}s, got "
+                                     f"{[p.answered_status for p in self._posts]}")
+            return self.accepted
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        return None
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, str, dict[str, str]]:
+        refused = self.check(headers, body)
+        with self._cond:
+            if refused is not None:
+                (status, text), extra = refused, {}
+            elif self._scripted:
+                status, text, extra = self._scripted.pop(0)
+            else:
+                status, text, extra = 200, "ok", {}
+            self._posts.append(HttpPost(path, headers, body, status))
+            self._cond.notify_all()
+        return status, text, extra
+
+
+class WebhookReceiver(HttpReceiver):
+    """A webhook receiver that verifies the signature as the README's recipe does, and answers 401 otherwise."""
+
+    def __init__(self, secret: str, tolerance_seconds: float = 300) -> None:
+        super().__init__()
+        self.secret, self.tolerance_seconds = secret, tolerance_seconds
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        import hashlib
+        import hmac
+
+        timestamp = headers.get("X-Alert-Timestamp", "")
+        signature = headers.get("X-Alert-Signature", "")
+        expected = "sha256=" + hmac.new(self.secret.encode(), timestamp.encode() + b"." + body,
+                                        hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature, expected):
+            return 401, "bad signature"
+        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.tolerance_seconds:
+            return 401, "stale timestamp"
+        return None
+
+
+class SlackReceiver(HttpReceiver):
+    """A Slack-compatible incoming webhook: 400 invalid_blocks (as Slack answers) for a message over Slack's limits
+    (50 blocks, header text 150 characters, section text 3,000), 200 'ok' otherwise."""
+
+    def check(self, headers: dict[str, str], body: bytes) -> tuple[int, str] | None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return 400, "invalid_payload"
+        blocks = payload.get("blocks", [])
+        if not payload.get("text") and not blocks:
+            return 400, "no_text"
+        if len(blocks) > 50:
+            return 400, "invalid_blocks"
+        for block in blocks:
+            text = (block.get("text") or {}).get("text", "")
+            if block["type"] == "header" and (len(text) > 150 or block["text"]["type"] != "plain_text"):
+                return 400, "invalid_blocks"
+            if block["type"] == "section" and not 1 <= len(text) <= 3000:
+                return 400, "invalid_blocks"
+        return None
 
 
 def _serve_demo_inbox(smtp_port: int, twilio_port: int) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
 
-import psycopg2
 import pytest
 
 import database
@@ -154,9 +152,10 @@ def test_the_same_decision_queued_twice_is_in_the_outbox_once(service, db_dsn):
     create_orders_table(db_dsn)
     alert = service.create_alert(notification_channels={"email": ["a@example.com", "b@example.com"]}, schedule="interval:1h")
     service.wait_idle()
-    from notification import Rendered
+    from notification import Rendered, Text
 
-    rendered = Rendered(subject="s", text="t", html="<p>t</p>", whatsapp="w")
+    rendered = Rendered(subject="s", text="t", html="<p>t</p>",
+                        texts={"email": Text(subject="s", body="t", html="<p>t</p>")})
     rows = outbox_rows(rendered=rendered, channels={"email": ["a@example.com", "b@example.com"]},
                        alert_id=alert["id"], incident_id=None, kind="incident", decision_key="decision-1")
     assert len({r["idempotency_key"] for r in rows}) == 2
