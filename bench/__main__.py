@@ -25,13 +25,14 @@ from typing import Any
 from bench.harness import (RESULTS_DIR, ROOT, drop_databases, machine_info, postgres_server, progress,
                            timescaledb_on_server)
 
-SCENARIOS = ["latency", "steady", "load", "filtered", "coalescing", "overhead", "many_alerts", "big_results"]
+SCENARIOS = ["latency", "steady", "load", "filtered", "coalescing", "overhead", "many_alerts", "big_results",
+             "scale_out"]
 # With TimescaleDB these also run on hypertables, which doubles their work (and their time limit).
 HYPERTABLE_SCENARIOS = ["load", "overhead"]
 # Hard limits per scenario process (a scenario normally takes well under half of its limit).
 QUICK_TIMEOUT = 120.0
 FULL_TIMEOUTS = {"latency": 120.0, "steady": 360.0, "load": 360.0, "filtered": 240.0, "coalescing": 180.0,
-                 "overhead": 240.0, "many_alerts": 420.0, "big_results": 180.0}
+                 "overhead": 240.0, "many_alerts": 420.0, "big_results": 180.0, "scale_out": 900.0}
 
 
 def run_scenario(name: str, admin_dsn: str, quick: bool, run_id: str, hypertables: bool) -> dict[str, Any]:

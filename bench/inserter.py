@@ -162,6 +162,35 @@ def _paced(dsn: str, rate: float, total: int, seconds: float, write: Any) -> dic
             "notified": [(wall, payload) for _, wall, payload in listener.received]}
 
 
+def paced_rows_over_databases(dsns: list[str], tables: list[list[str]], rate: float, total: int,
+                              first_id: int) -> dict[str, Any]:
+    """`total` single-row transactions at up to `rate` per second, round-robin over the databases and, within each,
+    over its tables (note `row-<id>`); all of them however far the writer falls behind, so that every run offers the
+    same work. Returns each row's (id, database index, table index, wall-clock time right after COMMIT returned)."""
+    conns = [_connect(dsn, autocommit=False) for dsn in dsns]
+    commits: list[tuple[int, int, int, float]] = []
+    most_behind, elapsed = 0.0, 0.0
+    try:
+        cursors = [conn.cursor() for conn in conns]
+        start = time.monotonic()
+        for i in range(total):
+            due, now = start + i / rate, time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            else:
+                most_behind = max(most_behind, now - due)
+            row_id, k = first_id + i, i % len(dsns)
+            t = (i // len(dsns)) % len(tables[k])
+            cursors[k].execute(f"INSERT INTO {tables[k][t]} (id, note) VALUES (%s, %s)", (row_id, f"row-{row_id}"))
+            conns[k].commit()
+            commits.append((row_id, k, t, time.time()))
+        elapsed = time.monotonic() - start
+    finally:
+        for conn in conns:
+            conn.close()
+    return {"commits": commits, "seconds": elapsed, "planned": total, "most_behind_seconds": most_behind}
+
+
 def single_rows(dsn: str, table: str, count: int, first_id: int) -> float:
     """`count` single-row autocommit transactions as fast as possible; returns the elapsed seconds."""
     conn = _connect(dsn, autocommit=True)

@@ -27,7 +27,7 @@ def test_the_quick_benchmark_runs_every_scenario_and_on_timescaledb_its_hypertab
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(output.read_text())
     assert set(figures["scenarios"]) == {"latency", "steady", "load", "filtered", "coalescing", "overhead",
-                                         "many_alerts", "big_results"}
+                                         "many_alerts", "big_results", "scale_out"}
     for name, scenario in figures["scenarios"].items():
         assert scenario["status"] == "ok", name
         assert scenario["metrics"] and all(m["value"] is not None for m in scenario["metrics"]), name
