@@ -1661,7 +1661,9 @@ def claim_due_notifications(cur, *, channel: str, limit: int, lease_seconds: flo
         "FOR UPDATE SKIP LOCKED), "
         "missed AS MATERIALIZED (SELECT DISTINCT grp, recipient FROM members WHERE id NOT IN (SELECT id FROM locked)) "
         "UPDATE notification n SET claimed_until = now() + make_interval(secs => %(lease)s), "
-        "claimed_by = %(claimant)s, attempts = n.attempts + 1, updated_at = now() "
+        "claimed_by = %(claimant)s, attempts = n.attempts + 1, updated_at = now(), "
+        # Kept when a lapsed claim left it: those rows were in a send that may have gone out, and go again as one.
+        "send_started_at = COALESCE(n.send_started_at, now()) "
         "FROM members m WHERE n.id = m.id AND (m.grp, m.recipient) NOT IN (SELECT grp, recipient FROM missed) "
         "RETURNING n.*",
         {"channels": [channel], "limit": limit, "rows": rows_per_group, "lease": lease_seconds,
@@ -1675,6 +1677,7 @@ def release_notifications(cur, *, notification_ids: Sequence[UUID], claimant: UU
     attempt they were claimed for not counted."""
     cur.execute(
         "UPDATE notification SET claimed_until = NULL, claimed_by = NULL, attempts = greatest(attempts - 1, 0), "
+        "send_started_at = NULL, send_digest = NULL, "
         "updated_at = now() WHERE id = ANY(%(ids)s::uuid[]) AND claimed_by = %(claimant)s "
         "AND status IN ('PENDING', 'RETRY')",
         {"ids": [str(i) for i in notification_ids], "claimant": str(claimant)},

@@ -1846,10 +1846,21 @@ class Dispatcher:
                 group = self._settle_interrupted(channel, group, claimant)
                 if not group:
                     return
-                first = group[0]
-                message = combine_messages(group)
-                rows, later = group[:message.carries], group[message.carries:]
+                # Rows of a send another sender began and never recorded may have gone out as one message: they
+                # go again together and alone, so a receiver gets that same message (the same Message-ID, the
+                # same rows), never a bigger one under the same Message-ID.
+                began = min(row["send_started_at"] for row in group)
+                batch = [row for row in group if row["send_started_at"] == began]
+                first = batch[0]
+                message = combine_messages(batch)
+                rows = batch[:message.carries]
                 ids = [row["id"] for row in rows]
+                carried = set(ids)
+                later = [row for row in group if row["id"] not in carried]
+                if later:
+                    # Given back before the send, so that only the rows it carries are marked as in a send.
+                    self._release(later, claimant)
+                    later = []
                 if self._may_send(channel, rows, message, claimant):
                     started = time.monotonic()
                     try:
@@ -1870,10 +1881,8 @@ class Dispatcher:
             else:
                 if rows:
                     self._record_sent(rows, claimant, provider_id)
-            if later:  # what did not fit in this message goes in the next one
-                with self.pool.transaction() as cur:
-                    database.release_notifications(cur, notification_ids=[row["id"] for row in later],
-                                                   claimant=claimant)
+            if later:  # not sent: for a sender that may send them
+                self._release(later, claimant)
         except database.DatabaseError as exc:
             # The claim expires after its lease and the rows are sent again: a duplicate, never a loss.
             logger.error("could not record the outcome of notification %s: %s", _some(ids), exc)
@@ -1881,6 +1890,11 @@ class Dispatcher:
             with self._lock:
                 self._in_flight[first["channel"]] -= 1
             self._wake.set()
+
+    def _release(self, rows: list[dict], claimant: UUID) -> None:
+        """Give back claimed rows that this send does not carry: what did not fit goes in the next one."""
+        with self.pool.transaction() as cur:
+            database.release_notifications(cur, notification_ids=[row["id"] for row in rows], claimant=claimant)
 
     def _record_sent(self, rows: list[dict], claimant: UUID, provider_id: str | None) -> None:
         """Record one message's rows as sent, with an activity on each incident they belong to."""
@@ -1904,7 +1918,7 @@ class Dispatcher:
         where the channel can look them up, those the provider has are recorded as sent, not sent again. Returns
         the rows still to send."""
         find = getattr(channel, "find_accepted", None)
-        interrupted = [row for row in group if row.get("send_started_at") is not None]
+        interrupted = [row for row in group if row.get("send_digest") is not None]
         if find is None or not interrupted:
             return group
         settled: set = set()

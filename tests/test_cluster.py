@@ -249,3 +249,35 @@ def _rows(pool) -> list[dict]:
     with pool.transaction() as cur:
         cur.execute("SELECT * FROM notification ORDER BY created_at, seq")
         return cur.fetchall()
+
+
+def test_rows_of_an_interrupted_email_go_again_alone_so_one_message_id_never_carries_other_rows(
+        settings, db_dsn, smtp_server):
+    pool = database.service_pool(db_dsn, size=4)
+    with pool.transaction() as cur:
+        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
+                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                    "WHERE is_default RETURNING id")
+        alert_id = cur.fetchone()["id"]
+        # A sender claimed this row and began its send, then died: the email may have reached the server.
+        cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body, attempts, "
+                    "claimed_by, claimed_until, send_started_at) VALUES (%s, 'incident', 'email', 'ops@example.com', "
+                    "'first', 'row one', 1, %s, now() - interval '1 second', now() - interval '5 seconds') "
+                    "RETURNING id", (alert_id, str(uuid.uuid4())))
+        interrupted = cur.fetchone()["id"]
+    with pool.transaction() as cur:  # queued after it, for the same alert and recipient
+        cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body) "
+                    "VALUES (%s, 'incident', 'email', 'ops@example.com', 'second', 'row two') RETURNING id",
+                    (alert_id,))
+        newer = cur.fetchone()["id"]
+    dispatcher = Dispatcher(pool, settings)
+    dispatcher.start()
+    try:
+        mails = smtp_server.wait_for(2, timeout=10)
+        time.sleep(0.3)
+        assert [(m.message["Message-ID"], m.message["Subject"]) for m in smtp_server.messages] == [
+            (f"<notification-{interrupted}@example.com>", "first"), (f"<notification-{newer}@example.com>", "second")]
+        assert "row two" not in mails[0].message.get_body(("plain",)).get_content()
+    finally:
+        dispatcher.stop()
+        pool.close()
