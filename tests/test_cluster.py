@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 import uuid
 
+import psycopg2
+import psycopg2.extras
 import pytest
 
 import database
@@ -249,3 +251,31 @@ def _rows(pool) -> list[dict]:
     with pool.transaction() as cur:
         cur.execute("SELECT * FROM notification ORDER BY created_at, seq")
         return cur.fetchall()
+
+
+# Bug: a store that froze inside its transaction (SIGSTOP after the fence's FOR SHARE) kept the owner row locked,
+# so the instance taking the data source over waited on that lock for as long as the freeze lasted.
+def test_an_owner_frozen_inside_its_store_does_not_hold_up_the_takeover(service, settings, db_dsn):
+    create_orders_table(db_dsn)
+    alert = service.create_alert(notification_channels={"email": ["ops@example.com"]})
+    service.wait_idle()
+    source_id = alert["data_source_id"]
+    frozen = uuid.uuid4()
+    service.sql("INSERT INTO service_instance (id, name, expires_at) VALUES (%s, 'frozen', "
+                "clock_timestamp() + make_interval(secs => %s))", (str(frozen), settings.instance_lease_seconds))
+    epoch = service.sql("UPDATE source_owner SET owner = %s, epoch = epoch + 1 WHERE data_source_id = %s "
+                        "RETURNING epoch", (str(frozen), source_id))[0]["epoch"]
+    # The frozen instance's store: the fence passed, then the process stopped before its commit.
+    store = database.connect(database.service_dsn(db_dsn))
+    try:
+        with store.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            assert database.held_sources(cur, instance_id=frozen, epochs={uuid.UUID(source_id): epoch})
+        frozen_at = time.monotonic()
+        survivor = str(service.services.membership.instance_id)
+        eventually(lambda: owners(service).get(source_id) == survivor, timeout=settings.instance_lease_seconds + 2,
+                   message="the live instance to take the data source over")
+        assert time.monotonic() - frozen_at < 5
+        with pytest.raises(psycopg2.Error):  # the frozen store wakes too late to commit
+            store.commit()
+    finally:
+        store.close()
