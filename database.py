@@ -1815,6 +1815,13 @@ def held_sources(cur, *, instance_id: UUID, epochs: dict[UUID, int]) -> set[UUID
     the transaction ends (the fence of a store: no other instance can take them before it commits)."""
     if not epochs:
         return set()
+    # A process frozen inside its store (SIGSTOP, a stalled VM) keeps its session and these locks; the server
+    # ends the session once it has waited on its client for the rest of the lease, so the instance taking over
+    # waits no longer than the lease, and the late commit fails instead of storing.
+    cur.execute(
+        "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', greatest(ceil(extract(epoch FROM "
+        "expires_at - clock_timestamp()) * 1000), 1)::bigint::text, true) FROM service_instance WHERE id = %s",
+        (str(instance_id),))
     cur.execute(
         "SELECT o.data_source_id FROM source_owner o "
         "JOIN unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS f(id, epoch) ON o.data_source_id = f.id "
