@@ -12,9 +12,9 @@ import psycopg2.extras
 import pytest
 
 import database
-from cluster import plan_ownership, preferred_owner
+from cluster import Lease, plan_ownership, preferred_owner
 from evaluation import Evaluator
-from notification import Dispatcher, WhatsAppChannel, body_digest, outbox_rows
+from notification import Dispatcher, WhatsAppChannel, body_digest, group_claimed, outbox_rows
 from tests.conftest import (Service, _new_database, create_orders_table, data_source_parts, drop_database, dsn_with,
                             eventually, insert_orders)
 
@@ -279,3 +279,47 @@ def test_an_owner_frozen_inside_its_store_does_not_hold_up_the_takeover(service,
             store.commit()
     finally:
         store.close()
+
+
+# Bug: a sender checked only that its lease was valid, not that it was still the lease it claimed under, so a
+# process that froze between a claim and its send, then rejoined under a new id, sent an email another instance
+# had already taken over and sent.
+def test_a_sender_that_rejoined_after_a_freeze_does_not_send_what_it_claimed_before(settings, db_dsn, smtp_server):
+    pool = database.service_pool(db_dsn, size=4)
+    lease = Lease(pool.dsn, settings)
+    stale = Dispatcher(pool, settings, lease=lease)
+    other = Dispatcher(pool, settings)
+    try:
+        lease.start()
+        with pool.transaction() as cur:
+            cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
+                        "status) SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                        "WHERE is_default RETURNING id")
+            alert_id = cur.fetchone()["id"]
+            cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body) "
+                        "VALUES (%s, 'incident', 'email', 'ops@example.com', 'once', 'b')", (alert_id,))
+        claimed_as = lease.instance_id
+        with pool.transaction() as cur:
+            [group] = group_claimed(database.claim_due_notifications(
+                cur, channel="email", limit=1, lease_seconds=stale.lease_seconds("email"), claimant=claimed_as))
+        # The process froze here, past its lease: the database sees the lease run out ...
+        pool_sql(pool, "UPDATE service_instance SET expires_at = clock_timestamp() - interval '1 second' "
+                       "WHERE id = %s", (str(claimed_as),))
+        other.start()  # ... another instance takes the claim over and sends it,
+        assert smtp_server.wait_for(1, timeout=10)[0].message["Subject"] == "once"
+        eventually(lambda: [r for r in _rows(pool) if r["status"] == "SUCCESS"], timeout=5)
+        # ... and the frozen process wakes: its lease thread rejoins first, then its sender goes on with its claim.
+        eventually(lambda: lease.instance_id != claimed_as and lease.valid(), timeout=5,
+                   message="the woken instance to rejoin under a new id")
+        stale._deliver(group, claimed_as)
+        time.sleep(0.5)
+        assert len(smtp_server.messages) == 1, [m.message["Subject"] for m in smtp_server.messages]
+    finally:
+        other.stop()
+        lease.leave()
+        pool.close()
+
+
+def pool_sql(pool, statement: str, args=None) -> None:
+    with pool.transaction() as cur:
+        cur.execute(statement, args)
