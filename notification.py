@@ -1646,7 +1646,9 @@ class Dispatcher:
     def _may_send(self, channel: Transport, rows: list[dict], message: Message, claimant: UUID) -> bool:
         """Whether this instance may still send these rows: its lease holds, and (for a channel whose sends can be
         looked up) the claim is still ours as the send is recorded as begun."""
-        if not self.lease.valid():
+        # A lease renewed under a new id (the process froze past its lease and joined again) is no lease for a
+        # claim made under the old one: another instance may have taken that claim over and sent it.
+        if not self.lease.valid() or self.lease.instance_id != claimant:
             logger.warning("notification %s not sent: this instance's lease is in doubt; another instance takes it "
                            "over when the claim lapses", _some([row["id"] for row in rows]))
             return False
