@@ -323,3 +323,32 @@ def test_a_sender_that_rejoined_after_a_freeze_does_not_send_what_it_claimed_bef
 def pool_sql(pool, statement: str, args=None) -> None:
     with pool.transaction() as cur:
         cur.execute(statement, args)
+
+
+# Bug: an instance that gave a data source up but whose release did not reach the database (a connection lost at
+# that moment) still owned it there without knowing it; the instance it belonged to waited on a live owner, and
+# nobody evaluated the source again.
+def test_a_data_source_whose_release_did_not_reach_the_database_is_released_again(settings, source_dsns):
+    first = Service(settings.model_copy(update={"instance_name": "first"})).start()
+    second = None
+    try:
+        sources = []
+        for number, dsn in enumerate(source_dsns):
+            created = first.client.post("/data-sources/", json={"name": f"shop{number}", "allow_privileged_role": True,
+                                                                  **data_source_parts(dsn)})
+            assert created.status_code == 201, created.text
+            sources.append(created.json()["id"])
+        second = Service(settings.model_copy(update={"instance_name": "second"})).start()
+        here = str(second.services.membership.instance_id)
+        mine = eventually(lambda: [s for s, o in owners(first).items() if o == here and s in sources], timeout=10,
+                          message="the second instance to take its share")
+        # The row names the first instance, which does not hold it: the state a release that failed leaves.
+        stale = str(first.services.membership.instance_id)
+        first.sql("UPDATE source_owner SET owner = %s, epoch = epoch + 1 WHERE data_source_id = %s",
+                  (stale, mine[0]))
+        eventually(lambda: owners(first).get(mine[0]) == here, timeout=5,
+                   message="the data source to go back to the instance it belongs to")
+    finally:
+        for service in (first, second):
+            if service is not None:
+                service.stop()
