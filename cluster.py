@@ -46,7 +46,8 @@ def preferred_owner(source_id: UUID, instances: list[UUID]) -> UUID | None:
 def plan_ownership(*, me: UUID, instances: list[UUID], sources: dict[UUID, tuple[UUID | None, int]],
                    owned: set[UUID]) -> tuple[list[UUID], list[UUID]]:
     """The data sources to take (they belong here, and no live instance holds them) and those to give up (they
-    belong elsewhere now, another instance holds them, or they were deleted)."""
+    belong elsewhere now, another instance holds them, they were deleted, or the database still names this
+    instance for one it gave up)."""
     live = set(instances)
     take, give = [], []
     for source_id, (owner, _) in sorted(sources.items(), key=lambda item: str(item[0])):
@@ -56,6 +57,9 @@ def plan_ownership(*, me: UUID, instances: list[UUID], sources: dict[UUID, tuple
                 give.append(source_id)
         elif preferred == me and (owner is None or owner == me or owner not in live):
             take.append(source_id)
+        elif owner == me:
+            # Named here but not held (its release failed): the instance it belongs to waits for a live owner.
+            give.append(source_id)
     give += sorted((owned - set(sources)), key=str)
     return take, give
 
