@@ -352,3 +352,22 @@ def test_a_data_source_whose_release_did_not_reach_the_database_is_released_agai
         for service in (first, second):
             if service is not None:
                 service.stop()
+
+
+# Bug: the message telling the other instances which alerts changed named them all in one NOTIFY, whose payload
+# PostgreSQL caps at 8,000 bytes: importing a few hundred alerts failed with a 500 after committing them, and not
+# even the instance that imported them applied them.
+def test_importing_hundreds_of_alerts_is_applied_at_once_and_told_to_the_other_instances(service, settings):
+    other = Service(settings.model_copy(update={"instance_name": "other"})).start()
+    try:
+        text = "alerts:\n" + "".join(
+            f"  - name: Count {n}\n    query: SELECT {n} AS n\n    schedule: interval:1h\n"
+            "    notification_channels: {email: [ops@example.com]}\n" for n in range(300))
+        response = service.client.post("/alert-configs/import", content=text.encode())
+        assert response.status_code == 200, response.text
+        assert service.services.scheduler.status()["active_alerts"] == 300
+        # Told, not found at the next look for unannounced changes (30 s later).
+        eventually(lambda: other.services.scheduler.status()["active_alerts"] == 300, timeout=5,
+                   message="the other instance to apply the imported alerts")
+    finally:
+        other.stop()
