@@ -33,7 +33,7 @@ import rules
 import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
-from cluster import Lease, Membership
+from cluster import Lease, Membership, messages
 from notification import Dispatcher
 from evaluation import DryRunsBusy
 from metrics import Metrics
@@ -1413,8 +1413,8 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
     else:
         # The apply command: the instances running on this database are told, as one instance tells the others.
         with services.pool.transaction() as cur:
-            if changed_alerts:
-                database.publish(cur, message=" ".join(["alerts", "apply", *map(str, changed_alerts)]))
+            for message in messages("alerts", "apply", changed_alerts) if changed_alerts else []:
+                database.publish(cur, message=message)
             for source_id in changed_sources:
                 database.publish(cur, message=f"source apply {source_id}")
     return plan

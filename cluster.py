@@ -35,6 +35,21 @@ RELEASE_WAIT_SECONDS = 2.0
 RESYNC_SECONDS = 30.0
 
 
+# PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more; a message naming many ids goes as several.
+MESSAGE_MAX_BYTES = 7900
+
+
+def messages(kind: str, sender: str, ids: list) -> list[str]:
+    """The NOTIFY payloads that tell the other instances `kind` about `ids`, each short enough to be sent."""
+    payloads, current = [], [kind, sender]
+    for item in map(str, ids):
+        if len(current) > 2 and len(" ".join([*current, item]).encode()) > MESSAGE_MAX_BYTES:
+            payloads.append(" ".join(current))
+            current = [kind, sender]
+        current.append(item)
+    return [*payloads, " ".join(current)]
+
+
 def preferred_owner(source_id: UUID, instances: list[UUID]) -> UUID | None:
     """The live instance a data source belongs to: rendezvous hashing, so an instance that joins or leaves moves
     only its own share of the sources, and every instance computes the same answer from the same list."""
@@ -240,7 +255,8 @@ class Membership:
         """Tell the other instances (at once; they also find out at their next resync): `alerts`, `source`, `run`."""
         try:
             with self.pool.transaction() as cur:
-                database.publish(cur, message=" ".join([kind, str(self.instance_id), *map(str, ids)]))
+                for message in messages(kind, str(self.instance_id), ids):
+                    database.publish(cur, message=message)
         except database.DatabaseError as exc:
             logger.warning("could not tell the other instances about %s %s: %s", kind, ids, exc)
 
