@@ -371,3 +371,28 @@ def test_importing_hundreds_of_alerts_is_applied_at_once_and_told_to_the_other_i
                    message="the other instance to apply the imported alerts")
     finally:
         other.stop()
+
+
+# Bug: the look-up of an interrupted WhatsApp send took any message of the same text to the same number from the
+# last minute for it, also one sent and recorded for an earlier notification: the interrupted one was recorded as
+# sent and never reached anyone.
+def test_an_interrupted_whatsapp_send_is_not_mistaken_for_an_earlier_message_of_the_same_text(
+        settings, db_dsn, twilio_server):
+    pool = database.service_pool(db_dsn, size=4)
+    body = "*[HIGH] Disk almost full: FIRING*"
+    earlier = WhatsAppChannel(settings).send(recipient="+14155550123", subject=None, body=body, html_body=None)
+    interrupted = queue_interrupted_whatsapp(pool, body)
+    pool_sql(pool, "INSERT INTO notification (alert_config_id, kind, channel, recipient, body, status, "
+                   "provider_message_id, sent_at) SELECT alert_config_id, 'incident', 'whatsapp', recipient, body, "
+                   "'SUCCESS', %s, now() - interval '20 seconds' FROM notification WHERE id = %s",
+             (earlier, interrupted))
+    dispatcher = Dispatcher(pool, settings)
+    dispatcher.start()
+    try:
+        row = eventually(lambda: [r for r in _rows(pool) if r["id"] == interrupted and r["status"] == "SUCCESS"],
+                         timeout=10)[0]
+        assert row["provider_message_id"] != earlier
+        assert [r.body for r in twilio_server.delivered] == [body, body]
+    finally:
+        dispatcher.stop()
+        pool.close()
