@@ -1574,6 +1574,13 @@ def notifications_by_provider_message(cur, *, provider_message_id: str) -> list[
     return cur.fetchall()
 
 
+def recorded_provider_messages(cur, *, provider_message_ids: Sequence[str]) -> set[str]:
+    """Those of these provider message ids that a notification is already recorded as sent with."""
+    cur.execute("SELECT DISTINCT provider_message_id FROM notification WHERE provider_message_id = ANY(%s)",
+                (list(provider_message_ids),))
+    return {row["provider_message_id"] for row in cur.fetchall()}
+
+
 def set_delivery_status(cur, *, notification_ids: Sequence[UUID], status: str, error_code: int | None) -> None:
     """Record what the provider reports about these notifications' message."""
     cur.execute("UPDATE notification SET delivery_status = %(status)s, delivery_error_code = %(code)s, "
