@@ -4,6 +4,7 @@ processes killed, frozen and stopped: test_high_availability.py.)"""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -396,3 +397,49 @@ def test_an_interrupted_whatsapp_send_is_not_mistaken_for_an_earlier_message_of_
     finally:
         dispatcher.stop()
         pool.close()
+
+
+# Bug: a stopping instance released its data sources only after its sends had finished or timed out, so a hung SMTP
+# server (or Twilio) held up the takeover of everything it evaluated by up to the stop's timeouts.
+def test_a_stopping_instance_hands_its_data_sources_over_before_waiting_for_its_sends(
+        settings, smtp_server, source_dsns):
+    services = [Service(settings.model_copy(update={"instance_name": name})).start() for name in ("first", "second")]
+    stopped = []
+    try:
+        smtp_server.hold()
+        sources = []
+        for number, dsn in enumerate(source_dsns):
+            create_orders_table(dsn)
+            created = services[0].client.post("/data-sources/", json={
+                "name": f"shop{number}", "allow_privileged_role": True, **data_source_parts(dsn)})
+            assert created.status_code == 201, created.text
+            sources.append(created.json()["id"])
+            services[0].create_alert(name=f"orders {number}", data_source_id=sources[-1], notification_channels={
+                "email": [f"ops{n}@example.com" for n in range(3)]})
+        ids = {str(s.services.membership.instance_id): s for s in services}
+        eventually(lambda: set(sources) <= set(owners(services[0])), timeout=10, message="every data source owned")
+
+        def sending() -> set[str]:
+            return {str(r["claimed_by"]) for r in services[0].sql(
+                "SELECT claimed_by FROM notification WHERE claimed_until > now() AND status IN ('PENDING', 'RETRY')")}
+        eventually(lambda: sending() == set(ids), timeout=10, message="both instances to be sending (and hung)")
+        leaving_id = next(i for i in ids if i in owners(services[0]).values())
+        leaving = ids[leaving_id]
+        survivor = next(s for s in services if s is not leaving)
+        handed = [s for s, o in owners(survivor).items() if o == leaving_id]
+        started = time.monotonic()
+        stopper = threading.Thread(target=leaving.stop)
+        stopper.start()
+        here = str(survivor.services.membership.instance_id)
+        eventually(lambda: all(owners(survivor).get(s) == here for s in handed), timeout=10,
+                   message="the survivor to own what the stopping instance owned")
+        taken_in = time.monotonic() - started
+        smtp_server.release()
+        stopper.join()
+        stopped.append(leaving)
+        assert taken_in < 1.0, taken_in
+    finally:
+        smtp_server.release()
+        for service in services:
+            if service not in stopped:
+                service.stop()
