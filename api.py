@@ -161,6 +161,9 @@ def stop_services(services: Services) -> None:
         templating.stop()
         if services.membership is not None:
             services.membership.stop()
+            # Nothing is stored from here on (and a store still running is fenced by the new epoch): the others
+            # take the data sources over now, not after the sends below have finished or timed out.
+            services.membership.lease.hand_over()
         if services.scheduler is not None:
             services.scheduler.stop(timeout=STOP_SECONDS)
         if services.dispatcher is not None:
@@ -168,8 +171,7 @@ def stop_services(services: Services) -> None:
         if services.delivery_poller is not None:
             services.delivery_poller.stop(timeout=STOP_SECONDS)
         if services.membership is not None:
-            # Last: what this instance owned is released only once nothing of it runs here any more; the other
-            # instances are told and take it over at once.
+            # Last: the claims of the sends above last while the lease does; ending it frees any left over.
             services.membership.lease.leave()
     finally:
         services.sources.close()

@@ -128,6 +128,17 @@ class Lease:
         finally:
             self._close()
 
+    def hand_over(self) -> None:
+        """Give up every data source now, while the lease lasts on for the sends being finished (stopping)."""
+        try:
+            with self._lock:
+                conn = self._connection()
+                with database.deadline(conn, self.seconds, what="the service database"), conn.cursor() as cur:
+                    database.hand_over_sources(cur, instance_id=self.instance_id)
+        except (database.DatabaseError, psycopg2.Error) as exc:
+            logger.warning("could not hand the data sources over (the others take them when this instance "
+                           "leaves): %s", exc)
+
     def _connection(self):
         if self._conn is None or self._conn.closed:
             self._conn = database.connect(self.dsn, application_name="alert-service-lease")
@@ -210,6 +221,7 @@ class Membership:
         self._threads: list[threading.Thread] = []
         self._messages: queue.SimpleQueue = queue.SimpleQueue()
         self._dropped = threading.Event()  # the lease was lost: drop every source before anything else
+        self._leaving: set[UUID] = set()  # instances that handed their sources over and are stopping
         lease.on_lost(self._lease_lost)
 
     @property
@@ -307,7 +319,7 @@ class Membership:
         with self.pool.transaction() as cur:
             view = database.cluster_view(cur)
         self._view = view
-        instances = [row["id"] for row in view["instances"]]
+        instances = self._sharing(view)
         if me not in instances:
             return  # the lease ran out after the check above: the lease thread rejoins
         with self._owned_lock:
@@ -319,6 +331,12 @@ class Membership:
             if self._stop.is_set() or not self.lease.valid():
                 return
             self._take(source_id, me, starting)
+
+    def _sharing(self, view: dict) -> list[UUID]:
+        """The live instances the data sources are shared out over: not those stopping."""
+        live = [row["id"] for row in view["instances"]]
+        self._leaving &= set(live)
+        return [i for i in live if i not in self._leaving]
 
     def claim(self, source_id: UUID) -> bool:
         """Take a data source now if it belongs here and no live instance holds it, with its work started before
@@ -333,7 +351,7 @@ class Membership:
             view = database.cluster_view(cur)
         if source_id not in view["sources"]:
             return False
-        take, _ = plan_ownership(me=me, instances=[row["id"] for row in view["instances"]],
+        take, _ = plan_ownership(me=me, instances=self._sharing(view),
                                  sources={source_id: view["sources"][source_id]}, owned=set())
         return bool(take) and self._take(source_id, me, True)
 
@@ -408,7 +426,12 @@ class Membership:
 
     def _dispatch(self, payload: str) -> None:
         kind, _, rest = payload.partition(" ")
-        if kind in ("joined", "left", "released"):
+        if kind == "leaving":
+            try:
+                self._leaving.add(UUID(rest))
+            except ValueError:
+                return
+        if kind in ("joined", "left", "released", "leaving"):
             self._wake.set()
             return
         sender, _, ids = rest.partition(" ")

@@ -1774,6 +1774,14 @@ def leave_cluster(cur, *, instance_id: UUID) -> None:
     cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"left {instance_id}"))
 
 
+def hand_over_sources(cur, *, instance_id: UUID) -> None:
+    """Give up every data source this instance owns while it stays live for the sends it is finishing, and tell
+    the others to share the sources out without it."""
+    cur.execute("UPDATE source_owner SET owner = NULL, epoch = epoch + 1, since = now() WHERE owner = %s",
+                (str(instance_id),))
+    cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"leaving {instance_id}"))
+
+
 def cluster_view(cur) -> dict:
     """The live instances (oldest first) and, for every data source, its owner and epoch (None: nobody)."""
     cur.execute("SELECT id, name, started_at FROM service_instance WHERE expires_at > clock_timestamp() "
