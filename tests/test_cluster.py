@@ -443,3 +443,39 @@ def test_a_stopping_instance_hands_its_data_sources_over_before_waiting_for_its_
         for service in services:
             if service not in stopped:
                 service.stop()
+
+
+# Bug: an evaluation asked for with POST /run that was still queued when its data source changed hands was dropped
+# without telling the request waiting for it, which then hung until its timeout.
+def test_a_run_queued_when_its_data_source_changes_hands_does_not_hang(settings, db_dsn):
+    create_orders_table(db_dsn)
+    service = Service(settings.model_copy(update={"workers_per_data_source": 1})).start()
+    try:
+        slow = service.create_alert(name="slow", query="SELECT pg_sleep(1.5)::text AS slept",
+                                    notification_channels={"email": ["ops@example.com"]})
+        queued = service.create_alert(name="queued", notification_channels={"email": ["ops@example.com"]})
+        service.wait_idle()
+        answered: dict[str, float] = {}
+
+        def run(alert: dict) -> None:
+            started = time.monotonic()
+            assert service.client.post(f"/alert-configs/{alert['id']}/run").status_code == 200
+            answered[alert["name"]] = time.monotonic() - started
+
+        runs = [threading.Thread(target=run, args=(slow,))]
+        runs[0].start()
+        time.sleep(0.3)  # the slow run holds the data source's one worker; the next one waits behind it
+        runs.append(threading.Thread(target=run, args=(queued,)))
+        runs[1].start()
+        time.sleep(0.1)
+        # Another instance takes the data source over meanwhile.
+        other = uuid.uuid4()
+        service.sql("INSERT INTO service_instance (id, name, expires_at) VALUES (%s, 'other', "
+                    "now() + interval '1 hour')", (str(other),))
+        service.sql("UPDATE source_owner SET owner = %s, epoch = epoch + 1 WHERE data_source_id = %s",
+                    (str(other), queued["data_source_id"]))
+        for thread in runs:
+            thread.join(20)
+        assert answered.get("queued", 99) < 5, answered
+    finally:
+        service.stop()
