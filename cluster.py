@@ -335,8 +335,9 @@ class Membership:
     def _sharing(self, view: dict) -> list[UUID]:
         """The live instances the data sources are shared out over: not those stopping."""
         live = [row["id"] for row in view["instances"]]
-        self._leaving &= set(live)
-        return [i for i in live if i not in self._leaving]
+        with self._owned_lock:  # the listener thread adds to it
+            self._leaving &= set(live)
+            return [i for i in live if i not in self._leaving]
 
     def claim(self, source_id: UUID) -> bool:
         """Take a data source now if it belongs here and no live instance holds it, with its work started before
@@ -428,9 +429,11 @@ class Membership:
         kind, _, rest = payload.partition(" ")
         if kind == "leaving":
             try:
-                self._leaving.add(UUID(rest))
+                leaving = UUID(rest)
             except ValueError:
                 return
+            with self._owned_lock:
+                self._leaving.add(leaving)
         if kind in ("joined", "left", "released", "leaving"):
             self._wake.set()
             return
