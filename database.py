@@ -1835,7 +1835,8 @@ def held_sources(cur, *, instance_id: UUID, epochs: dict[UUID, int]) -> set[UUID
     # waits no longer than the lease, and the late commit fails instead of storing.
     cur.execute(
         "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', greatest(ceil(extract(epoch FROM "
-        "expires_at - clock_timestamp()) * 1000), 1)::bigint::text, true) FROM service_instance WHERE id = %s",
+        "expires_at - clock_timestamp()) * 1000), 1)::bigint::text, true) FROM service_instance WHERE id = %s "
+        "AND expires_at > clock_timestamp()",
         (str(instance_id),))
     cur.execute(
         "SELECT o.data_source_id FROM source_owner o "
