@@ -36,7 +36,7 @@ import rules
 import templating
 from config import Settings, ascii_email, is_e164, load_settings
 import notification
-from cluster import Lease, Membership
+from cluster import Lease, Membership, messages
 from notification import Dispatcher
 from evaluation import DryRunsBusy
 from metrics import Metrics
@@ -164,6 +164,9 @@ def stop_services(services: Services) -> None:
         templating.stop()
         if services.membership is not None:
             services.membership.stop()
+            # Nothing is stored from here on (and a store still running is fenced by the new epoch): the others
+            # take the data sources over now, not after the sends below have finished or timed out.
+            services.membership.lease.hand_over()
         if services.scheduler is not None:
             services.scheduler.stop(timeout=STOP_SECONDS)
         if services.dispatcher is not None:
@@ -171,8 +174,7 @@ def stop_services(services: Services) -> None:
         if services.delivery_poller is not None:
             services.delivery_poller.stop(timeout=STOP_SECONDS)
         if services.membership is not None:
-            # Last: what this instance owned is released only once nothing of it runs here any more; the other
-            # instances are told and take it over at once.
+            # Last: the claims of the sends above last while the lease does; ending it frees any left over.
             services.membership.lease.leave()
     finally:
         services.sources.close()
@@ -1421,8 +1423,8 @@ def apply_configuration(services: Services, text: str, *, prune: bool = False, d
     else:
         # The apply command: the instances running on this database are told, as one instance tells the others.
         with services.pool.transaction() as cur:
-            if changed_alerts:
-                database.publish(cur, message=" ".join(["alerts", "apply", *map(str, changed_alerts)]))
+            for message in messages("alerts", "apply", changed_alerts) if changed_alerts else []:
+                database.publish(cur, message=message)
             for source_id in changed_sources:
                 database.publish(cur, message=f"source apply {source_id}")
     return plan

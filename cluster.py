@@ -35,6 +35,21 @@ RELEASE_WAIT_SECONDS = 2.0
 RESYNC_SECONDS = 30.0
 
 
+# PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more; a message naming many ids goes as several.
+MESSAGE_MAX_BYTES = 7900
+
+
+def messages(kind: str, sender: str, ids: list) -> list[str]:
+    """The NOTIFY payloads that tell the other instances `kind` about `ids`, each short enough to be sent."""
+    payloads, current = [], [kind, sender]
+    for item in map(str, ids):
+        if len(current) > 2 and len(" ".join([*current, item]).encode()) > MESSAGE_MAX_BYTES:
+            payloads.append(" ".join(current))
+            current = [kind, sender]
+        current.append(item)
+    return [*payloads, " ".join(current)]
+
+
 def preferred_owner(source_id: UUID, instances: list[UUID]) -> UUID | None:
     """The live instance a data source belongs to: rendezvous hashing, so an instance that joins or leaves moves
     only its own share of the sources, and every instance computes the same answer from the same list."""
@@ -46,7 +61,8 @@ def preferred_owner(source_id: UUID, instances: list[UUID]) -> UUID | None:
 def plan_ownership(*, me: UUID, instances: list[UUID], sources: dict[UUID, tuple[UUID | None, int]],
                    owned: set[UUID]) -> tuple[list[UUID], list[UUID]]:
     """The data sources to take (they belong here, and no live instance holds them) and those to give up (they
-    belong elsewhere now, another instance holds them, or they were deleted)."""
+    belong elsewhere now, another instance holds them, they were deleted, or the database still names this
+    instance for one it gave up)."""
     live = set(instances)
     take, give = [], []
     for source_id, (owner, _) in sorted(sources.items(), key=lambda item: str(item[0])):
@@ -56,6 +72,9 @@ def plan_ownership(*, me: UUID, instances: list[UUID], sources: dict[UUID, tuple
                 give.append(source_id)
         elif preferred == me and (owner is None or owner == me or owner not in live):
             take.append(source_id)
+        elif owner == me:
+            # Named here but not held (its release failed): the instance it belongs to waits for a live owner.
+            give.append(source_id)
     give += sorted((owned - set(sources)), key=str)
     return take, give
 
@@ -108,6 +127,17 @@ class Lease:
             logger.warning("could not leave the cluster (the others take over when the lease runs out): %s", exc)
         finally:
             self._close()
+
+    def hand_over(self) -> None:
+        """Give up every data source now, while the lease lasts on for the sends being finished (stopping)."""
+        try:
+            with self._lock:
+                conn = self._connection()
+                with database.deadline(conn, self.seconds, what="the service database"), conn.cursor() as cur:
+                    database.hand_over_sources(cur, instance_id=self.instance_id)
+        except (database.DatabaseError, psycopg2.Error) as exc:
+            logger.warning("could not hand the data sources over (the others take them when this instance "
+                           "leaves): %s", exc)
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
@@ -191,6 +221,7 @@ class Membership:
         self._threads: list[threading.Thread] = []
         self._messages: queue.SimpleQueue = queue.SimpleQueue()
         self._dropped = threading.Event()  # the lease was lost: drop every source before anything else
+        self._leaving: set[UUID] = set()  # instances that handed their sources over and are stopping
         lease.on_lost(self._lease_lost)
 
     @property
@@ -236,7 +267,8 @@ class Membership:
         """Tell the other instances (at once; they also find out at their next resync): `alerts`, `source`, `run`."""
         try:
             with self.pool.transaction() as cur:
-                database.publish(cur, message=" ".join([kind, str(self.instance_id), *map(str, ids)]))
+                for message in messages(kind, str(self.instance_id), ids):
+                    database.publish(cur, message=message)
         except database.DatabaseError as exc:
             logger.warning("could not tell the other instances about %s %s: %s", kind, ids, exc)
 
@@ -287,7 +319,7 @@ class Membership:
         with self.pool.transaction() as cur:
             view = database.cluster_view(cur)
         self._view = view
-        instances = [row["id"] for row in view["instances"]]
+        instances = self._sharing(view)
         if me not in instances:
             return  # the lease ran out after the check above: the lease thread rejoins
         with self._owned_lock:
@@ -299,6 +331,13 @@ class Membership:
             if self._stop.is_set() or not self.lease.valid():
                 return
             self._take(source_id, me, starting)
+
+    def _sharing(self, view: dict) -> list[UUID]:
+        """The live instances the data sources are shared out over: not those stopping."""
+        live = [row["id"] for row in view["instances"]]
+        with self._owned_lock:  # the listener thread adds to it
+            self._leaving &= set(live)
+            return [i for i in live if i not in self._leaving]
 
     def claim(self, source_id: UUID) -> bool:
         """Take a data source now if it belongs here and no live instance holds it, with its work started before
@@ -313,7 +352,7 @@ class Membership:
             view = database.cluster_view(cur)
         if source_id not in view["sources"]:
             return False
-        take, _ = plan_ownership(me=me, instances=[row["id"] for row in view["instances"]],
+        take, _ = plan_ownership(me=me, instances=self._sharing(view),
                                  sources={source_id: view["sources"][source_id]}, owned=set())
         return bool(take) and self._take(source_id, me, True)
 
@@ -388,7 +427,14 @@ class Membership:
 
     def _dispatch(self, payload: str) -> None:
         kind, _, rest = payload.partition(" ")
-        if kind in ("joined", "left", "released"):
+        if kind == "leaving":
+            try:
+                leaving = UUID(rest)
+            except ValueError:
+                return
+            with self._owned_lock:
+                self._leaving.add(leaving)
+        if kind in ("joined", "left", "released", "leaving"):
             self._wake.set()
             return
         sender, _, ids = rest.partition(" ")

@@ -1585,6 +1585,13 @@ def notifications_by_provider_message(cur, *, provider_message_id: str) -> list[
     return cur.fetchall()
 
 
+def recorded_provider_messages(cur, *, provider_message_ids: Sequence[str]) -> set[str]:
+    """Those of these provider message ids that a notification is already recorded as sent with."""
+    cur.execute("SELECT DISTINCT provider_message_id FROM notification WHERE provider_message_id = ANY(%s)",
+                (list(provider_message_ids),))
+    return {row["provider_message_id"] for row in cur.fetchall()}
+
+
 def set_delivery_status(cur, *, notification_ids: Sequence[UUID], status: str, error_code: int | None) -> None:
     """Record what the provider reports about these notifications' message."""
     cur.execute("UPDATE notification SET delivery_status = %(status)s, delivery_error_code = %(code)s, "
@@ -1781,6 +1788,14 @@ def leave_cluster(cur, *, instance_id: UUID) -> None:
     cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"left {instance_id}"))
 
 
+def hand_over_sources(cur, *, instance_id: UUID) -> None:
+    """Give up every data source this instance owns while it stays live for the sends it is finishing, and tell
+    the others to share the sources out without it."""
+    cur.execute("UPDATE source_owner SET owner = NULL, epoch = epoch + 1, since = now() WHERE owner = %s",
+                (str(instance_id),))
+    cur.execute("SELECT pg_notify(%s, %s)", (CLUSTER_CHANNEL, f"leaving {instance_id}"))
+
+
 def cluster_view(cur) -> dict:
     """The live instances (oldest first) and, for every data source, its owner and epoch (None: nobody)."""
     cur.execute("SELECT id, name, started_at FROM service_instance WHERE expires_at > clock_timestamp() "
@@ -1829,6 +1844,14 @@ def held_sources(cur, *, instance_id: UUID, epochs: dict[UUID, int]) -> set[UUID
     the transaction ends (the fence of a store: no other instance can take them before it commits)."""
     if not epochs:
         return set()
+    # A process frozen inside its store (SIGSTOP, a stalled VM) keeps its session and these locks; the server
+    # ends the session once it has waited on its client for the rest of the lease, so the instance taking over
+    # waits no longer than the lease, and the late commit fails instead of storing.
+    cur.execute(
+        "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', greatest(ceil(extract(epoch FROM "
+        "expires_at - clock_timestamp()) * 1000), 1)::bigint::text, true) FROM service_instance WHERE id = %s "
+        "AND expires_at > clock_timestamp()",
+        (str(instance_id),))
     cur.execute(
         "SELECT o.data_source_id FROM source_owner o "
         "JOIN unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS f(id, epoch) ON o.data_source_id = f.id "

@@ -85,7 +85,7 @@ class Transport:
     (`permanent`, `retry_after`); never touches the database. Registered with @register under `name`, the key
     of notification_channels and of the outbox's channel column. A transport whose provider may have accepted a
     message whose answer was lost (a crash mid-request), and that can look it up, has `find_accepted(recipient=,
-    digest=, since=)`, returning the provider's id of such a message or None."""
+    digest=, since=)`, returning the provider's ids of such messages, newest first (empty when there is none)."""
 
     name: ClassVar[str]
     # How a person names this channel's recipients (the API schema's description).
@@ -850,7 +850,6 @@ class EmailChannel(Transport):
     @classmethod
     def render(cls, content: Content) -> Text:
         """The text and HTML of the email."""
-        columns, rows = content.notice.columns, content.notice.rows
         if content.custom is not None:
             custom = content.custom
             text = custom if custom.endswith("\n") else custom + "\n"
@@ -1165,10 +1164,10 @@ class WhatsAppChannel(Transport):
         return message.sid
 
 
-    def find_accepted(self, *, recipient: str, digest: str, since: datetime) -> str | None:
-        """The sid of a message Twilio accepted for this recipient, from our number, created since `since` (less a
-        minute for clock skew), whose body has this digest; None when there is none. Twilio's Messages API takes
-        no idempotency key, so this look-up is what keeps a send interrupted by a crash from being repeated."""
+    def find_accepted(self, *, recipient: str, digest: str, since: datetime) -> list[str]:
+        """The sids of the messages Twilio accepted for this recipient, from our number, created since `since` (less
+        a minute for clock skew), whose body has this digest, newest first. Twilio's Messages API takes no
+        idempotency key, so this look-up is what keeps a send interrupted by a crash from being repeated."""
         from twilio.base.exceptions import TwilioException
 
         try:
@@ -1180,13 +1179,14 @@ class WhatsAppChannel(Transport):
         except Exception as exc:  # requests' connection and timeout errors
             raise NotificationError(f"Twilio unreachable for a message look-up: {type(exc).__name__}: {exc}") from None
         earliest = since - timedelta(minutes=1)
+        found = []
         for message in recent:
             created = message.date_created
             if created is not None and created.tzinfo is None:
                 created = created.replace(tzinfo=timezone.utc)
             if (created is None or created >= earliest) and body_digest(message.body or "") == digest:
-                return message.sid
-        return None
+                found.append(message.sid)
+        return found
 
 
 def body_digest(body: str) -> str:
@@ -1924,11 +1924,16 @@ class Dispatcher:
         settled: set = set()
         for digest in {row["send_digest"] for row in interrupted}:
             these = [row for row in interrupted if row["send_digest"] == digest]
-            provider_id = find(recipient=these[0]["recipient"], digest=digest,
-                               since=min(row["send_started_at"] for row in these))
-            if provider_id is None:
+            found = find(recipient=these[0]["recipient"], digest=digest,
+                         since=min(row["send_started_at"] for row in these))
+            if not found:
                 continue
             with self.pool.transaction() as cur:
+                # A message of the same text recorded for an earlier notification is not this one's.
+                recorded = database.recorded_provider_messages(cur, provider_message_ids=found)
+                provider_id = next((sid for sid in found if sid not in recorded), None)
+                if provider_id is None:
+                    continue
                 marked = database.mark_notification_sent(
                     cur, notification_ids=[row["id"] for row in these], claimant=claimant,
                     provider_message_id=provider_id)
@@ -1942,7 +1947,9 @@ class Dispatcher:
     def _may_send(self, channel: Transport, rows: list[dict], message: Message, claimant: UUID) -> bool:
         """Whether this instance may still send these rows: its lease holds, and (for a channel whose sends can be
         looked up) the claim is still ours as the send is recorded as begun."""
-        if not self.lease.valid():
+        # A lease renewed under a new id (the process froze past its lease and joined again) is no lease for a
+        # claim made under the old one: another instance may have taken that claim over and sent it.
+        if not self.lease.valid() or self.lease.instance_id != claimant:
             logger.warning("notification %s not sent: this instance's lease is in doubt; another instance takes it "
                            "over when the claim lapses", _some([row["id"] for row in rows]))
             return False

@@ -771,11 +771,14 @@ class AlertScheduler:
                     share.running -= 1
                     return
             if not self._holds(source_id):
-                # Given up while these waited: the new owner evaluates them as it takes the data source over.
+                # Given up while these waited: the new owner evaluates them as it takes the data source over, and
+                # a run asked for here stops waiting for an evaluation that will not happen here.
                 with self._flight_lock:
                     for alert_id, _ in batch:
                         flight = self._flights[alert_id]
                         flight.running, flight.pending, flight.deltas = False, None, None
+                        for waiter in self._waiters.pop(alert_id, []):
+                            waiter.set()
                 continue
             try:
                 self._fly(source_id, batch)
