@@ -1276,6 +1276,12 @@ def list_active_alerts(cur, *, data_source_id: UUID | None = None) -> list[dict]
     return cur.fetchall()
 
 
+def active_alert_versions(cur) -> dict[UUID, int]:
+    """Every active alert's version (what an instance compares with the alerts it has registered)."""
+    cur.execute("SELECT id, version FROM alert_config WHERE status = 'ACTIVE'")
+    return {row["id"]: row["version"] for row in cur.fetchall()}
+
+
 def configuration(cur) -> dict[str, list[dict]]:
     """Every data source (without passwords), team, user and alert, in creation order: what an export holds."""
     cur.execute(f"SELECT {_DATA_SOURCE_COLUMNS} FROM data_source ORDER BY is_default DESC, created_at, id")

@@ -356,7 +356,7 @@ class AlertScheduler:
     def resync(self) -> None:
         """Apply alert changes this instance was not told about (the stored versions differ from those registered)."""
         with self.pool.transaction() as cur:
-            stored = {a["id"]: a["version"] for a in database.list_active_alerts(cur)}
+            stored = database.active_alert_versions(cur)
         with self._state_lock:
             registered = {a: e.version for a, e in self._registered.items()}
         changed = [a for a in set(stored) | set(registered) if stored.get(a) != registered.get(a)]
