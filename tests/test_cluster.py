@@ -381,6 +381,13 @@ def test_a_data_source_whose_release_did_not_reach_the_database_is_released_agai
             sources.append(created.json()["id"])
         second = Service(settings.model_copy(update={"instance_name": "second"})).start()
         here = str(second.services.membership.instance_id)
+        members = [first.services.membership.instance_id, second.services.membership.instance_id]
+        while not any(preferred_owner(uuid.UUID(s), members) == members[1] for s in sources):
+            # Placement is by hashing: data sources are added until one belongs to the second instance.
+            extra = first.client.post("/data-sources/", json={
+                "name": f"extra{len(sources)}", "allow_privileged_role": True, **data_source_parts(source_dsns[0])})
+            assert extra.status_code == 201, extra.text
+            sources.append(extra.json()["id"])
         mine = eventually(lambda: [s for s, o in owners(first).items() if o == here and s in sources], timeout=10,
                           message="the second instance to take its share")
         # The row names the first instance, which does not hold it: the state a release that failed leaves.
