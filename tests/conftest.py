@@ -289,16 +289,22 @@ def insert_orders(dsn: str, numbers: list[str], table: str = "dc_order") -> None
     execute(dsn, f"INSERT INTO {table} (order_number) SELECT unnest(%s::text[])", (numbers,))
 
 
+def placeholder_alert(pool, name: str = "queued") -> str:
+    """A paused alert for outbox rows to belong to."""
+    with pool.transaction() as cur:
+        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
+                    "status) SELECT %s, 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
+                    "WHERE is_default RETURNING id", (name,))
+        return cur.fetchone()["id"]
+
+
 def queue_emails(dsn: str, subjects: list[str], recipient: str | list[str] = "ops@example.com") -> None:
     """Put email notifications straight into the outbox, for a paused placeholder alert, as an evaluation would
     (to one recipient, or to recipient[i] for subjects[i]: one message each, as nothing is coalesced)."""
     pool = database.service_pool(dsn, size=1)
     try:
+        alert_id = placeholder_alert(pool)
         with pool.transaction() as cur:
-            cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
-                        "status) SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                        "WHERE is_default RETURNING id")
-            alert_id = cur.fetchone()["id"]
             database.insert_notifications(cur, notifications=[
                 {"alert_config_id": alert_id, "kind": "initial_report", "channel": "email",
                  "recipient": recipient if isinstance(recipient, str) else recipient[i], "subject": subject,

@@ -17,7 +17,7 @@ from cluster import Lease, plan_ownership, preferred_owner
 from evaluation import Evaluator
 from notification import Dispatcher, WhatsAppChannel, body_digest, group_claimed, outbox_rows
 from tests.conftest import (Service, _new_database, create_orders_table, data_source_parts, drop_database, dsn_with,
-                            eventually, insert_orders)
+                            eventually, insert_orders, placeholder_alert)
 
 
 def test_every_instance_computes_the_same_owner_and_a_joining_instance_takes_only_its_share():
@@ -188,11 +188,8 @@ def test_an_email_carries_a_message_id_derived_from_the_notification_it_carries(
 
 def queue_interrupted_whatsapp(pool, body: str) -> uuid.UUID:
     """A WhatsApp outbox row whose send began under an instance that then died (its claim lapsed)."""
+    alert_id = placeholder_alert(pool)
     with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
-                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                    "WHERE is_default RETURNING id")
-        alert_id = cur.fetchone()["id"]
         cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, body, attempts, "
                     "claimed_by, claimed_until, send_started_at, send_digest) "
                     "VALUES (%s, 'incident', 'whatsapp', '+14155550123', %s, 1, %s, now() - interval '1 second', "
@@ -236,13 +233,10 @@ def test_a_whatsapp_message_twilio_never_received_is_sent_once_after_its_sender_
 def test_claims_of_an_instance_whose_lease_ran_out_are_taken_at_once(settings, db_dsn, smtp_server):
     pool = database.service_pool(db_dsn, size=4)
     frozen = uuid.uuid4()
+    alert_id = placeholder_alert(pool)
     with pool.transaction() as cur:
         cur.execute("INSERT INTO service_instance (id, name, expires_at) VALUES (%s, 'frozen', "
                     "clock_timestamp() - interval '1 second')", (str(frozen),))
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
-                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                    "WHERE is_default RETURNING id")
-        alert_id = cur.fetchone()["id"]
         # Claimed for another 10 minutes, by an instance that stopped renewing its lease.
         cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body, attempts, "
                     "claimed_by, claimed_until) VALUES (%s, 'incident', 'email', 'ops@example.com', 'held', 'b', 1, "
@@ -265,11 +259,8 @@ def _rows(pool) -> list[dict]:
 def test_rows_of_an_interrupted_email_go_again_alone_so_one_message_id_never_carries_other_rows(
         settings, db_dsn, smtp_server):
     pool = database.service_pool(db_dsn, size=4)
+    alert_id = placeholder_alert(pool)
     with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, status) "
-                    "SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                    "WHERE is_default RETURNING id")
-        alert_id = cur.fetchone()["id"]
         # A sender claimed this row and began its send, then died: the email may have reached the server.
         cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body, attempts, "
                     "claimed_by, claimed_until, send_started_at) VALUES (%s, 'incident', 'email', 'ops@example.com', "
@@ -332,11 +323,8 @@ def test_a_sender_that_rejoined_after_a_freeze_does_not_send_what_it_claimed_bef
     other = Dispatcher(pool, settings)
     try:
         lease.start()
+        alert_id = placeholder_alert(pool)
         with pool.transaction() as cur:
-            cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
-                        "status) SELECT 'queued', 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                        "WHERE is_default RETURNING id")
-            alert_id = cur.fetchone()["id"]
             cur.execute("INSERT INTO notification (alert_config_id, kind, channel, recipient, subject, body) "
                         "VALUES (%s, 'incident', 'email', 'ops@example.com', 'once', 'b')", (alert_id,))
         claimed_as = lease.instance_id

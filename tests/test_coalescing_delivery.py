@@ -10,7 +10,7 @@ import pytest
 import database
 from notification import (EMAIL_MAX_CHARS, WHATSAPP_MAX_CHARS, WHATSAPP_TRUNCATION_NOTE, Dispatcher, SendRate,
                           combine_messages)
-from tests.conftest import eventually
+from tests.conftest import eventually, placeholder_alert
 
 
 @pytest.fixture
@@ -25,15 +25,6 @@ def pool(db_dsn):
 def patient(settings):
     """Settings whose SMTP client waits for a held server (the tests hold messages for a few seconds)."""
     return settings.model_copy(update={"smtp_timeout_seconds": 15.0, "send_timeout_seconds": 20.0})
-
-
-def placeholder_alert(pool, name: str = "queued") -> str:
-    """A paused alert for outbox rows to belong to."""
-    with pool.transaction() as cur:
-        cur.execute("INSERT INTO alert_config (name, query, data_source_id, schedule, notification_channels, "
-                    "status) SELECT %s, 'SELECT 1', id, 'interval:1h', '{}', 'INACTIVE' FROM data_source "
-                    "WHERE is_default RETURNING id", (name,))
-        return cur.fetchone()["id"]
 
 
 def incident(pool, alert_id: str) -> str:
